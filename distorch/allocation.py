@@ -1,0 +1,198 @@
+"""The expert allocation grammar users know from ComfyUI-MultiGPU, parsed strictly.
+
+    bytes     cuda:0,2.5gb;cpu,*        GB (GiB) of the model stored on each device, '*' takes the rest
+    ratio     cuda:0,25%;cpu,75%        share of the model's bytes per device ('*' allowed for the rest)
+    fraction  cuda:0,0.1;cpu,0.5        share of each device's total memory the model may use
+
+Unlike ComfyUI-MultiGPU, one string holds exactly one mode, units are checked ('1.5t' is an error,
+not 1.5 bytes), device names never decide the mode, and every error names the offending token.
+"""
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+from .units import UNIT_BYTES
+
+
+class AllocationError(ValueError):
+    """A malformed expert allocation string; the message names the bad token."""
+
+
+class AllocationMode(str, enum.Enum):
+    BYTES = "bytes"
+    RATIO = "ratio"
+    FRACTION = "fraction"
+
+
+@dataclass(frozen=True)
+class AllocationEntry:
+    """One `device,value` pair; `amount` is None for the '*' (everything left) entry."""
+
+    device: str
+    amount: float | int | None
+
+    @property
+    def is_rest(self) -> bool:
+        return self.amount is None
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """A parsed expert string: one mode and its entries in the order written."""
+
+    mode: AllocationMode
+    entries: tuple[AllocationEntry, ...]
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(e.device for e in self.entries)
+
+    @property
+    def rest_device(self) -> str | None:
+        return next((e.device for e in self.entries if e.is_rest), None)
+
+    def amount(self, device: str) -> float | int | None:
+        """The amount written for `device`; 0 when the device is not mentioned."""
+        for entry in self.entries:
+            if entry.device == device:
+                return entry.amount
+        return 0
+
+    def __str__(self) -> str:
+        return ";".join(f"{e.device},{_format_amount(self.mode, e.amount)}" for e in self.entries)
+
+
+_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_BYTES = re.compile(rf"^({_NUMBER})\s*([a-z]+)$")
+_RATIO = re.compile(rf"^({_NUMBER})\s*%$")
+_FRACTION = re.compile(rf"^({_NUMBER})$")
+
+
+def parse_allocation(text: str) -> AllocationSpec:
+    """Parses an expert allocation string.
+
+    Args:
+        text: entries `device,value` separated by ';', e.g. "cuda:0,2.5gb;cpu,*".
+
+    Returns:
+        The spec; amounts are bytes (int) in bytes mode, percent (0-100) in ratio mode and a share of the
+        device's total memory (0-1) in fraction mode.
+
+    Raises:
+        AllocationError: on any malformed token, mixed modes, duplicate devices or more than one '*'.
+
+    Example:
+        >>> str(parse_allocation("cuda:0, 25% ; cpu,75%"))
+        'cuda:0,25%;cpu,75%'
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise AllocationError("empty allocation string: write entries like 'cuda:0,2.5gb;cpu,*'")
+    if "#" in text:
+        raise AllocationError(
+            f"'#' is not part of the grammar ({text.strip()!r}): the compute device is set by compute_device")
+    parsed = [_parse_entry(raw) for raw in text.split(";")]
+    mode = _single_mode(parsed)
+    entries = tuple(AllocationEntry(device, amount) for device, _, amount in parsed)
+    _check_devices(entries)
+    if mode is AllocationMode.RATIO:
+        _check_ratio_total(entries)
+    return AllocationSpec(mode, entries)
+
+
+def _parse_entry(raw: str) -> tuple[str, AllocationMode | None, float | int | None]:
+    entry = raw.strip()
+    if not entry:
+        raise AllocationError("empty entry between ';' separators")
+    device, sep, value = (part.strip() for part in entry.partition(","))
+    if not sep:
+        raise AllocationError(f"entry {entry!r} needs the form 'device,value', e.g. 'cpu,*'")
+    if not _DEVICE.match(device.lower()):
+        raise AllocationError(_device_problem(device, entry))
+    mode, amount = _parse_value(value.lower(), entry)
+    return device.lower(), mode, amount
+
+
+def _device_problem(device: str, entry: str) -> str:
+    if device.lower() == "cuda":
+        return f"device 'cuda' in {entry!r} needs an index, e.g. 'cuda:0'"
+    return f"unknown device {device!r} in {entry!r}: use 'cpu' or 'cuda:N'"
+
+
+def _parse_value(value: str, entry: str) -> tuple[AllocationMode | None, float | int | None]:
+    if value == "*":
+        return None, None
+    if value.startswith("-"):
+        raise AllocationError(f"negative amount {value!r} in {entry!r}")
+    if match := _RATIO.match(value):
+        return AllocationMode.RATIO, _finite(match.group(1), entry)
+    if match := _FRACTION.match(value):
+        share = _finite(match.group(1), entry)
+        if share > 1.0:
+            raise AllocationError(
+                f"fraction {value!r} in {entry!r} is above 1: write a share of the device's memory such as 0.5, "
+                "a percentage such as 50%, or bytes such as 4gb")
+        return AllocationMode.FRACTION, share
+    if match := _BYTES.match(value):
+        unit = match.group(2)
+        if unit not in UNIT_BYTES:
+            raise AllocationError(f"unknown unit {unit!r} in {entry!r}: use b, k, kb, m, mb, g or gb")
+        return AllocationMode.BYTES, int(round(_finite(match.group(1), entry) * UNIT_BYTES[unit]))
+    raise AllocationError(f"cannot read amount {value!r} in {entry!r}: expected e.g. 2.5gb, 25%, 0.1 or *")
+
+
+def _finite(number: str, entry: str) -> float:
+    value = float(number)
+    if not math.isfinite(value):
+        raise AllocationError(f"amount {number!r} in {entry!r} is not a finite number")
+    return value
+
+
+def _single_mode(parsed: list) -> AllocationMode:
+    modes = {}
+    for device, mode, _ in parsed:
+        if mode is not None:
+            modes.setdefault(mode, device)
+    if len(modes) > 1:
+        described = ", ".join(f"{mode.value} ({device})" for mode, device in modes.items())
+        raise AllocationError(f"one mode per string, found {described}: use only bytes, only % or only fractions")
+    # A string of '*' entries alone reads as bytes mode: everything goes to the '*' device.
+    return next(iter(modes), AllocationMode.BYTES)
+
+
+def _check_devices(entries: tuple[AllocationEntry, ...]) -> None:
+    seen = set()
+    for entry in entries:
+        if entry.device in seen:
+            raise AllocationError(f"device {entry.device!r} appears twice")
+        seen.add(entry.device)
+    rest = [e.device for e in entries if e.is_rest]
+    if len(rest) > 1:
+        raise AllocationError(f"at most one '*' is allowed, found it on {', '.join(rest)}")
+
+
+def _check_ratio_total(entries: tuple[AllocationEntry, ...]) -> None:
+    total = sum(e.amount for e in entries if not e.is_rest)
+    has_rest = any(e.is_rest for e in entries)
+    if total > 100.0 + 1e-6:
+        raise AllocationError(f"percentages add up to {total:g}%, more than 100%")
+    if not has_rest and abs(total - 100.0) > 1e-6:
+        raise AllocationError(f"percentages add up to {total:g}%: make them 100% or give one device '*'")
+
+
+def _format_amount(mode: AllocationMode, amount: float | int | None) -> str:
+    if amount is None:
+        return "*"
+    if mode is AllocationMode.BYTES:
+        return f"{amount}b"
+    if mode is AllocationMode.RATIO:
+        return f"{_positional(amount)}%"
+    return _positional(amount)
+
+
+def _positional(value: float) -> str:
+    # The shortest digits that read back as the same float, without the exponent the grammar refuses.
+    return f"{Decimal(repr(float(value))):f}"

@@ -1,0 +1,265 @@
+"""Finds the repeated transformer blocks of any torch model and what their weights occupy.
+
+A block is a child of a ModuleList/Sequential whose children repeat (two or more non-leaf modules of
+one class holding weights): `blocks`, `double_blocks`/`single_blocks`, `joint_blocks`,
+`transformer_blocks`, a text encoder's `encoder.layers`/`encoder.block`. Lists nested inside a block
+belong to that block. Everything outside the blocks is the resident "rest".
+
+Sizes are measured on storage, not on tensor shapes: a quantized GGUF tensor counts its bytes, and
+tensors that share memory (tied weights, views) are grouped into one `TensorCluster` that is counted
+and moved once. A cluster used by two blocks, or by a block and the rest, stays resident.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential)
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """How one parameter or buffer sits inside its cluster; enough to rebuild it on any buffer."""
+
+    tensor: torch.Tensor
+    offset: int
+    dtype: torch.dtype
+    size: torch.Size
+    stride: tuple[int, ...]
+
+    def rebuild_on(self, flat: torch.Tensor, byte_offset: int) -> torch.Tensor:
+        """This tensor's dtype, size and strides as a view of the uint8 buffer `flat`, `byte_offset` bytes in."""
+        start = flat.storage_offset() + byte_offset
+        typed = torch.empty(0, dtype=self.dtype, device=flat.device)
+        return typed.set_(flat.untyped_storage(), start // self.tensor.element_size(), self.size, self.stride)
+
+
+@dataclass(frozen=True)
+class TensorCluster:
+    """A byte range of one storage holding one tensor, or several that overlap (ties, views)."""
+
+    storage: torch.UntypedStorage
+    start: int
+    nbytes: int
+    views: tuple[TensorView, ...]
+    owners: frozenset[str | None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    def point_into(self, flat: torch.Tensor, byte_offset: int = 0) -> None:
+        """Re-points every member tensor into `flat` (a copy of this cluster's bytes at `byte_offset`)."""
+        for view in self.views:
+            view.tensor.data = view.rebuild_on(flat, byte_offset + view.offset)
+
+    def source(self) -> torch.Tensor:
+        """The cluster's bytes as a flat uint8 tensor over the original storage (no copy)."""
+        flat = torch.empty(0, dtype=torch.uint8, device=self.device)
+        return flat.set_(self.storage, self.start, (self.nbytes,), (1,))
+
+
+@dataclass(frozen=True)
+class Block:
+    """One repeated block: its dotted name, module, weight bytes and exclusive clusters."""
+
+    name: str
+    module: nn.Module
+    order: int
+    nbytes: int
+    clusters: tuple[TensorCluster, ...]
+    root: str
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The blocks in registration order and the weights outside them."""
+
+    blocks: tuple[Block, ...]
+    rest: tuple[TensorCluster, ...]
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+    @property
+    def rest_bytes(self) -> int:
+        return sum(c.nbytes for c in self.rest)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.block_bytes + self.rest_bytes
+
+    def block(self, name: str) -> Block:
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(f"no block named {name!r}")
+
+    def bytes_on(self, device: str) -> int:
+        """Bytes of the model's weights currently stored on `device` (e.g. already loaded there)."""
+        clusters = [c for b in self.blocks for c in b.clusters] + list(self.rest)
+        return sum(c.nbytes for c in clusters if device_name(c.device) == device)
+
+
+def discover(model: nn.Module) -> ModelLayout:
+    """Finds the repeated blocks of `model` and groups all its weights into clusters.
+
+    Example:
+        >>> layout = discover(my_dit)
+        >>> [b.name for b in layout.blocks][:2]
+        ['blocks.0', 'blocks.1']
+    """
+    block_modules = find_block_modules(model)
+    roots = _outermost({parent for _, parent in block_modules.values()})
+    clusters = _clusters(model, list(block_modules))
+    by_owner = defaultdict(list)
+    rest = []
+    for cluster in clusters:
+        if len(cluster.owners) == 1 and None not in cluster.owners:
+            by_owner[next(iter(cluster.owners))].append(cluster)
+        else:
+            rest.append(cluster)
+    blocks = tuple(
+        Block(name, module, order, sum(c.nbytes for c in by_owner[name]), tuple(by_owner[name]),
+              _root_of(block_modules[name][1], roots))
+        for order, (name, (module, _)) in enumerate(block_modules.items())
+    )
+    return ModelLayout(blocks, tuple(rest))
+
+
+def find_block_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Block name → (module, name of the module that owns its list), in registration order."""
+    found: dict[str, tuple[nn.Module, str]] = {}
+    inside_block: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside_block):
+            continue
+        if isinstance(module, _CONTAINERS) and _is_repeated(module):
+            parent = name.rpartition(".")[0]
+            for child_name, child in module.named_children():
+                if _holds_weights(child):
+                    block_name = f"{name}.{child_name}" if name else child_name
+                    found[block_name] = (child, parent)
+            inside_block.append(f"{name}." if name else "")
+    return found
+
+
+def _is_repeated(container: nn.Module) -> bool:
+    counts = defaultdict(int)
+    for child in container.children():
+        if _holds_weights(child) and any(True for _ in child.children()):
+            counts[type(child)] += 1
+    return any(n >= 2 for n in counts.values())
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _outermost(parents: set[str]) -> list[str]:
+    """The owners of block lists that are not nested in another owner: one streaming pass each."""
+    return sorted(p for p in parents if not any(_is_inside(p, q) for q in parents if q != p))
+
+
+def _is_inside(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name.startswith(ancestor + ".")
+
+
+def _root_of(parent: str, roots: list[str]) -> str:
+    return next(r for r in roots if r == parent or _is_inside(parent, r))
+
+
+def _owner(tensor_name: str, blocks: set[str]) -> str | None:
+    parts = tensor_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in blocks:
+            return prefix
+    return None
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _clusters(model: nn.Module, block_names: list[str]) -> list[TensorCluster]:
+    """Groups every parameter and buffer by overlapping byte ranges of the same storage."""
+    blocks = set(block_names)
+    tensors: dict[int, tuple[torch.Tensor, set]] = {}
+    for name, tensor in _named_tensors(model):
+        if tensor is None or tensor.device.type == "meta":
+            continue
+        entry = tensors.setdefault(id(tensor), (tensor, set()))
+        entry[1].add(_owner(name, blocks))
+    by_storage = defaultdict(list)
+    clusters = []
+    for tensor, owners in tensors.values():
+        span = _Span(*_span(tensor), tensor, owners)
+        if span.start == span.end:
+            # Empty tensors have no bytes to stream; they stay with the resident rest.
+            clusters.append(_make_cluster([span], tensor.untyped_storage(), force_resident=True))
+            continue
+        storage = tensor.untyped_storage()
+        by_storage[(str(tensor.device), storage.data_ptr())].append((span, storage))
+    for members in by_storage.values():
+        storage = members[0][1]
+        for group in _overlapping_groups([span for span, _ in members]):
+            clusters.append(_make_cluster(group, storage))
+    return clusters
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+    tensor: torch.Tensor
+    owners: set
+
+
+def _overlapping_groups(spans: list[_Span]) -> list[list[_Span]]:
+    groups: list[list[_Span]] = []
+    group_end = 0
+    for span in sorted(spans, key=lambda s: s.start):
+        if groups and span.start < group_end:
+            groups[-1].append(span)
+            group_end = max(group_end, span.end)
+        else:
+            groups.append([span])
+            group_end = span.end
+    return groups
+
+
+def _make_cluster(group: list[_Span], storage: torch.UntypedStorage, force_resident: bool = False) -> TensorCluster:
+    start = group[0].start
+    end = max(s.end for s in group)
+    views = tuple(
+        TensorView(s.tensor, s.start - start, s.tensor.dtype, s.tensor.size(), tuple(s.tensor.stride()))
+        for s in group
+    )
+    owners = frozenset().union(*(s.owners for s in group))
+    misaligned = any(v.offset % v.tensor.element_size() for v in views)
+    if force_resident or misaligned:
+        # A misaligned member cannot be rebuilt as a typed view in another buffer: keep it resident.
+        owners = owners | {None}
+    return TensorCluster(storage, start, end - start, views, owners)
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """Byte range [start, end) of `tensor` inside its storage, honouring strides (incl. expanded dims)."""
+    itemsize = tensor.element_size()
+    start = tensor.storage_offset() * itemsize
+    if tensor.numel() == 0:
+        return start, start
+    extent = 1 + sum((n - 1) * s for n, s in zip(tensor.size(), tensor.stride()))
+    return start, start + extent * itemsize
+
+
+def device_name(device: torch.device) -> str:
+    """'cuda:N' or 'cpu': the spelling plans and inventories use."""
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return device.type

@@ -1,0 +1,422 @@
+"""The block streamer: copies each streamed block into a compute-device slot just before its forward.
+
+Per streamed block, one flat buffer on its storage device (pinned RAM or a donor GPU) holds all its
+weights; the block's parameters and buffers are re-pointed into it, so host RAM is not doubled.
+A fixed number of slots (flat buffers on the compute device, each the size of the largest streamed
+block) is allocated once. Per slot, two events carry the ordering:
+
+    copy into slot s:   copy_stream waits slot.free   -> copy -> record slot.ready
+    forward of block:   compute waits slot.ready      -> kernels -> record slot.free
+
+so no copy overwrites a slot still read by queued kernels, and no kernel reads a slot before its
+copy lands, without ever blocking the host. The execution order is learned per pass (a pass is one
+forward of the module that owns the block lists) and the next `prefetch` streamed blocks are kept
+loaded or loading, wrapping around into the next pass. A block called twice, skipped or out of
+order is loaded synchronously on demand and counted; it is never computed on the wrong bytes.
+Passes that alternate (CFG with skip-layer guidance) are predicted from the period of recent passes.
+"""
+
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import Block, TensorCluster
+from .engine import CpuCopyEngine, CudaCopyEngine
+from .hostbuf import FlatBuffer, align_up
+from .units import GIB
+
+logger = logging.getLogger("distorch.streamer")
+
+_PROGRESS_MIN_BYTES = 1 * GIB  # show a progress bar when staging at least this much
+
+
+@dataclass
+class StreamStats:
+    """Counters since the streamer opened; `sync_loads` are the copies a forward had to wait for."""
+
+    passes: int = 0
+    copies: int = 0
+    prefetches: int = 0
+    sync_loads: int = 0
+    hits: int = 0
+    bytes_copied: int = 0
+    mispredicted: int = 0
+    unscheduled: int = 0
+
+
+@dataclass(frozen=True)
+class StoragePlacement:
+    """Where a streamed block's flat buffer lives and whether it is page-locked."""
+
+    device: str
+    pinned: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    buffer: torch.Tensor  # flat uint8 on the compute device, as large as the largest streamed block
+    ready: object  # event recorded on the copy stream after the latest copy into `buffer`
+    free: object  # event recorded on the compute stream after the last forward that read `buffer`
+    block: int | None = None  # streamed block whose bytes the slot holds or is receiving
+    users: int = 0  # forwards of `block` running on this slot right now
+    last_used: int = 0  # tick of the last release, for least-recently-used replacement
+
+
+@dataclass(eq=False)
+class _Pass:
+    """The module whose forward is one pass over a group of blocks, and the order learned for it."""
+
+    name: str
+    module: nn.Module
+    schedule: list[int]  # streamed block calls predicted for the running (or next) pass
+    seen: list[int] = field(default_factory=list)  # calls observed in the running pass
+    history: deque = field(default_factory=lambda: deque(maxlen=8))  # call sequences of recent complete passes
+    cursor: int = 0  # position in `schedule` of the next expected call
+    depth: int = 0  # > 0 while the pass module's forward is running
+
+
+class _StreamedBlock:
+    """One streamed block: its flat storage buffer and the views of its tensors on each buffer."""
+
+    def __init__(self, index: int, block: Block, storage: StoragePlacement):
+        self.index = index
+        self.name = block.name
+        self.module = block.module
+        self.storage = storage
+        self.clusters = block.clusters
+        self.offsets = _cluster_offsets(block.clusters)
+        self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
+        self.tensors = [view.tensor for cluster in block.clusters for view in cluster.views]
+        self.host: FlatBuffer | None = None
+        self.host_views: list[torch.Tensor] = []
+        self.slot_views: dict[int, list[torch.Tensor]] = {}
+
+    def stage(self) -> None:
+        """Copies the block's weights into its flat buffer and points its tensors there."""
+        self.host = FlatBuffer(self.nbytes, self.storage.device, pin=self.storage.pinned)
+        for cluster, offset in zip(self.clusters, self.offsets):
+            self.host.tensor[offset:offset + cluster.nbytes].copy_(cluster.source())
+        self.host_views = self.views_on(self.host.tensor)
+        self.point_to(self.host_views)
+
+    def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            view.rebuild_on(buffer, offset + view.offset)
+            for cluster, offset in zip(self.clusters, self.offsets)
+            for view in cluster.views
+        ]
+
+    def point_to(self, views: list[torch.Tensor]) -> None:
+        for tensor, view in zip(self.tensors, views):
+            tensor.data = view
+
+    def unstage(self) -> None:
+        """Moves the weights back to the devices they came from and unpins the flat buffer."""
+        for cluster, offset in zip(self.clusters, self.offsets):
+            if cluster.device == self.host.tensor.device:
+                continue  # the host views already live there
+            cluster.point_into(self.host.tensor[offset:offset + cluster.nbytes].to(cluster.device))
+        self.host.release()
+        self.slot_views.clear()
+
+
+class BlockStreamer:
+    """Streams a set of blocks of `model` through `prefetch` slots on `compute_device`.
+
+    Use `open()` / `close()` (or `distorch.stream`, which also places the resident weights).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Block], storage: Mapping[str, StoragePlacement],
+                 compute_device: str | torch.device, *, prefetch: int = 2, debug: bool = False, engine=None):
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self.model = model
+        self.device = torch.device(compute_device)
+        self.prefetch = prefetch
+        self.debug = debug  # poison released slots so a missing wait reads NaN
+        self.engine = engine or _default_engine(self.device)
+        self._blocks = [_StreamedBlock(i, b, storage[b.name]) for i, b in enumerate(blocks)]
+        self._passes = _make_passes(model, blocks)
+        self._pass_of = {i: p for p in self._passes for i in p.schedule}
+        self._slots: list[_Slot] = []
+        self._where: dict[int, int] = {}  # streamed block -> slot index holding (or receiving) it
+        self._current: _Pass | None = None  # pass whose schedule predicts the next calls
+        self._hooks: list = []
+        self._tick = 0
+        self._stats = StreamStats()
+        self._open = False
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((b.nbytes for b in self._blocks), default=0)
+
+    def stats(self) -> StreamStats:
+        return StreamStats(**vars(self._stats))
+
+    def open(self) -> "BlockStreamer":
+        if self._open:
+            return self
+        self._stage_all()
+        self._slots = [
+            _Slot(torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device),
+                  self.engine.new_event(), self.engine.new_event())
+            for _ in range(self.prefetch if self._blocks else 0)
+        ]
+        self._install_hooks()
+        self._open = True
+        logger.info("distorch: streaming %d blocks (%.2f GB) through %d x %.2f GB slots on %s",
+                    len(self._blocks), sum(b.nbytes for b in self._blocks) / GIB, len(self._slots),
+                    self.slot_bytes / GIB, self.device)
+        return self
+
+    def close(self) -> None:
+        """Removes the hooks, waits for copies in flight and moves the weights back where they came from."""
+        if not self._open:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self.engine.synchronize()
+        for block in self._blocks:
+            block.point_to(block.host_views)
+            block.unstage()
+        self._slots.clear()
+        self._where.clear()
+        self._open = False
+
+    # -- staging -----------------------------------------------------------------------------------
+
+    def _stage_all(self) -> None:
+        total = sum(b.nbytes for b in self._blocks)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
+                  disable=total < _PROGRESS_MIN_BYTES, leave=False) as progress:
+            for block in self._blocks:
+                block.stage()
+                progress.update(block.nbytes)
+
+    def _install_hooks(self) -> None:
+        for block in self._blocks:
+            self._hooks.append(block.module.register_forward_pre_hook(self._make_pre_hook(block.index)))
+            self._hooks.append(block.module.register_forward_hook(self._make_post_hook(block.index), always_call=True))
+        for streaming_pass in self._passes:
+            module = streaming_pass.module
+            self._hooks.append(module.register_forward_pre_hook(self._make_pass_begin(streaming_pass)))
+            self._hooks.append(module.register_forward_hook(self._make_pass_end(streaming_pass), always_call=True))
+
+    def _make_pre_hook(self, index: int):
+        @torch.compiler.disable
+        def pre_hook(module, args):
+            self._acquire(index)
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        @torch.compiler.disable
+        def post_hook(module, args, output):
+            self._release(index)
+
+        return post_hook
+
+    def _make_pass_begin(self, streaming_pass: _Pass):
+        @torch.compiler.disable
+        def begin(module, args):
+            self._begin_pass(streaming_pass)
+
+        return begin
+
+    def _make_pass_end(self, streaming_pass: _Pass):
+        @torch.compiler.disable
+        def end(module, args, output):
+            # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
+            self._end_pass(streaming_pass, completed=output is not None)
+
+        return end
+
+    # -- passes and schedule -------------------------------------------------------------------------
+
+    def _begin_pass(self, streaming_pass: _Pass) -> None:
+        streaming_pass.depth += 1
+        if streaming_pass.depth > 1:
+            return
+        streaming_pass.seen = []
+        streaming_pass.cursor = 0
+        self._current = streaming_pass
+        self._stats.passes += 1
+        self._refill()
+
+    def _end_pass(self, streaming_pass: _Pass, completed: bool) -> None:
+        streaming_pass.depth = max(0, streaming_pass.depth - 1)
+        if streaming_pass.depth:
+            return
+        if completed and streaming_pass.seen:
+            if streaming_pass.seen != streaming_pass.schedule:
+                self._stats.mispredicted += 1
+            streaming_pass.history.append(tuple(streaming_pass.seen))
+            streaming_pass.schedule = list(_predict_next(streaming_pass.history))
+        streaming_pass.cursor = 0
+        if not completed:
+            self._release_all()
+        self._current = streaming_pass
+        self._refill()  # wrap around: start fetching the first blocks of the next pass now
+
+    def _track_call(self, index: int) -> None:
+        streaming_pass = self._pass_of.get(index)
+        if streaming_pass is None or not streaming_pass.depth:
+            self._stats.unscheduled += 1
+            return
+        streaming_pass.seen.append(index)
+        schedule, cursor = streaming_pass.schedule, streaming_pass.cursor
+        if cursor < len(schedule) and schedule[cursor] == index:
+            streaming_pass.cursor += 1
+        elif index in schedule[cursor:]:
+            streaming_pass.cursor = schedule.index(index, cursor) + 1  # blocks were skipped
+
+    def _upcoming(self) -> list[int]:
+        """The next distinct streamed blocks expected, as many as there are idle slots."""
+        streaming_pass = self._current
+        if streaming_pass is None or not streaming_pass.schedule:
+            return []
+        wanted = len(self._slots) - sum(1 for s in self._slots if s.users)
+        sequence = streaming_pass.schedule[streaming_pass.cursor:] + streaming_pass.schedule
+        upcoming = []
+        for index in sequence:
+            if len(upcoming) >= wanted:
+                break
+            if index not in upcoming and not self._is_running(index):
+                upcoming.append(index)
+        return upcoming
+
+    def _is_running(self, index: int) -> bool:
+        slot = self._where.get(index)
+        return slot is not None and self._slots[slot].users > 0
+
+    # -- slots ---------------------------------------------------------------------------------------
+
+    def _acquire(self, index: int) -> None:
+        self._track_call(index)
+        slot_index = self._where.get(index)
+        if slot_index is None:
+            slot_index = self._victim(protected=set())
+            if slot_index is None:
+                raise RuntimeError(f"distorch: block {self._blocks[index].name!r} needs a slot but all "
+                                   f"{len(self._slots)} are running blocks; raise prefetch")
+            self._load(index, slot_index)
+            self._stats.sync_loads += 1
+        else:
+            self._stats.hits += 1
+        slot = self._slots[slot_index]
+        slot.users += 1
+        # The forward's kernels must not read the slot before its copy has landed.
+        self.engine.compute_wait(slot.ready)
+        self.engine.mark_reading(slot.buffer, +1)
+        block = self._blocks[index]
+        block.point_to(self._slot_views(block, slot_index))
+        self._refill()
+
+    def _release(self, index: int) -> None:
+        slot_index = self._where.get(index)
+        if slot_index is None or self._slots[slot_index].users == 0:
+            return  # the pre-hook failed before acquiring; nothing to undo
+        slot = self._slots[slot_index]
+        slot.users -= 1
+        self.engine.mark_reading(slot.buffer, -1)
+        if slot.users:
+            return
+        block = self._blocks[index]
+        block.point_to(block.host_views)
+        if self.debug:
+            self.engine.poison(slot.buffer)
+            self._forget(slot_index)
+        # Recorded after the block's kernels (and the poison fill): the next copy into the slot waits for it.
+        self.engine.compute_record(slot.free)
+        self._tick += 1
+        slot.last_used = self._tick
+        self._refill()
+
+    def _release_all(self) -> None:
+        for slot_index, slot in enumerate(self._slots):
+            while slot.users and slot.block is not None:
+                self._release(slot.block)
+
+    def _refill(self) -> None:
+        upcoming = self._upcoming()
+        for index in upcoming:
+            if index in self._where:
+                continue
+            slot_index = self._victim(protected=set(upcoming))
+            if slot_index is None:
+                return
+            self._load(index, slot_index)
+            self._stats.prefetches += 1
+
+    def _victim(self, protected: set[int]) -> int | None:
+        """An idle slot, preferring empty ones, then the least recently used; never one in `protected`."""
+        candidates = [i for i, s in enumerate(self._slots) if not s.users and s.block not in protected]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: (self._slots[i].block is not None, self._slots[i].last_used))
+
+    def _load(self, index: int, slot_index: int) -> None:
+        self._forget(slot_index)
+        slot = self._slots[slot_index]
+        block = self._blocks[index]
+        slot.block = index
+        self._where[index] = slot_index
+        self.engine.copy(slot.buffer[:block.nbytes], block.host.tensor, after=slot.free, ready=slot.ready)
+        self._stats.copies += 1
+        self._stats.bytes_copied += block.nbytes
+
+    def _forget(self, slot_index: int) -> None:
+        slot = self._slots[slot_index]
+        if slot.block is not None:
+            del self._where[slot.block]
+            slot.block = None
+
+    def _slot_views(self, block: _StreamedBlock, slot_index: int) -> list[torch.Tensor]:
+        if slot_index not in block.slot_views:
+            block.slot_views[slot_index] = block.views_on(self._slots[slot_index].buffer)
+        return block.slot_views[slot_index]
+
+
+def _default_engine(device: torch.device):
+    if device.type == "cuda":
+        return CudaCopyEngine(device)
+    if device.type == "cpu":
+        return CpuCopyEngine()
+    raise ValueError(f"distorch cannot stream to {device}: use a CUDA device or the CPU")
+
+
+def _predict_next(history: deque) -> tuple[int, ...]:
+    """The next pass's calls: the shortest period (up to 4) the recent passes repeat with, else the last pass.
+
+    CFG with skip-layer guidance alternates two call sequences (cond, uncond); period 2 predicts both.
+    """
+    passes = list(history)
+    for period in range(1, 5):
+        if len(passes) >= 2 * period and passes[-period:] == passes[-2 * period:-period]:
+            return passes[-period]
+    return passes[-1]
+
+
+def _make_passes(model: nn.Module, blocks: Sequence[Block]) -> list[_Pass]:
+    passes: dict[str, _Pass] = {}
+    for index, block in enumerate(blocks):
+        if block.root not in passes:
+            passes[block.root] = _Pass(block.root, model.get_submodule(block.root), [])
+        # Until a pass has been observed, predict registration order: most models run their blocks so.
+        passes[block.root].schedule.append(index)
+    return list(passes.values())
+
+
+def _cluster_offsets(clusters: Sequence[TensorCluster]) -> list[int]:
+    offsets, cursor = [], 0
+    for cluster in clusters:
+        offset = align_up(cursor)
+        offsets.append(offset)
+        cursor = offset + cluster.nbytes
+    return offsets

@@ -1,0 +1,13 @@
+"""Shared pytest fixtures and markers."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device; none is available")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)

@@ -1,0 +1,262 @@
+"""The streamer against the resident model: bit-exact outputs under every awkward pattern.
+
+On the CPU the copy engine runs the same stream/event protocol between CPU buffers; in deferred mode
+a copy only lands when something waits for it, and released slots are poisoned with NaN bytes, so a
+missing wait shows up as a wrong output (see test_missing_wait_is_caught). The same tests run on CUDA
+when a GPU is present.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import distorch
+from distorch import CpuCopyEngine
+from distorch.toy import ToyDiT
+from distorch.units import GIB
+from dit_models import KeyboardInterruptLike, make_quirky, sampling_run
+
+DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.cuda)]
+ROOMY = {"cpu": 64 * GIB, "cuda:0": 64 * GIB, "pinned": 32 * GIB}
+
+
+def inputs(device="cpu"):
+    return torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def plan_share(model, share, device="cpu", prefetch=2):
+    target = share * distorch.discover(model).block_bytes
+    return distorch.plan(model, compute_device=device, virtual_vram_gb=target / GIB, memory=ROOMY, prefetch=prefetch)
+
+
+def engines(device):
+    return [CpuCopyEngine(deferred=False), CpuCopyEngine(deferred=True)] if device == "cpu" else [None]
+
+
+def reference_outputs(device="cpu", **run):
+    model = make_quirky().to(device)
+    return sampling_run(model, inputs(device), **run)
+
+
+def assert_all_equal(expected, got):
+    assert len(expected) == len(got)
+    for index, (e, g) in enumerate(zip(expected, got)):
+        assert torch.equal(e, g), f"output {index} differs: max abs diff {(e - g).abs().max().item()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 4])
+@pytest.mark.parametrize("share", [0.25, 0.5, 1.0])
+def test_streamed_equals_resident(device, prefetch, share):
+    run = dict(steps=3, cfg=True, skip_pattern=(False, True))
+    expected = reference_outputs(device, **run)
+    for engine in engines(device):
+        model = make_quirky()
+        plan = plan_share(model, share, device, prefetch)
+        assert plan.streamed
+        with distorch.stream(model, plan, prefetch=prefetch, debug=True, engine=engine):
+            got = sampling_run(model, inputs(device), **run)
+        assert_all_equal(expected, got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_close_restores_the_original_tensors(device):
+    model = make_quirky()
+    before = {
+        name: (id(t), t.device, t.dtype, t.size(), t.stride(), t.detach().clone())
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    }
+    handle = distorch.stream(model, plan_share(model, 0.5, device))
+    sampling_run(model, inputs(device), steps=1)
+    handle.close()
+    after = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    assert {name for name, _ in after} == set(before)
+    for name, tensor in after:
+        ident, dev, dtype, size, stride, values = before[name]
+        assert (id(tensor), tensor.device, tensor.dtype, tensor.size(), tensor.stride()) == (ident, dev, dtype, size,
+                                                                                             stride), name
+        assert torch.equal(tensor.detach(), values), name
+    block = model.blocks[3]
+    assert block.pair_view.data_ptr() == block.pair_storage[1].data_ptr(), "views of one storage must stay views"
+    assert model.blocks[3].fc2.bias is model.shared_bias
+    assert_all_equal(reference_outputs("cpu", steps=2), sampling_run(model, inputs("cpu"), steps=2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exception_mid_pass_leaves_the_model_usable(device):
+    expected = reference_outputs(device, steps=2)
+    for engine in engines(device):
+        model = make_quirky()
+        with distorch.stream(model, plan_share(model, 0.5, device), debug=True, engine=engine) as handle:
+            sampling_run(model, inputs(device), steps=1)
+            model.fail_at_block = 5
+            with pytest.raises(KeyboardInterruptLike):
+                model(inputs(device), torch.tensor([500.0, 500.0]))
+            model.fail_at_block = None
+            assert all(slot.users == 0 for slot in handle.streamer._slots)
+            got = sampling_run(model, inputs(device), steps=2)
+        assert_all_equal(expected, got)
+
+
+def test_exception_inside_a_streamed_block_releases_its_slot():
+    model = make_quirky()
+    plan = plan_share(model, 1.0)
+    failing = model.blocks[1]
+    with distorch.stream(model, plan, debug=True, engine=CpuCopyEngine(deferred=True)) as handle:
+        hook = failing.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(KeyboardInterruptLike()))
+        with pytest.raises(KeyboardInterruptLike):
+            model(inputs(), torch.tensor([1.0, 2.0]))
+        hook.remove()
+        assert all(slot.users == 0 for slot in handle.streamer._slots)
+        got = sampling_run(model, inputs(), steps=1)
+    assert_all_equal(reference_outputs(steps=1), got)
+
+
+def test_missing_wait_is_caught():
+    """The CPU harness can fail: dropping the compute-side wait makes outputs wrong (NaN from poison)."""
+    model = make_quirky()
+    engine = CpuCopyEngine(deferred=True)
+    engine.compute_wait = lambda event: None
+    with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=engine):
+        got = model(inputs(), torch.tensor([100.0, 100.0]))
+    assert torch.isnan(got).any()
+
+
+def test_copy_into_a_running_slot_is_refused():
+    engine = CpuCopyEngine()
+    buffer, source = torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
+    engine.mark_reading(buffer, +1)
+    with pytest.raises(RuntimeError, match="overwrote a slot while a forward was reading it"):
+        engine.copy(buffer, source, after=engine.new_event(), ready=engine.new_event())
+
+
+def test_steady_state_needs_no_synchronous_loads():
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 0.5), prefetch=2) as handle:
+        sampling_run(model, inputs(), steps=1, cfg=False)
+        warm = handle.stats()
+        sampling_run(model, inputs(), steps=3, cfg=True)
+        steady = handle.stats()
+    assert steady.passes == warm.passes + 6
+    # cond and uncond passes differ (block 4 skipped in one): two passes to learn the alternation, then none
+    assert steady.sync_loads - warm.sync_loads <= 2
+    with distorch.stream(model, plan_share(model, 0.5), prefetch=2) as handle:
+        sampling_run(model, inputs(), steps=2, cfg=True)
+        warm = handle.stats()
+        sampling_run(model, inputs(), steps=3, cfg=True)
+        steady = handle.stats()
+    assert steady.sync_loads == warm.sync_loads
+    assert steady.mispredicted == warm.mispredicted
+
+
+class ReversedDiT(ToyDiT):
+    def forward(self, x, t):
+        t_emb = self.embed_time(t)
+        h = self.patch_in(x)
+        for block in reversed(self.blocks):
+            h = block(h, t_emb)
+        return self.head(self.norm_out(h))
+
+
+def test_execution_order_is_learned_on_the_first_pass():
+    torch.manual_seed(0)
+    model = ReversedDiT(dim=64, depth=8, heads=2, channels=8)
+    x, t = inputs(), torch.tensor([3.0, 4.0])
+    expected = model(x, t)
+    with distorch.stream(model, plan_share(model, 0.5)) as handle:
+        assert torch.equal(model(x, t), expected)
+        first = handle.stats()
+        for _ in range(3):
+            assert torch.equal(model(x, t), expected)
+        later = handle.stats()
+    assert first.mispredicted == 1 and first.sync_loads > 0
+    assert later.sync_loads == first.sync_loads and later.mispredicted == 1
+
+
+def test_skipped_and_repeated_blocks_are_counted_and_correct():
+    model = make_quirky()
+    expected = reference_outputs(steps=4, skip_pattern=(False, True, True, False))
+    with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=CpuCopyEngine(deferred=True)) as handle:
+        got = sampling_run(model, inputs(), steps=4, skip_pattern=(False, True, True, False))
+        stats = handle.stats()
+    assert_all_equal(expected, got)
+    assert stats.mispredicted >= 2  # irregular skips cannot all be predicted, yet every output is exact
+
+
+def test_blocks_called_outside_a_pass_are_loaded_on_demand():
+    model = make_quirky()
+    x, t = inputs(), torch.tensor([5.0, 5.0])
+    t_emb = model.embed_time(t)
+    h = model.patch_in(x)
+    expected = model.blocks[3](h, t_emb)
+    with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=CpuCopyEngine(deferred=True)) as handle:
+        assert torch.equal(model.blocks[3](h, t_emb), expected)
+        assert handle.stats().unscheduled == 1
+
+
+def test_stream_twice_is_refused_and_plan_must_match():
+    model = make_quirky()
+    plan = plan_share(model, 0.5)
+    with distorch.stream(model, plan):
+        with pytest.raises(RuntimeError, match="already being streamed"):
+            distorch.stream(model, plan)
+    other = make_quirky(dim=32)
+    with pytest.raises(ValueError, match="does not match this model"):
+        distorch.stream(other, plan)
+
+
+def test_unavailable_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    model = make_quirky()
+    plan = distorch.plan(model, compute_device="cuda:0", virtual_vram_gb=0.0001, memory=ROOMY)
+    with pytest.raises(RuntimeError, match="uses cuda:0 but this machine has 0 CUDA device"):
+        distorch.stream(model, plan)
+
+
+def test_streamed_weights_are_not_duplicated_in_ram():
+    model = make_quirky()
+    plan = plan_share(model, 1.0)
+    with distorch.stream(model, plan) as handle:
+        storages = {p.untyped_storage().data_ptr() for name, p in model.named_parameters() if name.startswith("blocks.0.")}
+        flat = handle.streamer._blocks[0].host.tensor
+        assert storages == {flat.untyped_storage().data_ptr()}
+
+
+def test_model_without_blocks_streams_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    expected = model(x)
+    plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=1, memory=ROOMY)
+    with distorch.stream(model, plan) as handle:
+        assert torch.equal(model(x), expected)
+        assert handle.stats().copies == 0
+
+
+@pytest.mark.cuda
+def test_cuda_steady_state_has_no_allocations_and_no_host_syncs():
+    model = make_quirky()
+    x = inputs("cuda:0")
+    with distorch.stream(model, plan_share(model, 0.5, "cuda:0")) as handle:
+        sampling_run(model, x, steps=2)
+        torch.cuda.synchronize()
+        segments = torch.cuda.memory_stats()["segment.all.allocated"]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sampling_run(model, x, steps=3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+        assert all(b.host.pinned for b in handle.streamer._blocks)
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_follows_the_plan():
+    model = make_quirky()
+    plan = plan_share(model, 0.75, "cuda:0")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with distorch.stream(model, plan):
+        weights = torch.cuda.memory_allocated() - base
+    assert weights <= plan.compute_bytes * 1.05 + 64 * 1024
