@@ -15,7 +15,7 @@ TORCH_OPS = SimpleNamespace(Linear=nn.Linear, LayerNorm=nn.LayerNorm, RMSNorm=nn
 
 
 class ToyDiTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, ops=TORCH_OPS):
+    def __init__(self, dim: int, heads: int, ffn_dim: int | None = None, ops=TORCH_OPS):
         super().__init__()
         self.heads = heads
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / math.sqrt(dim))
@@ -25,8 +25,9 @@ class ToyDiTBlock(nn.Module):
         self.k_norm = ops.RMSNorm(dim // heads, eps=1e-6)
         self.proj = ops.Linear(dim, dim)
         self.norm2 = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.fc1 = ops.Linear(dim, mlp_ratio * dim)
-        self.fc2 = ops.Linear(mlp_ratio * dim, dim)
+        ffn_dim = ffn_dim or 4 * dim
+        self.fc1 = ops.Linear(dim, ffn_dim)
+        self.fc2 = ops.Linear(ffn_dim, dim)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         modulation = self.modulation.to(x.dtype) + t_emb[:, None, :]
@@ -47,11 +48,12 @@ class ToyDiTBlock(nn.Module):
 class ToyDiT(nn.Module):
     """Patch tokens in, noise prediction out: `model(x[B, N, C], t[B]) -> [B, N, C]`."""
 
-    def __init__(self, dim: int = 256, depth: int = 8, heads: int = 4, channels: int = 16, ops=TORCH_OPS):
+    def __init__(self, dim: int = 256, depth: int = 8, heads: int = 4, channels: int = 16, ffn_dim: int | None = None,
+                 ops=TORCH_OPS):
         super().__init__()
         self.patch_in = ops.Linear(channels, dim)
         self.time_in = nn.Sequential(ops.Linear(256, dim), nn.SiLU(), ops.Linear(dim, dim))
-        self.blocks = nn.ModuleList(ToyDiTBlock(dim, heads, ops=ops) for _ in range(depth))
+        self.blocks = nn.ModuleList(ToyDiTBlock(dim, heads, ffn_dim, ops=ops) for _ in range(depth))
         self.norm_out = ops.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.head = ops.Linear(dim, channels)
         self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * torch.arange(128) / 128))
