@@ -33,14 +33,13 @@ def tier_rows(plan) -> list[TierRow]:
 def format_report(plan) -> str:
     compute = plan.compute_device
     lines = [
-        f"DisTorch plan for {plan.model_name}: {format_gb(plan.resident_bytes + plan.streamed_bytes)} in "
-        f"{len(plan.blocks)} blocks + other weights, compute on {compute}",
+        f"DisTorch plan for {plan.model_name}: {format_gb(plan.resident_bytes + plan.streamed_bytes)} "
+        f"({len(plan.blocks)} blocks + {format_gb(plan.rest_bytes)} other weights), compute on {compute}",
         f"  {'device':<8} {'tier':<26} {'blocks':>6} {'weights':>10} {'VRAM freed':>11}",
     ]
     for row in tier_rows(plan):
         freed = format_gb(row.vram_freed) if row.vram_freed else "-"
         lines.append(f"  {row.device:<8} {row.role:<26} {row.blocks:>6} {format_gb(row.nbytes):>10} {freed:>11}")
-    lines.append(f"  resident weights include {format_gb(plan.rest_bytes)} outside the blocks")
     if plan.streamed:
         lines.append(f"  streaming slots on {compute}: {plan.prefetch} x {format_gb(plan.slot_bytes)}; weights on "
                      f"{compute}: {format_gb(plan.compute_bytes)} of the model's "

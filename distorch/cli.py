@@ -1,0 +1,206 @@
+"""`python -m distorch plan|demo`: will it fit, and the pack working in one command.
+
+    python -m distorch plan flux1-dev-Q8_0.gguf --vram-gb 12
+    python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 16 --virtual-vram-gb 14 --json
+    python -m distorch demo
+"""
+
+import argparse
+import json
+import sys
+
+from .headers import read_model_sizes
+from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
+from .planner import Plan, PlanError, plan_sizes
+from .report import tier_rows
+from .units import GIB
+
+# Practical pinned host-to-device rates (research/prefetch.md §3.2: ~22-26 GB/s Gen4, ~45-55 GB/s Gen5).
+PCIE_RATES_GBPS = {"PCIe 4.0 x16": 24.0, "PCIe 5.0 x16": 50.0}
+DEFAULT_ACTIVATION_RESERVE_GB = 2.0
+PROPOSAL_STEP_GB = 0.1
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options end with one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"distorch: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m distorch", description="DisTorch virtual VRAM: plan and demo.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    plan = commands.add_parser("plan", help="plan a model file for a card (reads only the file header)")
+    plan.add_argument("model_file")
+    plan.add_argument("--vram-gb", type=_non_negative, help="free VRAM of the compute GPU (default: probe it)")
+    plan.add_argument("--compute-device", default="cuda:0", help="GPU that runs the model (default cuda:0)")
+    plan.add_argument("--virtual-vram-gb", type=_non_negative,
+                      help="GB of the model to move off the GPU (default: the smallest value that fits)")
+    plan.add_argument("--donor", default="cpu", help="where moved blocks live: cpu or another GPU (cuda:1)")
+    plan.add_argument("--donor-vram-gb", type=_non_negative, help="free VRAM of a donor GPU (default: probe it)")
+    plan.add_argument("--expert", default="", help='expert allocation string, e.g. "cuda:0,8gb;cpu,*"')
+    plan.add_argument("--ram-gb", type=_non_negative, help="free system RAM (default: probe it)")
+    plan.add_argument("--activation-reserve-gb", type=_non_negative, default=DEFAULT_ACTIVATION_RESERVE_GB,
+                      help=f"VRAM kept for activations (default {DEFAULT_ACTIVATION_RESERVE_GB})")
+    plan.add_argument("--prefetch", type=int, default=2, help="streaming slots on the GPU (default 2)")
+    plan.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    demo = commands.add_parser("demo", help="stream a small built-in model and check it against the resident run")
+    demo.add_argument("--device", default=None, help="compute device (default: cuda:0 when present, else cpu)")
+    demo.add_argument("--virtual-vram-gb", type=_non_negative, default=None,
+                      help="GB to stream (default: half of the model's blocks)")
+    demo.add_argument("--prefetch", type=int, default=2)
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--tokens", type=int, default=None)
+    demo.add_argument("--dim", type=int, default=None)
+    demo.add_argument("--depth", type=int, default=None)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    try:
+        return run_plan(args)
+    except (OSError, ValueError) as error:
+        # Missing files, malformed headers (HeaderError, GGUFError), unusable plans and allocation strings.
+        return _fail(str(error))
+
+
+def run_plan(args) -> int:
+    if args.prefetch < 1:
+        return _fail(f"--prefetch must be at least 1, got {args.prefetch}")
+    sizes = read_model_sizes(args.model_file)
+    inventory = _inventory(args)
+    virtual_vram, proposed = args.virtual_vram_gb, False
+    if virtual_vram is None and not args.expert:
+        virtual_vram, proposed = propose_virtual_vram(sizes, args, inventory), True
+    result = plan_sizes(sizes, compute_device=args.compute_device, virtual_vram_gb=virtual_vram or 0.0,
+                        donor_device=args.donor, expert_mode_allocations=args.expert, memory=inventory,
+                        prefetch=args.prefetch)
+    summary = summarize(args.model_file, result, inventory, virtual_vram, proposed, args.activation_reserve_gb)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(result, summary))
+    return 0
+
+
+def propose_virtual_vram(sizes, args, inventory) -> float:
+    """The smallest virtual VRAM (in 0.1 GB steps) whose plan fits the compute device."""
+    total_gb = sizes.total_bytes / GIB
+    steps = int(total_gb / PROPOSAL_STEP_GB) + 2
+    last_error = None
+    for step in range(steps):
+        candidate = round(step * PROPOSAL_STEP_GB, 1)
+        try:
+            plan_sizes(sizes, compute_device=args.compute_device, virtual_vram_gb=candidate, donor_device=args.donor,
+                       memory=inventory, prefetch=args.prefetch)
+            return candidate
+        except PlanError as error:
+            last_error = error
+    raise PlanError(f"{sizes.name} does not fit even with every block streamed: {last_error}")
+
+
+def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,
+              reserve_gb: float) -> dict:
+    compute = inventory.get(plan.compute_device)
+    per_forward = plan.streamed_bytes
+    return {
+        "file": path,
+        "model": plan.model_name,
+        "total_gb": _gb(plan.resident_bytes + plan.streamed_bytes),
+        "blocks": len(plan.blocks),
+        "rest_gb": _gb(plan.rest_bytes),
+        "compute_device": plan.compute_device,
+        "virtual_vram_gb": virtual_vram,
+        "proposed": proposed,
+        "activation_reserve_gb": reserve_gb,
+        "tiers": [
+            {"device": r.device, "role": r.role, "blocks": r.blocks, "gb": _gb(r.nbytes),
+             "vram_freed_gb": _gb(r.vram_freed)}
+            for r in tier_rows(plan)
+        ],
+        "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(plan.prefetch * plan.slot_bytes),
+                    "total": _gb(plan.compute_bytes), "usable": _gb(compute.usable)},
+        "vram_freed_gb": _gb(plan.streamed_bytes),
+        "pinned_ram_gb": _gb(plan.pinned_bytes),
+        "pageable_ram_gb": _gb(sum(b.nbytes for b in plan.blocks if b.streamed and b.device == "cpu"
+                                   and not b.pinned)),
+        "transfer": {
+            "per_forward_gb": _gb(per_forward),
+            "per_step_with_cfg_gb": _gb(2 * per_forward),
+            "seconds_per_forward": {name: round(per_forward / (rate * 1e9), 3) for name, rate in PCIE_RATES_GBPS.items()},
+        },
+        "streamed": sorted(plan.streamed, key=lambda n: [b.name for b in plan.blocks].index(n)),
+        "warnings": list(plan.warnings),
+    }
+
+
+def format_summary(plan: Plan, summary: dict) -> str:
+    lines = [plan.report()]
+    if summary["proposed"]:
+        lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.1f}: the smallest value that fits "
+                     f"{plan.compute_device} with {summary['activation_reserve_gb']:.1f} GB kept for activations")
+    lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB"
+                 + (f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""))
+    transfer = summary["transfer"]
+    estimates = ", ".join(f"{t:.2f} s on {name}" for name, t in transfer["seconds_per_forward"].items())
+    lines.append(f"  transfer per forward: {transfer['per_forward_gb']:.2f} GB ({estimates}); "
+                 f"x2 per step when cond and uncond run as separate forwards")
+    return "\n".join(lines)
+
+
+def _inventory(args) -> MemoryInventory:
+    probed = None
+    devices = {}
+    reserve = int(args.activation_reserve_gb * GIB)
+    compute = args.compute_device.strip().lower()
+    if compute != "cpu":
+        if args.vram_gb is not None:
+            free = int(args.vram_gb * GIB)
+            devices[compute] = DeviceMemory(compute, max(0, free - reserve), free)
+        else:
+            probed = MemoryInventory.probe()
+            if compute not in probed.devices:
+                raise PlanError(f"no GPU {compute} found on this machine: pass --vram-gb to plan for a card")
+            found = probed.devices[compute]
+            devices[compute] = DeviceMemory(compute, max(0, found.free - reserve), found.total)
+    donor = args.donor.strip().lower()
+    if donor not in ("cpu", compute):
+        if args.donor_vram_gb is not None:
+            devices[donor] = DeviceMemory(donor, int(args.donor_vram_gb * GIB), int(args.donor_vram_gb * GIB))
+        else:
+            probed = probed or MemoryInventory.probe()
+            if donor not in probed.devices:
+                raise PlanError(f"no donor GPU {donor} found on this machine: pass --donor-vram-gb")
+            devices[donor] = probed.devices[donor]
+    if args.ram_gb is not None:
+        ram = int(args.ram_gb * GIB)
+        devices["cpu"] = DeviceMemory("cpu", ram, ram)
+        pinned = safe_pinned_bytes(ram, 0)
+    else:
+        probed = probed or MemoryInventory.probe()
+        devices["cpu"] = probed.devices["cpu"]
+        pinned = probed.pinned_budget
+    return MemoryInventory(devices, pinned)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _gb(nbytes: int) -> float:
+    return round(nbytes / GIB, 3)
+
+
+def _fail(message: str) -> int:
+    print(f"distorch: error: {message}", file=sys.stderr)
+    return 2
+
