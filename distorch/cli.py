@@ -87,12 +87,11 @@ def run_plan(args) -> int:
 
 
 def propose_virtual_vram(sizes, args, inventory) -> float:
-    """The smallest virtual VRAM (in 0.1 GB steps) whose plan fits the compute device."""
-    total_gb = sizes.total_bytes / GIB
-    steps = int(total_gb / PROPOSAL_STEP_GB) + 2
+    """The smallest virtual VRAM whose plan fits the compute device, in 0.1 GB steps (finer for tiny blocks)."""
+    step = proposal_step_gb(sizes)
     last_error = None
-    for step in range(steps):
-        candidate = round(step * PROPOSAL_STEP_GB, 1)
+    for index in range(int(sizes.total_bytes / GIB / step) + 2):
+        candidate = round(index * step, 4)
         try:
             plan_sizes(sizes, compute_device=args.compute_device, virtual_vram_gb=candidate, donor_device=args.donor,
                        memory=inventory, prefetch=args.prefetch)
@@ -100,6 +99,11 @@ def propose_virtual_vram(sizes, args, inventory) -> float:
         except PlanError as error:
             last_error = error
     raise PlanError(f"{sizes.name} does not fit even with every block streamed: {last_error}")
+
+
+def proposal_step_gb(sizes) -> float:
+    smallest_block = min((n for _, n in sizes.blocks if n), default=GIB)
+    return min(PROPOSAL_STEP_GB, smallest_block / GIB)
 
 
 def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,
@@ -140,7 +144,7 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
 def format_summary(plan: Plan, summary: dict) -> str:
     lines = [plan.report()]
     if summary["proposed"]:
-        lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.1f}: the smallest value that fits "
+        lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.2f}: the smallest value that fits "
                      f"{plan.compute_device} with {summary['activation_reserve_gb']:.1f} GB kept for activations")
     lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB"
                  + (f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""))

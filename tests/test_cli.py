@@ -1,0 +1,183 @@
+"""`python -m distorch plan|demo` on files written here (safetensors and GGUF)."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import distorch.memory as memory
+from distorch.cli import main, proposal_step_gb
+from distorch.headers import read_model_sizes
+from distorch.units import GIB, MIB
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_dit(path: Path, depth: int = 8, dim: int = 64, dtype=torch.bfloat16) -> Path:
+    tensors = {
+        "patch_embedding.weight": torch.zeros(dim, 16, dtype=dtype),
+        "time_in.0.weight": torch.zeros(dim, 256, dtype=dtype),  # a Sequential of leaves: not a block list
+        "time_in.2.weight": torch.zeros(dim, dim, dtype=dtype),
+        "head.head.weight": torch.zeros(16, dim, dtype=dtype),
+    }
+    for i in range(depth):
+        tensors[f"blocks.{i}.modulation"] = torch.zeros(1, 6, dim, dtype=dtype)
+        tensors[f"blocks.{i}.self_attn.qkv.weight"] = torch.zeros(3 * dim, dim, dtype=dtype)
+        tensors[f"blocks.{i}.ffn.0.weight"] = torch.zeros(4 * dim, dim, dtype=dtype)
+        tensors[f"blocks.{i}.ffn.2.weight"] = torch.zeros(dim, 4 * dim, dtype=dtype)
+    save_file(tensors, str(path))
+    return path
+
+
+def block_bytes(dim: int = 64) -> int:
+    return (6 * dim + 3 * dim * dim + 8 * dim * dim) * 2
+
+
+def header(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_header_sizes_from_safetensors(tmp_path):
+    sizes = read_model_sizes(str(write_dit(tmp_path / "m.safetensors")))
+    assert [name for name, _ in sizes.blocks] == [f"blocks.{i}" for i in range(8)]
+    assert all(n == block_bytes() for _, n in sizes.blocks)
+    assert sizes.rest_bytes == (64 * 16 + 64 * 256 + 64 * 64 + 16 * 64) * 2
+
+
+def test_plan_table(tmp_path, capsys):
+    path = write_dit(tmp_path / "m.safetensors")
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "80", "--ram-gb", "64",
+                         "--virtual-vram-gb", str(4 * block_bytes() / GIB))
+    assert code == 0, err
+    assert "DisTorch plan for m.safetensors" in out
+    assert "pinned RAM, streamed" in out and "VRAM freed" in out
+    assert "PCIe 4.0 x16" in out and "PCIe 5.0 x16" in out
+
+
+def test_plan_json_schema(tmp_path, capsys):
+    path = write_dit(tmp_path / "m.safetensors")
+    code, out, _ = run(capsys, "plan", str(path), "--vram-gb", "80", "--ram-gb", "64", "--json",
+                       "--virtual-vram-gb", str(2 * block_bytes() / GIB))
+    assert code == 0
+    data = json.loads(out)
+    assert set(data) >= {"file", "model", "total_gb", "blocks", "compute_device", "virtual_vram_gb", "proposed",
+                         "tiers", "vram_gb", "vram_freed_gb", "pinned_ram_gb", "transfer", "streamed", "warnings"}
+    assert data["blocks"] == 8 and data["proposed"] is False
+    assert len(data["streamed"]) == 2 and data["streamed"][0].startswith("blocks.")
+    assert {t["device"] for t in data["tiers"]} == {"cuda:0", "cpu"}
+    assert set(data["transfer"]["seconds_per_forward"]) == {"PCIe 4.0 x16", "PCIe 5.0 x16"}
+
+
+def test_proposal_is_the_smallest_fitting_value(tmp_path, capsys):
+    big = 16 * MIB  # one block, so a small --vram-gb forces streaming
+    path = tmp_path / "big.safetensors"
+    tensors = {f"blocks.{i}.attn.weight": torch.zeros(big // 2, dtype=torch.bfloat16) for i in range(10)}
+    save_file(tensors, str(path))
+    # usable = free - activation reserve - safety reserve (256 MiB + 5% of total): leave room for ~3.5 blocks
+    room = 3.5 * big / GIB
+    vram = (2.0 + memory.GPU_RESERVE_FIXED / GIB + room) / (1 - memory.GPU_RESERVE_SHARE)
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", f"{vram:.3f}", "--ram-gb", "64", "--json",
+                         "--activation-reserve-gb", "2.0")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["proposed"] is True
+    assert data["vram_gb"]["total"] <= data["vram_gb"]["usable"]
+    assert 0 < data["virtual_vram_gb"] < 10 * big / GIB
+    smaller = data["virtual_vram_gb"] - proposal_step_gb(read_model_sizes(str(path)))
+    if smaller >= 0:
+        code, _, err = run(capsys, "plan", str(path), "--vram-gb", f"{vram:.3f}", "--ram-gb", "64",
+                           "--virtual-vram-gb", str(smaller))
+        assert code == 2 and "raise virtual_vram_gb" in err
+
+
+def test_proposal_zero_when_it_fits(tmp_path, capsys):
+    path = write_dit(tmp_path / "m.safetensors")
+    code, out, _ = run(capsys, "plan", str(path), "--vram-gb", "24", "--ram-gb", "64", "--json")
+    assert code == 0 and json.loads(out)["virtual_vram_gb"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "too short for a safetensors header"),
+        (struct.pack("<Q", 10**12) + b"{}", "does not fit the file"),
+        (struct.pack("<Q", 4) + b"nope", "not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+        (header(b'{"a":{"dtype":"F32","shape":[1]}}'), "lacks dtype, shape or data_offsets"),
+        (header(b'{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,4]}}') + bytes(4), "unknown dtype"),
+        (header(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,400]}}') + bytes(4), "outside the"),
+        (header(b'{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}') + bytes(4), "invalid shape"),
+    ],
+)
+def test_malformed_files_exit_2_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8")
+    assert code == 2
+    assert message in err and "bad.safetensors" in err
+    assert err.count("\n") == 1 and not out
+
+
+def test_missing_file(tmp_path, capsys):
+    code, _, err = run(capsys, "plan", str(tmp_path / "nope.gguf"), "--vram-gb", "8")
+    assert code == 2 and "no such file" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan"], "the following arguments are required: model_file"),
+        (["plan", "x", "--vram-gb", "lots"], "expected a number"),
+        (["plan", "x", "--vram-gb", "-3"], "expected a number >= 0"),
+        (["plan", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--expert", "cuda:0,1.5t;cpu,*"], "unknown unit 't'"),
+        (["--donor", "cuda:0", "--virtual-vram-gb", "1"], "is the compute device"),
+        (["--prefetch", "0"], "--prefetch must be at least 1"),
+        (["--compute-device", "tpu:0"], "not a device DisTorch can use"),
+    ],
+)
+def test_bad_plan_options(tmp_path, capsys, extra, message):
+    path = write_dit(tmp_path / "m.safetensors")
+    code, _, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8", *extra)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_no_gpu_without_vram_flag(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    code, _, err = run(capsys, "plan", str(write_dit(tmp_path / "m.safetensors")))
+    assert code == 2 and "pass --vram-gb" in err
+
+
+def test_demo_runs_as_a_module():
+    """The README's main command: streams the built-in model on the CPU and checks it bit-exactly."""
+    result = subprocess.run([sys.executable, "-m", "distorch", "demo", "--dim", "128", "--depth", "6", "--tokens",
+                             "64", "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "identical to the resident run" in result.stdout
+    assert "RAM, streamed" in result.stdout
