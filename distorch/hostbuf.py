@@ -6,6 +6,7 @@ power of two (a 0.7 GB block would pin 1 GB; research/prefetch.md pitfall 5).
 """
 
 import logging
+import weakref
 
 import torch
 
@@ -27,6 +28,10 @@ class FlatBuffer:
     def __init__(self, nbytes: int, device: torch.device | str, pin: bool = False):
         self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.pinned = bool(pin and nbytes and self.tensor.device.type == "cpu" and _register(self.tensor))
+        # Unpin when the buffer is dropped without release() (e.g. ComfyUI deletes a staged model). The
+        # finalizer holds the storage so it is unregistered before the memory can be freed.
+        self._finalizer = weakref.finalize(self, _unregister_storage, self.tensor.untyped_storage()) if self.pinned \
+            else None
 
     @property
     def nbytes(self) -> int:
@@ -34,9 +39,10 @@ class FlatBuffer:
 
     def release(self) -> None:
         """Unpins the memory; the bytes stay valid for views still pointing into them."""
-        if self.pinned:
-            _unregister(self.tensor)
-            self.pinned = False
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.pinned = False
 
 
 def _register(tensor: torch.Tensor) -> bool:
@@ -54,8 +60,8 @@ def _register(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _unregister(tensor: torch.Tensor) -> None:
-    status = torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+def _unregister_storage(storage: torch.UntypedStorage) -> None:
+    status = torch.cuda.cudart().cudaHostUnregister(storage.data_ptr())
     if int(status) != 0:
         _clear_cuda_error()
         logger.warning("distorch: cudaHostUnregister failed (error %s)", int(status))

@@ -122,6 +122,8 @@ class _StreamedBlock:
                 continue  # the host views already live there
             cluster.point_into(self.host.tensor[offset:offset + cluster.nbytes].to(cluster.device))
         self.host.release()
+        self.host = None
+        self.host_views = []
         self.slot_views.clear()
 
 
@@ -158,7 +160,13 @@ class BlockStreamer:
     def stats(self) -> StreamStats:
         return StreamStats(**vars(self._stats))
 
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
     def open(self) -> "BlockStreamer":
+        """Stages the blocks (unless still staged from an earlier `close(unstage=False)`), allocates the
+        slots and installs the hooks."""
         if self._open:
             return self
         self._stage_all()
@@ -174,20 +182,30 @@ class BlockStreamer:
                     self.slot_bytes / GIB, self.device)
         return self
 
-    def close(self) -> None:
-        """Removes the hooks, waits for copies in flight and moves the weights back where they came from."""
-        if not self._open:
-            return
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self.engine.synchronize()
-        for block in self._blocks:
-            block.point_to(block.host_views)
-            block.unstage()
-        self._slots.clear()
-        self._where.clear()
-        self._open = False
+    def close(self, unstage: bool = True) -> None:
+        """Removes the hooks, waits for copies in flight and frees the slots.
+
+        Args:
+            unstage: also move the weights back where they came from and unpin. With False they stay in
+                their flat buffers (pinned RAM or donor VRAM), so the next `open()` skips staging; ComfyUI
+                uses this when it unloads a model it will load again.
+        """
+        if self._open:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            self.engine.synchronize()
+            for block in self._blocks:
+                if block.host is not None:
+                    block.point_to(block.host_views)
+                block.slot_views.clear()
+            self._slots.clear()
+            self._where.clear()
+            self._open = False
+        if unstage:
+            for block in self._blocks:
+                if block.host is not None:
+                    block.unstage()
 
     # -- staging -----------------------------------------------------------------------------------
 
@@ -196,7 +214,8 @@ class BlockStreamer:
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
                   disable=total < _PROGRESS_MIN_BYTES, leave=False) as progress:
             for block in self._blocks:
-                block.stage()
+                if block.host is None:
+                    block.stage()
                 progress.update(block.nbytes)
 
     def _install_hooks(self) -> None:

@@ -1,5 +1,9 @@
 """Shared pytest fixtures and markers."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +15,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+def _import_pack_as_comfyui_does():
+    """Imports the repo root as a package (ComfyUI imports custom_nodes/<pack>/__init__.py the same way).
+
+    Node modules use relative imports (`from ..distorch import ...`), so tests reach them as
+    `distorch_pack.nodes.*`, exactly the import path they have inside ComfyUI.
+    """
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("distorch_pack", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distorch_pack"] = module
+    spec.loader.exec_module(module)
+
+
+_import_pack_as_comfyui_does()

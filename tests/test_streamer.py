@@ -260,3 +260,23 @@ def test_cuda_peak_memory_follows_the_plan():
     with distorch.stream(model, plan):
         weights = torch.cuda.memory_allocated() - base
     assert weights <= plan.compute_bytes * 1.05 + 64 * 1024
+
+
+def test_close_without_unstaging_keeps_the_flat_buffers_for_the_next_open():
+    """ComfyUI unloads and reloads models between runs; re-staging would copy every streamed byte again."""
+    model = make_quirky()
+    plan = plan_share(model, 0.5)
+    streamed = [b for b in distorch.discover(model).blocks if b.name in plan.streamed]
+    storage = {b.name: distorch.streamer.StoragePlacement("cpu") for b in streamed}
+    streamer = distorch.BlockStreamer(model, streamed, storage, "cpu", debug=True,
+                                      engine=CpuCopyEngine(deferred=True)).open()
+    expected = reference_outputs(steps=1)
+    assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
+    buffers = [b.host.tensor.data_ptr() for b in streamer._blocks]
+    streamer.close(unstage=False)
+    assert_all_equal(expected, sampling_run(model, inputs(), steps=1)), "weights must stay usable while closed"
+    streamer.open()
+    assert [b.host.tensor.data_ptr() for b in streamer._blocks] == buffers
+    assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
+    streamer.close()
+    assert all(b.host is None for b in streamer._blocks)

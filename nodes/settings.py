@@ -1,0 +1,140 @@
+"""The four DisTorch inputs every loader node has, validated once into a frozen value.
+
+Pure Python (no ComfyUI import), so the schema defaults, tooltips and the validation messages are
+tested in CI; `nodes/loaders.py` turns the specs into ComfyUI widgets.
+"""
+
+import re
+from dataclasses import dataclass
+
+from ..distorch import AllocationError, parse_allocation
+
+VIRTUAL_VRAM_MAX_GB = 128.0
+VIRTUAL_VRAM_STEP_GB = 0.1
+_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
+
+
+@dataclass(frozen=True)
+class NumberSpec:
+    name: str
+    default: float
+    minimum: float
+    maximum: float
+    step: float
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    name: str
+    options: tuple[str, ...]
+    default: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    name: str
+    default: str
+    tooltip: str
+    optional: bool = True
+
+
+TOOLTIPS = {
+    "compute_device": "GPU that runs the model. Streamed blocks are copied to it just before they run.",
+    "virtual_vram_gb": (
+        "GB of this model to keep off the compute GPU. Those blocks live in pinned RAM (or the donor GPU) and are "
+        "streamed in ahead of use, spread between resident blocks so copies overlap compute. 0 keeps the whole "
+        "model on the GPU."),
+    "donor_device": (
+        "Where moved blocks are stored: 'cpu' (pinned system RAM) or another GPU's VRAM. A donor GPU without "
+        "room for all of them spills the rest into RAM."),
+    "expert_mode_allocations": (
+        "Optional, overrides the slider. ComfyUI-MultiGPU grammar, one mode per string: bytes "
+        "'cuda:0,2.5gb;cpu,*', ratio 'cuda:0,25%;cpu,75%' or fraction of device memory 'cuda:0,0.1;cpu,0.5'. "
+        "The compute device's amount stays resident; '*' takes the rest."),
+}
+
+
+def distorch_specs(kind: str, devices: tuple[str, ...], donors: tuple[str, ...]) -> list:
+    """The four DisTorch input specs for a loader of `kind` ("unet", "clip" or "vae")."""
+    return [
+        ChoiceSpec("compute_device", devices, devices[0], TOOLTIPS["compute_device"]),
+        NumberSpec("virtual_vram_gb", 4.0 if kind == "unet" else 0.0, 0.0, VIRTUAL_VRAM_MAX_GB,
+                   VIRTUAL_VRAM_STEP_GB, TOOLTIPS["virtual_vram_gb"]),
+        ChoiceSpec("donor_device", donors, donors[0], TOOLTIPS["donor_device"]),
+        TextSpec("expert_mode_allocations", "", TOOLTIPS["expert_mode_allocations"]),
+    ]
+
+
+def device_choices(cuda_count: int, cpu_only: bool = False) -> tuple[str, ...]:
+    """Compute devices, main GPU first; just 'cpu' when there is no usable GPU."""
+    if cpu_only or cuda_count == 0:
+        return ("cpu",)
+    return tuple(f"cuda:{i}" for i in range(cuda_count)) + ("cpu",)
+
+
+def donor_choices(cuda_count: int, cpu_only: bool = False) -> tuple[str, ...]:
+    """'cpu' first, then every GPU (the one that equals the compute device is refused at validation)."""
+    if cpu_only:
+        return ("cpu",)
+    return ("cpu",) + tuple(f"cuda:{i}" for i in range(cuda_count))
+
+
+@dataclass(frozen=True)
+class DisTorchSettings:
+    """One loader's DisTorch inputs after validation; stored on the model it loads."""
+
+    compute_device: str
+    virtual_vram_gb: float
+    donor_device: str
+    expert_mode_allocations: str = ""
+
+    @classmethod
+    def validate(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
+                 expert_mode_allocations: str | None, available: tuple[str, ...]) -> "DisTorchSettings":
+        """Checks the inputs against the devices of this machine; raises ValueError naming the bad input."""
+        problems = []
+        compute = _device(compute_device, "compute_device", available, problems)
+        donor = _device(donor_device, "donor_device", available, problems)
+        if not isinstance(virtual_vram_gb, (int, float)) or not 0 <= virtual_vram_gb <= VIRTUAL_VRAM_MAX_GB:
+            problems.append(f"virtual_vram_gb must be between 0 and {VIRTUAL_VRAM_MAX_GB:g}, got {virtual_vram_gb!r}")
+        expert = (expert_mode_allocations or "").strip()
+        if compute and donor and compute == donor and compute != "cpu" and virtual_vram_gb > 0 and not expert:
+            problems.append(f"donor_device {donor!r} is the compute device: choose 'cpu' or another GPU")
+        if compute == "cpu" and donor and donor != "cpu":
+            problems.append(f"compute_device 'cpu' streams from RAM only; set donor_device to 'cpu', not {donor!r}")
+        if expert:
+            _check_expert(expert, compute, available, problems)
+        if problems:
+            raise ValueError("DisTorch: " + "; ".join(problems))
+        return cls(compute, float(virtual_vram_gb), donor, expert)
+
+    @property
+    def streams(self) -> bool:
+        return self.virtual_vram_gb > 0 or bool(self.expert_mode_allocations)
+
+
+def _device(name: str, what: str, available: tuple[str, ...], problems: list) -> str | None:
+    device = str(name).strip().lower()
+    if not _DEVICE.match(device):
+        problems.append(f"{what} {name!r} is not a device DisTorch can use ('cpu' or 'cuda:N')")
+        return None
+    if device not in available:
+        problems.append(f"{what} {device!r} is not available on this machine (devices: {', '.join(available)})")
+        return None
+    return device
+
+
+def _check_expert(expert: str, compute: str | None, available: tuple[str, ...], problems: list) -> None:
+    try:
+        spec = parse_allocation(expert)
+    except AllocationError as error:
+        problems.append(f"expert_mode_allocations: {error}")
+        return
+    missing = [d for d in spec.devices if d not in available]
+    if missing:
+        problems.append(f"expert_mode_allocations names {', '.join(missing)}, not available on this machine "
+                        f"(devices: {', '.join(available)})")
+    if compute == "cpu":
+        problems.append("expert_mode_allocations needs a GPU compute_device; with 'cpu' use virtual_vram_gb")
