@@ -1,0 +1,184 @@
+"""The DisTorch loader nodes (ComfyUI V3 API) and their registration.
+
+Each node is declarative: a schema, an optional `validate_inputs` that rejects bad DisTorch inputs
+before the queue runs, and an `execute` that calls one loading function and returns the standard
+MODEL / CLIP / VAE plus the plan table as text on the node.
+"""
+
+import comfy.model_management as mm
+import nodes as core_nodes
+import torch
+from comfy_api.latest import ComfyExtension, io, ui
+
+from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
+from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
+from .settings import ChoiceSpec, DisTorchSettings, NumberSpec, device_choices, distorch_specs, donor_choices
+
+WEB_DIRECTORY = "./nodes/web"
+CATEGORY = "DisTorch"
+
+
+def _devices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    cpu_only = getattr(mm, "cpu_state", None) == mm.CPUState.CPU
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return device_choices(count, cpu_only), donor_choices(count, cpu_only)
+
+
+def distorch_inputs(kind: str) -> list:
+    """The four DisTorch widgets, built from the pure specs in settings.py."""
+    devices, donors = _devices()
+    widgets = []
+    for spec in distorch_specs(kind, devices, donors):
+        if isinstance(spec, ChoiceSpec):
+            widgets.append(io.Combo.Input(spec.name, options=list(spec.options), default=spec.default,
+                                          tooltip=spec.tooltip))
+        elif isinstance(spec, NumberSpec):
+            widgets.append(io.Float.Input(spec.name, default=spec.default, min=spec.minimum, max=spec.maximum,
+                                          step=spec.step, round=0.01, display_mode=io.NumberDisplay.slider,
+                                          tooltip=spec.tooltip))
+        else:
+            widgets.append(io.String.Input(spec.name, default=spec.default, optional=spec.optional,
+                                           tooltip=spec.tooltip))
+    return widgets
+
+
+def validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations) -> bool | str:
+    if None in (compute_device, virtual_vram_gb, donor_device):
+        return True  # driven by a link; checked again when the node runs
+    try:
+        DisTorchSettings.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
+                                  _devices()[0])
+    except ValueError as error:
+        return str(error)
+    return True
+
+
+def settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations) -> DisTorchSettings:
+    return DisTorchSettings.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
+                                     _devices()[0])
+
+
+def _core_choices(node_id: str, input_name: str, fallback: list[str]) -> list[str]:
+    """A core loader's combo options (CLIP types), so new model families appear with the core that knows them."""
+    node = core_nodes.NODE_CLASS_MAPPINGS.get(node_id)
+    try:
+        return list(node.INPUT_TYPES()["required"][input_name][0])
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return fallback
+
+
+class DisTorchUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DisTorchUNetLoader",
+            display_name="Load Diffusion Model (DisTorch)",
+            category=CATEGORY,
+            description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned RAM "
+                         "or a donor GPU, streaming those blocks to the compute GPU just before they run."),
+            inputs=[
+                io.Combo.Input("unet_name", options=unet_files(),
+                               tooltip="Diffusion model from models/diffusion_models or models/unet (.gguf too)."),
+                io.Combo.Input("weight_dtype", options=list(UNET_WEIGHT_DTYPES), default="default",
+                               tooltip="As in Load Diffusion Model: store safetensors weights as fp8 to halve them. "
+                                       "Ignored for .gguf files, which keep their own quantization."),
+                *distorch_inputs("unet"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
+        return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+
+    @classmethod
+    def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
+                expert_mode_allocations="") -> io.NodeOutput:
+        settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+        model, report = load_unet(unet_name, weight_dtype, settings)
+        return io.NodeOutput(model, ui=ui.PreviewText(report))
+
+
+def _clip_node(node_id: str, display_name: str, slots: int, type_node: str | None, description: str):
+    """Builds a text-encoder loader with `slots` file inputs (and core's `type` choices when it has them)."""
+
+    class Loader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            names = ["clip_name"] if slots == 1 else [f"clip_name{i}" for i in range(1, slots + 1)]
+            inputs = [io.Combo.Input(n, options=text_encoder_files(),
+                                     tooltip="Text encoder from models/text_encoders or models/clip (.gguf too).")
+                      for n in names]
+            if type_node is not None:
+                types = _core_choices(type_node, "type", ["stable_diffusion"])
+                inputs.append(io.Combo.Input("type", options=types, default=types[0],
+                                             tooltip="Model family, as in the core loader."))
+            return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                             inputs=[*inputs, *distorch_inputs("clip")], outputs=[io.Clip.Output()])
+
+        @classmethod
+        def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
+            return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+
+        @classmethod
+        def execute(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="", type=None,
+                    **files) -> io.NodeOutput:
+            settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+            ordered = [files[k] for k in sorted(files)]
+            clip, report = load_clip(ordered, type or "stable_diffusion", settings)
+            return io.NodeOutput(clip, ui=ui.PreviewText(report))
+
+    Loader.__name__ = Loader.__qualname__ = node_id
+    return Loader
+
+
+DisTorchCLIPLoader = _clip_node(
+    "DisTorchCLIPLoader", "Load CLIP (DisTorch)", 1, "CLIPLoader",
+    "Loads a text encoder (.safetensors or .gguf, llama.cpp names mapped) with DisTorch placement.")
+DisTorchDualCLIPLoader = _clip_node(
+    "DisTorchDualCLIPLoader", "DualCLIPLoader (DisTorch)", 2, "DualCLIPLoader",
+    "Loads two text encoders (e.g. clip_l + t5xxl for FLUX) as one CLIP with DisTorch placement.")
+DisTorchTripleCLIPLoader = _clip_node(
+    "DisTorchTripleCLIPLoader", "TripleCLIPLoader (DisTorch)", 3, None,
+    "Loads three text encoders (e.g. clip_l, clip_g, t5xxl for SD3.5) with DisTorch placement.")
+DisTorchQuadrupleCLIPLoader = _clip_node(
+    "DisTorchQuadrupleCLIPLoader", "QuadrupleCLIPLoader (DisTorch)", 4, None,
+    "Loads four text encoders (HiDream: clip_l, clip_g, t5xxl, llama) with DisTorch placement.")
+
+
+class DisTorchVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DisTorchVAELoader",
+            display_name="Load VAE (DisTorch)",
+            category=CATEGORY,
+            description="Loads a VAE on the chosen device; large video VAEs can stream part of their blocks.",
+            inputs=[io.Combo.Input("vae_name", options=vae_files(), tooltip="VAE from models/vae."),
+                    *distorch_inputs("vae")],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
+        return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+
+    @classmethod
+    def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
+        settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+        vae, report = load_vae(vae_name, settings)
+        return io.NodeOutput(vae, ui=ui.PreviewText(report))
+
+
+NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorchTripleCLIPLoader,
+         DisTorchQuadrupleCLIPLoader, DisTorchVAELoader]
+
+
+class DisTorchExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_gguf_folders()
+        return NODES
+
+
+async def comfy_entrypoint() -> DisTorchExtension:
+    return DisTorchExtension()

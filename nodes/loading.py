@@ -1,0 +1,112 @@
+"""Loads diffusion models, text encoders and VAEs through ComfyUI's own loaders, then hands them to DisTorch.
+
+The files are read by `comfy.sd` (safetensors) or by the pack's GGUF engine (.gguf, with GGUF
+operations passed as `custom_operations`); the resulting patcher is adopted as a
+`DisTorchModelPatcher` and the model is planned once, here, so every queue run reuses the placement.
+"""
+
+import logging
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+
+from ..distorch import MemoryInventory
+from ..distorch.memory import DeviceMemory, safe_pinned_bytes
+from .folders import full_path
+from .patcher import DisTorchModelPatcher
+from .settings import DisTorchSettings
+from .state import DisTorchState
+
+logger = logging.getLogger("distorch.nodes")
+
+UNET_WEIGHT_DTYPES = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
+
+
+def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> tuple[DisTorchModelPatcher, str]:
+    path = full_path("diffusion_models", unet_name)
+    model_options = dict(UNET_WEIGHT_DTYPES[weight_dtype])
+    if path.lower().endswith(".gguf"):
+        from .gguf_support import load_gguf_unet_state_dict
+
+        state_dict, model_options["custom_operations"] = load_gguf_unet_state_dict(path, model_options)
+        patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=model_options)
+    else:
+        patcher = comfy.sd.load_diffusion_model(path, model_options=model_options)
+    if patcher is None:
+        raise ValueError(f"DisTorch: could not detect the model type of {unet_name!r}; is it a diffusion model?")
+    adopted = DisTorchModelPatcher.adopt(patcher, torch.device(settings.compute_device))
+    return adopted, plan_model(adopted.model, settings, unet_name)
+
+
+def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings) -> tuple[comfy.sd.CLIP, str]:
+    paths = [full_path("text_encoders", name) for name in clip_names]
+    model_options = {
+        "load_device": torch.device(settings.compute_device),
+        "offload_device": mm.text_encoder_offload_device(),
+        # Build on the offload device: a text encoder larger than the GPU must never be loaded whole.
+        "initial_device": mm.text_encoder_offload_device(),
+    }
+    enum_type = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+    embeddings = folder_paths.get_folder_paths("embeddings")
+    if any(p.lower().endswith(".gguf") for p in paths):
+        from .gguf_support import load_text_encoder_state_dicts
+
+        state_dicts, model_options["custom_operations"] = load_text_encoder_state_dicts(paths)
+        clip = comfy.sd.load_text_encoder_state_dicts(state_dicts, embedding_directory=embeddings, clip_type=enum_type,
+                                                      model_options=model_options)
+    else:
+        clip = comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embeddings, clip_type=enum_type,
+                                  model_options=model_options)
+    clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.compute_device))
+    return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names))
+
+
+def load_vae(vae_name: str, settings: DisTorchSettings) -> tuple[comfy.sd.VAE, str]:
+    path = full_path("vae", vae_name)
+    device = torch.device(settings.compute_device)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path), device=device)
+    vae.throw_exception_if_invalid()
+    vae.patcher = DisTorchModelPatcher.adopt(vae.patcher, device)
+    return vae, plan_model(vae.patcher.model, settings, vae_name)
+
+
+def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str) -> str:
+    """Plans `model` once and stores the plan on it; returns the report shown on the node."""
+    state = DisTorchState.attach(model, settings, loader_inventory(settings))
+    report = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
+                                         f"DisTorch plan for {label} ({state.plan.model_name})", 1)
+    logger.info("%s", report)
+    return report
+
+
+def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:
+    """Memory as DisTorch plans it: the compute GPU as ComfyUI can free it, donors and RAM as they are.
+
+    ComfyUI evicts other models before loading this one, so the compute GPU counts with its total
+    memory minus ComfyUI's own inference reserve; a donor GPU is not managed by ComfyUI for us, so
+    only its free memory counts.
+    """
+    probed = MemoryInventory.probe()
+    devices = dict(probed.devices)
+    compute = settings.compute_device
+    if compute != "cpu":
+        total = int(mm.get_total_memory(torch.device(compute)))
+        devices[compute] = DeviceMemory(compute, max(0, total - int(mm.minimum_inference_memory())), total)
+    return MemoryInventory(devices, _pinned_budget(devices["cpu"].total))
+
+
+def _pinned_budget(ram_total: int) -> int:
+    budget = safe_pinned_bytes(ram_total, 0)
+    limit = getattr(mm, "MAX_PINNED_MEMORY", None)
+    if limit is not None:
+        # Newer cores pin their own offloaded weights under this cap; stay within what is left of it.
+        budget = min(budget, max(0, int(limit - getattr(mm, "TOTAL_PINNED_MEMORY", 0))))
+    return budget
