@@ -274,7 +274,7 @@ def test_close_without_unstaging_keeps_the_flat_buffers_for_the_next_open():
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
     buffers = [b.host.tensor.data_ptr() for b in streamer._blocks]
     streamer.close(unstage=False)
-    assert_all_equal(expected, sampling_run(model, inputs(), steps=1)), "weights must stay usable while closed"
+    assert_all_equal(expected, sampling_run(model, inputs(), steps=1))  # staged weights stay usable while closed
     streamer.open()
     assert [b.host.tensor.data_ptr() for b in streamer._blocks] == buffers
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
