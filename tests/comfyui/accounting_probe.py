@@ -1,0 +1,103 @@
+"""Runs inside ComfyUI (CPU): checks that ComfyUI's memory bookkeeping stays true for a DisTorch model.
+
+Usage: python accounting_probe.py --comfyui PATH --models MODELS_DIR --virtual-vram-gb G   (prints JSON)
+
+Loads the tiny Wan model with the DisTorch loader code and with core's loader, then drives
+ComfyUI's own entry points (load_models_gpu, free_memory, partially_unload) and reports
+loaded_size(), the streamer state and whether the forward still matches the core model.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def import_pack():
+    spec = importlib.util.spec_from_file_location("distorch_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distorch_pack"] = module
+    spec.loader.exec_module(module)
+
+
+def leaf_weight_bytes(model, state) -> int:
+    """Bytes of the layers core loads: leaf modules with weights, outside the streamed blocks."""
+    total = 0
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if own and not any(True for _ in module.children()) and not state.is_streamed(name):
+            total += sum(p.numel() * p.element_size() for _, p in own)
+    return total
+
+
+def forward(patcher) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
+    context = torch.randn(1, 8, 4096, generator=generator)
+    with torch.inference_mode():
+        return patcher.model.diffusion_model(x, torch.tensor([500.0]), context)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--models", required=True)
+    parser.add_argument("--virtual-vram-gb", type=float, required=True)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1] + ["--cpu"]
+    sys.path.insert(0, os.path.abspath(args.comfyui))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.model_management as mm
+    import comfy.sd
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(args.models) / "diffusion_models"), is_default=True)
+    import_pack()
+    from distorch_pack.nodes.loading import load_unet
+    from distorch_pack.nodes.settings import DisTorchSettings
+    from distorch_pack.nodes.state import DisTorchState
+
+    reference = comfy.sd.load_diffusion_model(str(Path(args.models) / "diffusion_models" / "tiny_wan21.safetensors"))
+    expected = forward(reference)
+    patcher, _ = load_unet("tiny_wan21.safetensors", "default", DisTorchSettings("cpu", args.virtual_vram_gb, "cpu"))
+    state = DisTorchState.of(patcher.model)
+    report = {"streamed_blocks": len(state.plan.streamed), "slot_bytes": state.slot_bytes}
+
+    mm.load_models_gpu([patcher])
+    report["loaded"] = patcher.loaded_size()
+    report["expected_loaded"] = leaf_weight_bytes(patcher.model, state) + state.slot_bytes
+    report["open_after_load"] = state.streamer.is_open
+    report["equal_after_load"] = torch.equal(forward(patcher), expected)
+
+    mm.load_models_gpu([patcher])  # a second queue run: nothing may be re-placed
+    report["same_streamer_after_second_load"] = state.streamer.is_open and report["loaded"] == patcher.loaded_size()
+
+    freed = patcher.partially_unload(patcher.offload_device, memory_to_free=1)
+    report["partially_unloaded"] = freed
+    report["loaded_after_partial_unload"] = patcher.loaded_size()
+    report["equal_after_partial_unload"] = torch.equal(forward(patcher), expected)
+
+    mm.free_memory(1e30, torch.device("cpu"))
+    mm.unload_all_models()
+    report["loaded_after_unload"] = patcher.loaded_size()
+    report["open_after_unload"] = state.streamer.is_open
+    report["staged_after_unload"] = all(b.host is not None for b in state.streamer._blocks)
+
+    mm.load_models_gpu([patcher])
+    report["loaded_after_reload"] = patcher.loaded_size()
+    report["open_after_reload"] = state.streamer.is_open
+    report["equal_after_reload"] = torch.equal(forward(patcher), expected)
+    print("RESULT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

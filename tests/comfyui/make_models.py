@@ -1,0 +1,119 @@
+"""Writes tiny random-weight models that ComfyUI detects as real ones, for the integration tests.
+
+Run with the ComfyUI interpreter:  python make_models.py --comfyui PATH --out MODELS_DIR
+
+ComfyUI derives Wan 2.1 and SD3 configs from a handful of tensor shapes, so a seed dict with just
+those shapes is detected, the real model class is built from the detected config, and its full
+state dict (random values) is saved: a few MB that load through the same code as the real models.
+Also written: a LoRA for the Wan model, and GGUF copies (BF16: same values; Q8_0: quantized, with a
+safetensors file of the dequantized weights for the core-loader reference).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
+SD3_DEPTH = 2
+
+
+def wan_seed() -> dict:
+    dim = WAN_DIM
+    seed = {
+        "head.modulation": torch.empty(1, 2, dim),
+        "head.head.weight": torch.empty(16 * 4, dim),
+        "patch_embedding.weight": torch.empty(dim, 16, 1, 2, 2),
+    }
+    for i in range(WAN_LAYERS):
+        seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(WAN_FFN, dim)
+    return seed
+
+
+def sd3_seed() -> dict:
+    hidden = 64 * SD3_DEPTH
+    return {
+        "joint_blocks.0.context_block.attn.qkv.weight": torch.empty(3 * hidden, hidden),
+        "x_embedder.proj.weight": torch.empty(hidden, 16, 2, 2),
+        "final_layer.linear.weight": torch.empty(2 * 2 * 16, hidden),
+        "y_embedder.mlp.0.weight": torch.empty(hidden, 2048),
+        "context_embedder.weight": torch.empty(hidden, 4096),
+        "pos_embed": torch.empty(1, 16 * 16, hidden),
+    }
+
+
+def random_state_dict(seed_sd: dict, expected: str, seed: int) -> dict:
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet(seed_sd, "")
+    if type(config).__name__ != expected:
+        raise SystemExit(f"seed detected as {type(config).__name__}, expected {expected}")
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in model.diffusion_model.state_dict().items():
+        if key.endswith("bias"):
+            out[key] = torch.randn(value.shape, generator=generator) * 0.01
+        elif value.ndim == 1 and "norm" in key:
+            out[key] = 1 + torch.randn(value.shape, generator=generator) * 0.01
+        else:
+            out[key] = torch.randn(value.shape, generator=generator) * 0.05
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
+
+
+def wan_lora(state_dict: dict, rank: int = 4, seed: int = 7) -> dict:
+    """A LoRA on every attention and FFN matrix of every block (up/down pairs plus alpha)."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for key, value in state_dict.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and value.ndim == 2 and "norm" not in key:
+            base = "diffusion_model." + key[: -len(".weight")]
+            lora[f"{base}.lora_down.weight"] = torch.randn(rank, value.shape[1], generator=generator) * 0.1
+            lora[f"{base}.lora_up.weight"] = torch.randn(value.shape[0], rank, generator=generator) * 0.1
+            lora[f"{base}.alpha"] = torch.tensor(float(rank))
+    return {k: v.to(torch.float16) for k, v in lora.items()}
+
+
+def write_gguf_copies(state_dict: dict, out: Path, name: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from gguf_loader import dequantize, read_gguf, write_gguf
+    from safetensors.torch import save_file
+
+    write_gguf(out / f"{name}_BF16.gguf", state_dict, architecture="wan")
+    quantized = {k: ("Q8_0" if v.ndim == 2 and v.shape[-1] % 32 == 0 else None) for k, v in state_dict.items()}
+    write_gguf(out / f"{name}_Q8_0.gguf", {k: v.float() for k, v in state_dict.items()}, architecture="wan",
+               qtypes=quantized)
+    reader = read_gguf(out / f"{name}_Q8_0.gguf")
+    save_file({k: dequantize(v).contiguous() for k, v in reader.tensors.items()}, str(out / f"{name}_Q8_0_dequant.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--out", required=True, help="a models/ directory")
+    parser.add_argument("--no-gguf", action="store_true")
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1] + ["--cpu"]  # comfy.cli_args parses the command line on import
+    sys.path.insert(0, os.path.abspath(args.comfyui))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    from safetensors.torch import save_file
+
+    models = Path(args.out)
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
+    save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
+    save_file(random_state_dict(sd3_seed(), "SD3", seed=2), str(models / "diffusion_models" / "tiny_sd3.safetensors"))
+    save_file(wan_lora(wan), str(models / "loras" / "tiny_wan21_lora.safetensors"))
+    if not args.no_gguf:
+        write_gguf_copies(wan, models / "diffusion_models", "tiny_wan21")
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

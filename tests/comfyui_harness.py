@@ -1,0 +1,175 @@
+"""A headless ComfyUI server for the integration tests.
+
+Needs `COMFYUI_PATH` (a ComfyUI checkout) and optionally `COMFYUI_PYTHON` (an interpreter with
+ComfyUI's requirements and this pack's requirements.txt installed; default: the test interpreter).
+The server runs with `--cpu` on a throwaway base directory whose custom_nodes folder links this
+repository (as ComfyUI users install it) and a small test node pack.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_NODES = Path(__file__).resolve().parent / "comfyui" / "distorch_test_nodes"
+
+
+def comfyui_path() -> Path | None:
+    value = os.environ.get("COMFYUI_PATH")
+    return Path(value) if value else None
+
+
+def comfyui_python() -> str:
+    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+@dataclass
+class Result:
+    status: int
+    body: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.body.get("status", {}).get("status_str") == "success"
+
+    def error_text(self) -> str:
+        return json.dumps(self.body)
+
+
+class ComfyServer:
+    def __init__(self, base: Path, comfyui: Path):
+        self.base = base
+        self.comfyui = comfyui
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.process = None
+
+    def prepare(self) -> None:
+        custom = self.base / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        (custom / "ComfyUI-DisTorch").symlink_to(REPO, target_is_directory=True)
+        shutil.copytree(TEST_NODES, custom / "distorch_test_nodes")
+        (self.base / "user").mkdir(exist_ok=True)
+        (self.base / "frontend").mkdir(exist_ok=True)
+        made = subprocess.run([comfyui_python(), str(REPO / "tests" / "comfyui" / "make_models.py"), "--comfyui",
+                               str(self.comfyui), "--out", str(self.base / "models")],
+                              capture_output=True, text=True, timeout=600)
+        if made.returncode != 0:
+            raise RuntimeError(f"could not build the tiny models:\n{made.stdout}\n{made.stderr}")
+
+    def start(self) -> None:
+        command = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
+                   "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
+                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-DisTorch", "distorch_test_nodes"]
+        log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited:\n{self.log()[-4000:]}")
+            try:
+                self.get("/object_info/DisTorchUNetLoader")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, data: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> Result:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+        if status != 200:
+            return Result(status, body)
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return Result(200, entry)
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def latent(self, result: Result, node: str = "9") -> torch.Tensor:
+        saved = result.body["outputs"][node]["latents"][0]
+        path = self.base / "output" / saved["subfolder"] / saved["filename"]
+        return load_file(str(path))["latent_tensor"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sampling_prompt(loader: dict, family: str, prefix: str, seed: int = 42, lora: float | None = None) -> dict:
+    """Loader → (LoRA) → KSampler with zero conditioning → SaveLatent (node "9")."""
+    pooled = 2048 if family == "sd3" else 0
+    latent = ({"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}
+              if family == "sd3" else
+              {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5,
+                                                                    "batch_size": 1}})
+    model = ["1", 0]
+    prompt = {
+        "1": loader,
+        "2": {"class_type": "DisTorchTestZeroConditioning", "inputs": {"tokens": 8, "context_dim": 4096,
+                                                                         "pooled_dim": pooled}},
+        "3": latent,
+    }
+    if lora is not None:
+        prompt["4"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name":
+                                                                       "tiny_wan21_lora.safetensors",
+                                                                       "strength_model": lora}}
+        model = ["4", 0]
+    prompt["5"] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["2", 0],
+                                                       "latent_image": ["3", 0], "seed": seed, "steps": 3, "cfg": 2.5,
+                                                       "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    prompt["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}}
+    return prompt
+
+
+def core_unet(name: str) -> dict:
+    return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+
+
+def distorch_unet(name: str, virtual_vram_gb: float, expert: str = "", donor: str = "cpu",
+                  compute: str = "cpu") -> dict:
+    return {"class_type": "DisTorchUNetLoader", "inputs": {
+        "unet_name": name, "weight_dtype": "default", "compute_device": compute, "virtual_vram_gb": virtual_vram_gb,
+        "donor_device": donor, "expert_mode_allocations": expert}}

@@ -1,0 +1,144 @@
+"""The node pack inside a real headless ComfyUI (CPU), compared with ComfyUI's own loaders.
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout; COMFYUI_PYTHON names its interpreter
+(with ComfyUI's and this pack's requirements installed). Checked against ComfyUI 0.3.64 and 0.8.0.
+"""
+
+import json
+import re
+import subprocess
+
+import pytest
+import torch
+
+from comfyui_harness import REPO, ComfyServer, comfyui_path, comfyui_python, core_unet, distorch_unet, sampling_prompt
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(comfyui_path() is None, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to "
+                                                      "its interpreter) to run the ComfyUI integration tests"),
+]
+
+NODES = {
+    "DisTorchUNetLoader": "Load Diffusion Model (DisTorch)",
+    "DisTorchCLIPLoader": "Load CLIP (DisTorch)",
+    "DisTorchDualCLIPLoader": "DualCLIPLoader (DisTorch)",
+    "DisTorchTripleCLIPLoader": "TripleCLIPLoader (DisTorch)",
+    "DisTorchQuadrupleCLIPLoader": "QuadrupleCLIPLoader (DisTorch)",
+    "DisTorchVAELoader": "Load VAE (DisTorch)",
+}
+HALF = 0.0015  # GB: about half of the tiny Wan model's blocks
+WAN = "tiny_wan21.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    instance = ComfyServer(tmp_path_factory.mktemp("comfyui"), comfyui_path())
+    instance.prepare()
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def run_ok(server, prompt):
+    result = server.run(prompt)
+    assert result.ok, f"{result.error_text()[:3000]}\n--- server log ---\n{server.log()[-3000:]}"
+    return result
+
+
+def test_nodes_are_registered_with_the_distorch_inputs(server):
+    info = server.get("/object_info")
+    for node_id, title in NODES.items():
+        node = info[node_id]
+        assert node["display_name"] == title and node["category"] == "DisTorch"
+        required, optional = node["input"]["required"], node["input"].get("optional", {})
+        assert ["compute_device", "virtual_vram_gb", "donor_device"] == [
+            k for k in required if k in ("compute_device", "virtual_vram_gb", "donor_device")]
+        assert "expert_mode_allocations" in optional
+        vram = required["virtual_vram_gb"][1]
+        assert (vram["min"], vram["max"], vram["step"]) == (0.0, 128.0, 0.1)
+        assert vram["default"] == (4.0 if node_id == "DisTorchUNetLoader" else 0.0)
+        assert all(spec[1].get("tooltip") for spec in list(required.values()) + list(optional.values()))
+    assert WAN in info["DisTorchUNetLoader"]["input"]["required"]["unet_name"][1]["options"]
+    assert "tiny_wan21_Q8_0.gguf" in info["DisTorchUNetLoader"]["input"]["required"]["unet_name"][1]["options"]
+    assert "tiny_wan21_Q8_0.gguf" not in json.dumps(info["UNETLoader"]), "core's extension set must stay untouched"
+
+
+@pytest.mark.parametrize("family, file", [("wan", WAN), ("sd3", "tiny_sd3.safetensors")])
+@pytest.mark.parametrize("virtual_vram_gb", [0.0, HALF, 1.0])
+def test_latents_equal_core_loader(server, family, file, virtual_vram_gb):
+    core = server.latent(run_ok(server, sampling_prompt(core_unet(file), family, f"core_{family}")))
+    result = run_ok(server, sampling_prompt(distorch_unet(file, virtual_vram_gb), family, f"dt_{family}"))
+    assert torch.equal(core, server.latent(result))
+    plan_text = result.body["outputs"]["1"]["text"][0]
+    assert "DisTorch plan for" in plan_text and ("streamed" in plan_text) == (virtual_vram_gb > 0)
+
+
+def test_gguf_bf16_copy_matches_core(server):
+    core = server.latent(run_ok(server, sampling_prompt(core_unet(WAN), "wan", "core_bf16")))
+    ours = server.latent(run_ok(server, sampling_prompt(distorch_unet("tiny_wan21_BF16.gguf", HALF), "wan", "g16")))
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
+
+
+def test_gguf_q8_0_matches_core_on_the_dequantized_weights(server):
+    core = server.latent(run_ok(server, sampling_prompt(core_unet("tiny_wan21_Q8_0_dequant.safetensors"), "wan", "cq8")))
+    ours = server.latent(run_ok(server, sampling_prompt(distorch_unet("tiny_wan21_Q8_0.gguf", HALF), "wan", "gq8")))
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("file", [WAN, "tiny_wan21_Q8_0.gguf"])
+def test_lora_on_streamed_blocks_matches_core_and_removing_it_restores_the_weights(server, file):
+    reference = WAN if file == WAN else "tiny_wan21_Q8_0_dequant.safetensors"
+    core_lora = server.latent(run_ok(server, sampling_prompt(core_unet(reference), "wan", "cl", lora=0.8)))
+    loader = distorch_unet(file, HALF)
+    plain = server.latent(run_ok(server, sampling_prompt(loader, "wan", "dp")))
+    with_lora = server.latent(run_ok(server, sampling_prompt(loader, "wan", "dl", lora=0.8)))
+    again = server.latent(run_ok(server, sampling_prompt(loader, "wan", "da")))
+    assert not torch.allclose(plain, with_lora, atol=1e-3), "the LoRA must change the output"
+    torch.testing.assert_close(with_lora, core_lora, rtol=1e-3, atol=1e-4)
+    assert torch.equal(plain, again), "removing the LoRA must restore the original weights exactly"
+
+
+def test_model_is_placed_once_across_queue_runs(server):
+    loader = distorch_unet(WAN, 0.0011)  # a loader input no other test uses: a fresh model
+    before = server.log().count("distorch: loaded ")
+    first = server.latent(run_ok(server, sampling_prompt(loader, "wan", "once", seed=1)))
+    second = server.latent(run_ok(server, sampling_prompt(loader, "wan", "once", seed=2)))
+    assert server.log().count("distorch: loaded ") == before + 1, "a new seed must not reload or re-place the model"
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        (distorch_unet(WAN, 1.0, expert="cuda:0,1.5t;cpu,*"), "unknown unit 't'"),
+        (distorch_unet(WAN, 1.0, donor="cuda:3"), "donor_device 'cuda:3' is not available"),
+        (distorch_unet(WAN, 500.0), "virtual_vram_gb must be between 0 and 128"),
+        (distorch_unet("nope.safetensors", 1.0), "nope.safetensors"),
+    ],
+)
+def test_bad_inputs_are_clear_node_errors_and_the_server_keeps_running(server, loader, message):
+    result = server.run(sampling_prompt(loader, "wan", "bad"))
+    assert not result.ok
+    assert message in json.dumps(result.body)
+    assert "Traceback" not in json.dumps(result.body.get("node_errors", {}))
+    run_ok(server, sampling_prompt(distorch_unet(WAN, HALF), "wan", "after_error"))
+
+
+def test_comfyui_accounting_stays_true(server):
+    result = subprocess.run([comfyui_python(), str(REPO / "tests" / "comfyui" / "accounting_probe.py"), "--comfyui",
+                             str(comfyui_path()), "--models", str(server.base / "models"), "--virtual-vram-gb",
+                             str(HALF)], capture_output=True, text=True, timeout=600)
+    match = re.search(r"^RESULT (.*)$", result.stdout, re.MULTILINE)
+    assert match, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    report = json.loads(match.group(1))
+    assert report["streamed_blocks"] >= 1
+    assert report["loaded"] == report["expected_loaded"]
+    assert report["open_after_load"] and report["equal_after_load"]
+    assert report["same_streamer_after_second_load"]
+    assert report["partially_unloaded"] > 0
+    assert report["loaded_after_partial_unload"] == report["loaded"] - report["partially_unloaded"]
+    assert report["equal_after_partial_unload"]
+    assert report["loaded_after_unload"] == 0 and not report["open_after_unload"] and report["staged_after_unload"]
+    assert report["loaded_after_reload"] == report["loaded"] and report["open_after_reload"]
+    assert report["equal_after_reload"]
