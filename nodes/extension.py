@@ -10,6 +10,7 @@ import nodes as core_nodes
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
+from .catalog import FILE_INPUTS, NODE_TITLES
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .settings import ChoiceSpec, DisTorchSettings, NumberSpec, device_choices, distorch_specs, donor_choices
@@ -72,7 +73,7 @@ class DisTorchUNetLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DisTorchUNetLoader",
-            display_name="Load Diffusion Model (DisTorch)",
+            display_name=NODE_TITLES["DisTorchUNetLoader"],
             category=CATEGORY,
             description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned RAM "
                          "or a donor GPU, streaming those blocks to the compute GPU just before they run."),
@@ -99,13 +100,13 @@ class DisTorchUNetLoader(io.ComfyNode):
         return io.NodeOutput(model, ui=ui.PreviewText(report))
 
 
-def _clip_node(node_id: str, display_name: str, slots: int, type_node: str | None, description: str):
-    """Builds a text-encoder loader with `slots` file inputs (and core's `type` choices when it has them)."""
+def _clip_node(node_id: str, type_node: str | None, description: str):
+    """Builds a text-encoder loader with the file inputs of the catalog (and core's `type` choices when it has them)."""
 
     class Loader(io.ComfyNode):
         @classmethod
         def define_schema(cls):
-            names = ["clip_name"] if slots == 1 else [f"clip_name{i}" for i in range(1, slots + 1)]
+            names = [n for n in FILE_INPUTS[node_id] if n.startswith("clip_name")]
             inputs = [io.Combo.Input(n, options=text_encoder_files(),
                                      tooltip="Text encoder from models/text_encoders or models/clip (.gguf too).")
                       for n in names]
@@ -113,7 +114,7 @@ def _clip_node(node_id: str, display_name: str, slots: int, type_node: str | Non
                 types = _core_choices(type_node, "type", ["stable_diffusion"])
                 inputs.append(io.Combo.Input("type", options=types, default=types[0],
                                              tooltip="Model family, as in the core loader."))
-            return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+            return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY, description=description,
                              inputs=[*inputs, *distorch_inputs("clip")], outputs=[io.Clip.Output()])
 
         @classmethod
@@ -133,16 +134,16 @@ def _clip_node(node_id: str, display_name: str, slots: int, type_node: str | Non
 
 
 DisTorchCLIPLoader = _clip_node(
-    "DisTorchCLIPLoader", "Load CLIP (DisTorch)", 1, "CLIPLoader",
+    "DisTorchCLIPLoader", "CLIPLoader",
     "Loads a text encoder (.safetensors or .gguf, llama.cpp names mapped) with DisTorch placement.")
 DisTorchDualCLIPLoader = _clip_node(
-    "DisTorchDualCLIPLoader", "DualCLIPLoader (DisTorch)", 2, "DualCLIPLoader",
+    "DisTorchDualCLIPLoader", "DualCLIPLoader",
     "Loads two text encoders (e.g. clip_l + t5xxl for FLUX) as one CLIP with DisTorch placement.")
 DisTorchTripleCLIPLoader = _clip_node(
-    "DisTorchTripleCLIPLoader", "TripleCLIPLoader (DisTorch)", 3, None,
+    "DisTorchTripleCLIPLoader", None,
     "Loads three text encoders (e.g. clip_l, clip_g, t5xxl for SD3.5) with DisTorch placement.")
 DisTorchQuadrupleCLIPLoader = _clip_node(
-    "DisTorchQuadrupleCLIPLoader", "QuadrupleCLIPLoader (DisTorch)", 4, None,
+    "DisTorchQuadrupleCLIPLoader", None,
     "Loads four text encoders (HiDream: clip_l, clip_g, t5xxl, llama) with DisTorch placement.")
 
 
@@ -151,7 +152,7 @@ class DisTorchVAELoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DisTorchVAELoader",
-            display_name="Load VAE (DisTorch)",
+            display_name=NODE_TITLES["DisTorchVAELoader"],
             category=CATEGORY,
             description="Loads a VAE on the chosen device; large video VAEs can stream part of their blocks.",
             inputs=[io.Combo.Input("vae_name", options=vae_files(), tooltip="VAE from models/vae."),

@@ -1,0 +1,196 @@
+"""Writes the example workflows in workflows/: UI format (drag into ComfyUI) and the API-format twin.
+
+    python scripts/make_workflows.py
+
+The graphs are described once here; node signatures come from nodes/catalog.py (DisTorch nodes) and
+tests/data/core_nodes.json (core nodes, recorded from ComfyUI 0.3.64 and 0.8.0), so both formats
+always agree and tests/test_workflows.py can check them.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nodes.catalog import NODE_TITLES, output_type, widget_inputs  # noqa: E402
+
+CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
+
+
+@dataclass(frozen=True)
+class Link:
+    node: int
+    slot: int = 0
+
+
+def signature(class_type: str) -> dict:
+    if class_type in NODE_TITLES:
+        names = widget_inputs(class_type)
+        inputs = [{"name": n, "type": "STRING" if n == "expert_mode_allocations" else "COMBO", "widget": True,
+                   "control_after_generate": False, "optional": n == "expert_mode_allocations"} for n in names]
+        for spec in inputs:
+            if spec["name"] == "virtual_vram_gb":
+                spec["type"] = "FLOAT"
+        return {"inputs": inputs, "outputs": [output_type(class_type)]}
+    return CORE[class_type]
+
+
+def distorch(gb: float, compute: str = "cuda:0", donor: str = "cpu", expert: str = "") -> dict:
+    return {"compute_device": compute, "virtual_vram_gb": gb, "donor_device": donor, "expert_mode_allocations": expert}
+
+
+def api_format(graph: list) -> dict:
+    prompt = {}
+    for node_id, class_type, values, _ in graph:
+        inputs = {k: ([str(v.node), v.slot] if isinstance(v, Link) else v) for k, v in values.items()}
+        prompt[str(node_id)] = {"class_type": class_type, "inputs": inputs,
+                                "_meta": {"title": NODE_TITLES.get(class_type, class_type)}}
+    return prompt
+
+
+def ui_format(graph: list) -> dict:
+    links, by_origin = [], {}
+    for node_id, class_type, values, _ in graph:
+        sockets = [s for s in signature(class_type)["inputs"] if not s["widget"]]
+        for target_slot, spec in enumerate(sockets):
+            source = values.get(spec["name"])
+            if isinstance(source, Link):
+                link_id = len(links) + 1
+                links.append([link_id, source.node, source.slot, node_id, target_slot, spec["type"]])
+                by_origin.setdefault((source.node, source.slot), []).append(link_id)
+    nodes = [_ui_node(order, entry, links, by_origin) for order, entry in enumerate(graph)]
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _ui_node(order: int, entry, links: list, by_origin: dict) -> dict:
+    node_id, class_type, values, pos = entry
+    spec = signature(class_type)
+    inputs = []
+    for s in (s for s in spec["inputs"] if not s["widget"]):
+        link = next((l[0] for l in links if l[3] == node_id and l[4] == len(inputs)), None)
+        inputs.append({"name": s["name"], "type": s["type"], "link": link})
+    widgets = []
+    for s in (s for s in spec["inputs"] if s["widget"]):
+        widgets.append(values[s["name"]])
+        if s["control_after_generate"]:
+            widgets.append("fixed")
+    outputs = [{"name": kind, "type": kind, "links": by_origin.get((node_id, slot), []), "slot_index": slot}
+               for slot, kind in enumerate(spec["outputs"])]
+    return {"id": node_id, "type": class_type, "pos": list(pos), "size": [360, 60 + 26 * (len(widgets) + len(inputs))],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "title": NODE_TITLES.get(class_type, class_type),
+            "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
+
+
+def sampler(model, positive, negative, latent, steps, cfg, sampler_name="euler", scheduler="simple"):
+    return {"model": model, "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler_name,
+            "scheduler": scheduler, "positive": positive, "negative": negative, "latent_image": latent, "denoise": 1.0}
+
+
+def flux_gguf() -> list:
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "flux1-dev-Q8_0.gguf", "weight_dtype": "default", **distorch(6.0)},
+         (0, 0)),
+        (2, "DisTorchDualCLIPLoader", {"clip_name1": "t5-v1_1-xxl-encoder-Q8_0.gguf", "clip_name2": "clip_l.safetensors",
+                                       "type": "flux", **distorch(0.0)}, (0, 330)),
+        (3, "CLIPTextEncode", {"text": "a red fox in fresh snow at golden hour, 35mm photograph", "clip": Link(2)},
+         (420, 330)),
+        (4, "FluxGuidance", {"conditioning": Link(3), "guidance": 3.5}, (840, 240)),
+        (5, "ConditioningZeroOut", {"conditioning": Link(3)}, (840, 420)),
+        (6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (840, 560)),
+        (7, "KSampler", sampler(Link(1), Link(4), Link(5), Link(6), steps=20, cfg=1.0), (1260, 0)),
+        (8, "DisTorchVAELoader", {"vae_name": "ae.safetensors", **distorch(0.0)}, (1260, 520)),
+        (9, "VAEDecode", {"samples": Link(7), "vae": Link(8)}, (1680, 0)),
+        (10, "SaveImage", {"images": Link(9), "filename_prefix": "DisTorch_flux"}, (1680, 160)),
+    ]
+
+
+def wan22_t2v() -> list:
+    advanced = {"cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "steps": 20, "noise_seed": 42,
+                "positive": Link(6), "negative": Link(7), }
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "wan2.2_t2v_high_noise_14B_fp16.safetensors", "weight_dtype": "default",
+                                   **distorch(20.0)}, (0, 0)),
+        (2, "DisTorchUNetLoader", {"unet_name": "wan2.2_t2v_low_noise_14B_fp16.safetensors", "weight_dtype": "default",
+                                   **distorch(20.0)}, (0, 330)),
+        (3, "ModelSamplingSD3", {"model": Link(1), "shift": 8.0}, (420, 0)),
+        (4, "ModelSamplingSD3", {"model": Link(2), "shift": 8.0}, (420, 330)),
+        (5, "DisTorchCLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                                   **distorch(0.0)}, (0, 660)),
+        (6, "CLIPTextEncode", {"text": "a corgi runs along a beach at sunset, waves splashing, slow motion",
+                               "clip": Link(5)}, (420, 560)),
+        (7, "CLIPTextEncode", {"text": "blurry, low quality, static, distorted, watermark", "clip": Link(5)}, (420, 760)),
+        (8, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1}, (840, 760)),
+        (9, "KSamplerAdvanced", {"model": Link(3), "add_noise": "enable", "latent_image": Link(8), "start_at_step": 0,
+                                 "end_at_step": 10, "return_with_leftover_noise": "enable", **advanced}, (840, 0)),
+        (10, "KSamplerAdvanced", {"model": Link(4), "add_noise": "disable", "latent_image": Link(9),
+                                  "start_at_step": 10, "end_at_step": 10000, "return_with_leftover_noise": "disable",
+                                  **advanced}, (1260, 0)),
+        (11, "DisTorchVAELoader", {"vae_name": "wan_2.1_vae.safetensors", **distorch(0.0)}, (1260, 560)),
+        (12, "VAEDecode", {"samples": Link(10), "vae": Link(11)}, (1680, 0)),
+        (13, "SaveAnimatedWEBP", {"images": Link(12), "filename_prefix": "DisTorch_wan22", "fps": 16.0,
+                                  "lossless": False, "quality": 90, "method": "default"}, (1680, 160)),
+    ]
+
+
+def hunyuan_video() -> list:
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "hunyuan_video_t2v_720p_bf16.safetensors", "weight_dtype": "default",
+                                   **distorch(12.0)}, (0, 0)),
+        (2, "ModelSamplingSD3", {"model": Link(1), "shift": 7.0}, (420, 0)),
+        (3, "DisTorchDualCLIPLoader", {"clip_name1": "clip_l.safetensors",
+                                       "clip_name2": "llava_llama3_fp8_scaled.safetensors", "type": "hunyuan_video",
+                                       **distorch(0.0)}, (0, 330)),
+        (4, "CLIPTextEncode", {"text": "a paper boat drifting down a rainy city gutter, macro, cinematic",
+                               "clip": Link(3)}, (420, 330)),
+        (5, "FluxGuidance", {"conditioning": Link(4), "guidance": 6.0}, (840, 240)),
+        (6, "ConditioningZeroOut", {"conditioning": Link(4)}, (840, 420)),
+        (7, "EmptyHunyuanLatentVideo", {"width": 848, "height": 480, "length": 73, "batch_size": 1}, (840, 560)),
+        (8, "KSampler", sampler(Link(2), Link(5), Link(6), Link(7), steps=20, cfg=1.0), (1260, 0)),
+        (9, "DisTorchVAELoader", {"vae_name": "hunyuan_video_vae_bf16.safetensors", **distorch(0.0)}, (1260, 520)),
+        (10, "VAEDecodeTiled", {"samples": Link(8), "vae": Link(9), "tile_size": 256, "overlap": 64,
+                                "temporal_size": 64, "temporal_overlap": 8}, (1680, 0)),
+        (11, "SaveAnimatedWEBP", {"images": Link(10), "filename_prefix": "DisTorch_hunyuan", "fps": 24.0,
+                                  "lossless": False, "quality": 90, "method": "default"}, (1680, 220)),
+    ]
+
+
+def sd35_large() -> list:
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "sd3.5_large.safetensors", "weight_dtype": "default", **distorch(8.0)},
+         (0, 0)),
+        (2, "ModelSamplingSD3", {"model": Link(1), "shift": 3.0}, (420, 0)),
+        (3, "DisTorchTripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                         "clip_name3": "t5xxl_fp16.safetensors", **distorch(4.0)}, (0, 330)),
+        (4, "CLIPTextEncode", {"text": "an isometric watercolor of a lighthouse on a cliff, crisp details",
+                               "clip": Link(3)}, (420, 330)),
+        (5, "CLIPTextEncode", {"text": "blurry, lowres, jpeg artifacts", "clip": Link(3)}, (420, 530)),
+        (6, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (840, 560)),
+        (7, "KSampler", sampler(Link(2), Link(4), Link(5), Link(6), steps=28, cfg=4.5, sampler_name="dpmpp_2m",
+                                scheduler="sgm_uniform"), (840, 0)),
+        (8, "DisTorchVAELoader", {"vae_name": "sd3.5_vae.safetensors", **distorch(0.0)}, (1260, 520)),
+        (9, "VAEDecode", {"samples": Link(7), "vae": Link(8)}, (1260, 0)),
+        (10, "SaveImage", {"images": Link(9), "filename_prefix": "DisTorch_sd35"}, (1680, 0)),
+    ]
+
+
+WORKFLOWS = {"flux1_dev_gguf": flux_gguf, "wan22_14b_t2v": wan22_t2v, "hunyuan_video_t2v": hunyuan_video,
+             "sd35_large": sd35_large}
+
+
+def main() -> None:
+    out = ROOT / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        graph = build()
+        (out / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=1) + "\n")
+        (out / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The example workflows: every JSON is well formed, its nodes exist, its widget counts and links
+match the node signatures, and the UI and API twins describe the same graph.
+
+Core node signatures come from tests/data/core_nodes.json (recorded from ComfyUI 0.3.64 and 0.8.0
+by scripts/snapshot_core_nodes.py); the live-server check is in test_comfyui_integration.py.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distorch_pack.nodes.catalog import NODE_TITLES, output_type, widget_inputs
+from distorch_pack.nodes.settings import DisTorchSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
+CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
+
+
+def signature(class_type: str) -> dict:
+    if class_type in NODE_TITLES:
+        return {"sockets": [], "widgets": [(n, False) for n in widget_inputs(class_type)],
+                "outputs": [output_type(class_type)]}
+    assert class_type in CORE, f"{class_type} is neither a core node nor a DisTorch node"
+    spec = CORE[class_type]
+    return {"sockets": [(s["name"], s["type"], s["optional"]) for s in spec["inputs"] if not s["widget"]],
+            "widgets": [(s["name"], s["control_after_generate"]) for s in spec["inputs"] if s["widget"]],
+            "outputs": spec["outputs"]}
+
+
+def test_all_four_example_workflows_exist():
+    names = {p.stem for p in WORKFLOWS}
+    assert names == {"flux1_dev_gguf", "wan22_14b_t2v", "hunyuan_video_t2v", "sd35_large"}
+    assert all((p.parent / f"{p.stem}_api.json").exists() for p in WORKFLOWS)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_workflow_links_and_widgets(path):
+    workflow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] >= max(nodes)
+    for node in nodes.values():
+        sig = signature(node["type"])
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == [(n, t) for n, t, _ in sig["sockets"]], node["type"]
+        expected_widgets = sum(1 + int(control) for _, control in sig["widgets"])
+        assert len(node["widgets_values"]) == expected_widgets, f"{node['type']}: widget count"
+        assert [o["type"] for o in node["outputs"]] == sig["outputs"]
+        for socket, (_, _, optional) in zip(node["inputs"], sig["sockets"]):
+            assert optional or socket["link"] is not None, f"{node['type']}.{socket['name']} is not connected"
+    link_ids = set()
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        link_ids.add(link_id)
+        assert nodes[origin]["outputs"][origin_slot]["type"] == kind
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["type"] == kind
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+    assert workflow["last_link_id"] == max(link_ids)
+    referenced = {i["link"] for n in nodes.values() for i in n["inputs"] if i["link"] is not None}
+    assert referenced == link_ids
+
+
+def ui_to_api(workflow: dict) -> dict:
+    """An independent UI → API conversion (what the frontend's "Export (API)" does for these graphs)."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in nodes.values():
+        sig = signature(node["type"])
+        values = iter(node["widgets_values"])
+        inputs = {}
+        for name, control in sig["widgets"]:
+            inputs[name] = next(values)
+            if control:
+                next(values)
+        for socket in node["inputs"]:
+            if socket["link"] is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_api_twin_describes_the_same_graph(path):
+    api = json.loads((path.parent / f"{path.stem}_api.json").read_text())
+    expected = ui_to_api(json.loads(path.read_text()))
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()} == expected
+    for node_id, node in api.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                source = api[value[0]]
+                assert value[1] < len(signature(source["class_type"])["outputs"]), f"{node_id}.{name}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_distorch_settings_in_workflows_are_valid(path):
+    api = json.loads((path.parent / f"{path.stem}_api.json").read_text())
+    loaders = [n for n in api.values() if n["class_type"] in NODE_TITLES]
+    assert loaders, "every example uses the DisTorch loaders"
+    for node in loaders:
+        i = node["inputs"]
+        DisTorchSettings.validate(i["compute_device"], i["virtual_vram_gb"], i["donor_device"],
+                                  i["expert_mode_allocations"], ("cuda:0", "cuda:1", "cpu"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_readme_says_where_each_model_file_comes_from(path):
+    readme = (ROOT / "README.md").read_text()
+    api = json.loads((path.parent / f"{path.stem}_api.json").read_text())
+    files = [v for n in api.values() if n["class_type"] in NODE_TITLES for k, v in n["inputs"].items()
+             if k in ("unet_name", "vae_name") or k.startswith("clip_name")]
+    missing = [f for f in files if f not in readme]
+    assert not missing, f"README does not list {missing}"
+
+
+def test_wan22_has_two_diffusion_models_with_their_own_virtual_vram():
+    api = json.loads((ROOT / "workflows" / "wan22_14b_t2v_api.json").read_text())
+    unets = [n["inputs"] for n in api.values() if n["class_type"] == "DisTorchUNetLoader"]
+    assert {u["unet_name"] for u in unets} == {"wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                                "wan2.2_t2v_low_noise_14B_fp16.safetensors"}
+    assert all(u["virtual_vram_gb"] > 0 for u in unets)
