@@ -55,9 +55,11 @@ class CudaCopyEngine:
         """Bookkeeping hook of the CPU engine's overwrite check; the GPU orders this with events."""
 
     def synchronize(self) -> None:
+        """Teardown only: waits for every copy and for the compute kernels that may still read a slot."""
         self.copy_stream.synchronize()
         for stream in self._donor_streams.values():
             stream.synchronize()
+        torch.cuda.synchronize(self.device)
 
     def _donor_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._donor_streams:

@@ -17,7 +17,7 @@ Passes that alternate (CFG with skip-layer guidance) are predicted from the peri
 """
 
 import logging
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -92,16 +92,16 @@ class _StreamedBlock:
         self.offsets = _cluster_offsets(block.clusters)
         self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
         self.tensors = [view.tensor for cluster in block.clusters for view in cluster.views]
-        self.host: FlatBuffer | None = None
+        self.host: torch.Tensor | None = None  # this block's slice of a staging arena
         self.host_views: list[torch.Tensor] = []
         self.slot_views: dict[int, list[torch.Tensor]] = {}
 
-    def stage(self) -> None:
-        """Copies the block's weights into its flat buffer and points its tensors there."""
-        self.host = FlatBuffer(self.nbytes, self.storage.device, pin=self.storage.pinned)
+    def stage(self, host: torch.Tensor) -> None:
+        """Copies the block's weights into `host` (its slice of a flat buffer) and points its tensors there."""
+        self.host = host
         for cluster, offset in zip(self.clusters, self.offsets):
-            self.host.tensor[offset:offset + cluster.nbytes].copy_(cluster.source())
-        self.host_views = self.views_on(self.host.tensor)
+            host[offset:offset + cluster.nbytes].copy_(cluster.source())
+        self.host_views = self.views_on(host)
         self.point_to(self.host_views)
 
     def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
@@ -116,12 +116,10 @@ class _StreamedBlock:
             tensor.data = view
 
     def unstage(self) -> None:
-        """Moves the weights back to the devices they came from and unpins the flat buffer."""
+        """Moves the weights back to the devices they came from (CPU weights keep their host views)."""
         for cluster, offset in zip(self.clusters, self.offsets):
-            if cluster.device == self.host.tensor.device:
-                continue  # the host views already live there
-            cluster.point_into(self.host.tensor[offset:offset + cluster.nbytes].to(cluster.device))
-        self.host.release()
+            if cluster.device != self.host.device:
+                cluster.point_into(self.host[offset:offset + cluster.nbytes].to(cluster.device))
         self.host = None
         self.host_views = []
         self.slot_views.clear()
@@ -145,6 +143,7 @@ class BlockStreamer:
         self._blocks = [_StreamedBlock(i, b, storage[b.name]) for i, b in enumerate(blocks)]
         self._passes = _make_passes(model, blocks)
         self._pass_of = {i: p for p in self._passes for i in p.schedule}
+        self._arenas: list[FlatBuffer] = []  # staging buffers holding the streamed blocks between forwards
         self._slots: list[_Slot] = []
         self._where: dict[int, int] = {}  # streamed block -> slot index holding (or receiving) it
         self._current: _Pass | None = None  # pass whose schedule predicts the next calls
@@ -206,17 +205,36 @@ class BlockStreamer:
             for block in self._blocks:
                 if block.host is not None:
                     block.unstage()
+            for arena in self._arenas:
+                arena.release()
+            self._arenas.clear()
 
     # -- staging -----------------------------------------------------------------------------------
 
     def _stage_all(self) -> None:
-        total = sum(b.nbytes for b in self._blocks)
+        """One arena per storage (pinned RAM, pageable RAM, each donor GPU) holds every block stored there.
+
+        A single allocation is registered (pinned) once, and no two registrations can share a page.
+        """
+        groups: dict[StoragePlacement, list[_StreamedBlock]] = defaultdict(list)
+        for block in self._blocks:
+            if block.host is None:
+                groups[block.storage].append(block)
+        total = sum(b.nbytes for members in groups.values() for b in members)
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
                   disable=total < _PROGRESS_MIN_BYTES, leave=False) as progress:
-            for block in self._blocks:
-                if block.host is None:
-                    block.stage()
-                progress.update(block.nbytes)
+            for storage, members in groups.items():
+                offsets = _arena_offsets([b.nbytes for b in members])
+                arena = FlatBuffer(offsets[-1], storage.device, pin=storage.pinned)
+                self._arenas.append(arena)
+                for block, start in zip(members, offsets):
+                    block.stage(arena.tensor[start:start + block.nbytes])
+                    progress.update(block.nbytes)
+        donors = {torch.device(s.device) for s in groups if s.device != "cpu"}
+        for device in donors:
+            # Staging writes to a donor GPU run on its default stream (and from pageable memory may still be in
+            # flight when cudaMemcpy returns); the copy stream must not read them before they land.
+            torch.cuda.synchronize(device)
 
     def _install_hooks(self) -> None:
         for block in self._blocks:
@@ -386,7 +404,7 @@ class BlockStreamer:
         block = self._blocks[index]
         slot.block = index
         self._where[index] = slot_index
-        self.engine.copy(slot.buffer[:block.nbytes], block.host.tensor, after=slot.free, ready=slot.ready)
+        self.engine.copy(slot.buffer[:block.nbytes], block.host, after=slot.free, ready=slot.ready)
         self._stats.copies += 1
         self._stats.bytes_copied += block.nbytes
 
@@ -430,6 +448,14 @@ def _make_passes(model: nn.Module, blocks: Sequence[Block]) -> list[_Pass]:
         # Until a pass has been observed, predict registration order: most models run their blocks so.
         passes[block.root].schedule.append(index)
     return list(passes.values())
+
+
+def _arena_offsets(sizes: list[int]) -> list[int]:
+    """Start of each block in an arena, plus the arena size as the last entry."""
+    offsets = [0]
+    for nbytes in sizes:
+        offsets.append(offsets[-1] + align_up(nbytes))
+    return offsets
 
 
 def _cluster_offsets(clusters: Sequence[TensorCluster]) -> list[int]:

@@ -219,7 +219,7 @@ def test_streamed_weights_are_not_duplicated_in_ram():
     plan = plan_share(model, 1.0)
     with distorch.stream(model, plan) as handle:
         storages = {p.untyped_storage().data_ptr() for name, p in model.named_parameters() if name.startswith("blocks.0.")}
-        flat = handle.streamer._blocks[0].host.tensor
+        flat = handle.streamer._blocks[0].host
         assert storages == {flat.untyped_storage().data_ptr()}
 
 
@@ -248,7 +248,7 @@ def test_cuda_steady_state_has_no_allocations_and_no_host_syncs():
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
-        assert all(b.host.pinned for b in handle.streamer._blocks)
+        assert all(arena.pinned for arena in handle.streamer._arenas)
 
 
 @pytest.mark.cuda
@@ -272,11 +272,11 @@ def test_close_without_unstaging_keeps_the_flat_buffers_for_the_next_open():
                                       engine=CpuCopyEngine(deferred=True)).open()
     expected = reference_outputs(steps=1)
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
-    buffers = [b.host.tensor.data_ptr() for b in streamer._blocks]
+    buffers = [b.host.data_ptr() for b in streamer._blocks]
     streamer.close(unstage=False)
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))  # staged weights stay usable while closed
     streamer.open()
-    assert [b.host.tensor.data_ptr() for b in streamer._blocks] == buffers
+    assert [b.host.data_ptr() for b in streamer._blocks] == buffers
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
     streamer.close()
     assert all(b.host is None for b in streamer._blocks)
