@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import torch
 
+from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
 from comfyui_harness import REPO, ComfyServer, comfyui_path, comfyui_python, core_unet, distorch_unet, sampling_prompt
 
 pytestmark = [
@@ -19,14 +20,7 @@ pytestmark = [
                                                       "its interpreter) to run the ComfyUI integration tests"),
 ]
 
-NODES = {
-    "DisTorchUNetLoader": "Load Diffusion Model (DisTorch)",
-    "DisTorchCLIPLoader": "Load CLIP (DisTorch)",
-    "DisTorchDualCLIPLoader": "DualCLIPLoader (DisTorch)",
-    "DisTorchTripleCLIPLoader": "TripleCLIPLoader (DisTorch)",
-    "DisTorchQuadrupleCLIPLoader": "QuadrupleCLIPLoader (DisTorch)",
-    "DisTorchVAELoader": "Load VAE (DisTorch)",
-}
+NODES = NODE_TITLES
 HALF = 0.0015  # GB: about half of the tiny Wan model's blocks
 WAN = "tiny_wan21.safetensors"
 
@@ -145,8 +139,6 @@ def test_comfyui_accounting_stays_true(server):
 
 
 def test_recorded_core_signatures_and_catalog_match_the_live_server(server):
-    from distorch_pack.nodes.catalog import widget_inputs
-
     info = server.get("/object_info")
     core = json.loads((REPO / "tests" / "data" / "core_nodes.json").read_text())
     for name, recorded in core.items():
