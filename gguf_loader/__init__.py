@@ -10,6 +10,7 @@ Main entry points:
     GGMLTensor                      -> raw GGML blocks with type and logical shape
     make_ops(config, base)          -> Linear/Conv/Embedding/Norm layers that take GGMLTensor weights
     map_text_encoder(...)           -> llama.cpp tensor names -> ComfyUI text-encoder names
+    sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5" GGUF tokenizer (UMT5)
     map_vision_tower(tensors)       -> llama.cpp Qwen2.5-VL mmproj names -> ComfyUI `visual.*` names
     GGUFFileWriter / write_gguf     -> streaming writer (gguf-py underneath)
     GGUFError                       -> every malformed, truncated or unsupported file
@@ -24,11 +25,13 @@ from .quantize import quantize_q8_0
 from .reader import GGUFFile, GGUFHeader, TensorInfo, read_gguf, read_gguf_header
 from .tensor import GGMLMeta, GGMLTensor, is_quantized
 from .text_encoders import map_text_encoder, map_vision_tower, unpermute_qk
+from .tokenizer import sentencepiece_model
 from .writer import GGUFFileWriter, can_quantize, write_gguf
 
 __all__ = [
     "IMAGE_ARCHITECTURES", "TEXT_ARCHITECTURES", "Architecture", "GGMLMeta", "GGMLTensor", "GGUFError", "GGUFFile",
     "GGUFFileWriter", "GGUFHeader", "GGUFLayer", "GGUFOpsConfig", "TensorInfo", "can_quantize", "dequantize",
     "dequantize_blocks", "detect_architecture", "is_quantized", "make_ops", "map_text_encoder", "map_vision_tower",
-    "model_kind", "quantize_q8_0", "read_gguf", "read_gguf_header", "supported_qtypes", "unpermute_qk", "write_gguf",
+    "model_kind", "quantize_q8_0", "read_gguf", "read_gguf_header", "sentencepiece_model", "supported_qtypes",
+    "unpermute_qk", "write_gguf",
 ]

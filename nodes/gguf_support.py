@@ -10,10 +10,15 @@ import logging
 import comfy.ops
 import comfy.utils
 
-from ..gguf_loader import GGUFOpsConfig, make_ops, map_text_encoder, model_kind, read_gguf
+import torch
+
+from ..gguf_loader import GGUFOpsConfig, make_ops, map_text_encoder, model_kind, read_gguf, sentencepiece_model
 
 logger = logging.getLogger("distorch.nodes")
 
+# ComfyUI ships the T5 tokenizer (32,128 pieces) for Flux/SD3; larger unigram vocabularies (UMT5 for Wan)
+# must come with the model as `spiece_model`, which GGUF files carry as metadata.
+_BUNDLED_T5_VOCAB = 32128
 _LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "GroupNorm", "RMSNorm")
 
 
@@ -49,7 +54,17 @@ def load_text_encoder_state_dicts(paths: list[str]) -> tuple[list[dict], type]:
         if path.lower().endswith(".gguf"):
             gguf_file = read_gguf(path)
             logger.info("distorch: %s: gguf qtypes: %s", path, gguf_file.qtype_summary())
-            state_dicts.append(map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata))
+            state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
+            _add_sentencepiece_model(state_dict, gguf_file.metadata, path)
+            state_dicts.append(state_dict)
         else:
             state_dicts.append(comfy.utils.load_torch_file(path, safe_load=True))
     return state_dicts, comfy_gguf_operations()
+
+
+def _add_sentencepiece_model(state_dict: dict, metadata: dict, path: str) -> None:
+    if "spiece_model" in state_dict or len(metadata.get("tokenizer.ggml.tokens") or ()) <= _BUNDLED_T5_VOCAB:
+        return
+    proto = sentencepiece_model(metadata, path)
+    if proto is not None:
+        state_dict["spiece_model"] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
