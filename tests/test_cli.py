@@ -181,3 +181,31 @@ def test_demo_runs_as_a_module():
     assert result.returncode == 0, result.stderr
     assert "identical to the resident run" in result.stdout
     assert "RAM, streamed" in result.stdout
+
+
+def test_plan_reads_gguf_headers_with_quantized_sizes(tmp_path, capsys):
+    from gguf_loader import quantize_q8_0, write_gguf
+
+    tensors = {"img_in.weight": torch.zeros(64, 64)}
+    for i in range(6):
+        tensors[f"double_blocks.{i}.img_attn.qkv.weight"] = quantize_q8_0(torch.randn(192, 64))
+        tensors[f"double_blocks.{i}.img_mlp.0.weight"] = quantize_q8_0(torch.randn(256, 64))
+        tensors[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = torch.ones(64)
+    path = tmp_path / "flux-like-Q8_0.gguf"
+    write_gguf(path, tensors, architecture="flux")
+    sizes = read_model_sizes(str(path))
+    q8_block = (192 + 256) * 64 // 32 * 34 + 64 * 4
+    assert [n for n, _ in sizes.blocks] == [f"double_blocks.{i}" for i in range(6)]
+    assert all(n == q8_block for _, n in sizes.blocks)
+    assert sizes.rest_bytes == 64 * 64 * 4
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8", "--json",
+                         "--virtual-vram-gb", str(3 * q8_block / GIB))
+    assert code == 0, err
+    assert len(json.loads(out)["streamed"]) == 3
+
+
+def test_malformed_gguf_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + (2**62).to_bytes(8, "little") + bytes(8))
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8")
+    assert code == 2 and "broken.gguf" in err and err.count("\n") == 1 and not out

@@ -280,3 +280,29 @@ def test_close_without_unstaging_keeps_the_flat_buffers_for_the_next_open():
     assert_all_equal(expected, sampling_run(model, inputs(), steps=1))
     streamer.close()
     assert all(b.host is None for b in streamer._blocks)
+
+
+def test_quantized_gguf_blocks_stream_their_bytes():
+    """GGUF weights stay GGMLTensors: the streamer moves their raw blocks and the layers dequantize in the slot."""
+    from gguf_loader import GGMLTensor
+    from gguf_loader.bench_support import quantize_toy_dit
+
+    with torch.device("meta"):
+        shape_only = ToyDiT(dim=64, depth=6, heads=2, channels=8)
+    model = quantize_toy_dit(shape_only, "cpu", dtype=torch.float32)
+    x, t = inputs().to(torch.float32), torch.tensor([7.0, 300.0])
+    expected = [model(x, t) for _ in range(2)]
+    quantized = {n: p for n, p in model.named_parameters() if isinstance(p, GGMLTensor)}
+    assert quantized
+    plan = plan_share(model, 1.0)
+    q8_bytes = sum(p.numel() for n, p in quantized.items() if n.startswith("blocks."))
+    assert plan.streamed_bytes < 1.05 * q8_bytes + sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith("blocks.")
+        and n not in quantized)
+    with distorch.stream(model, plan, debug=True, engine=CpuCopyEngine(deferred=True)) as handle:
+        got = [model(x, t) for _ in range(2)]
+        assert handle.stats().bytes_copied >= 2 * q8_bytes
+    assert_all_equal(expected, got)
+    for name, param in model.named_parameters():
+        if name in quantized:
+            assert isinstance(param, GGMLTensor) and param.qtype_name == "Q8_0" and param is quantized[name]
