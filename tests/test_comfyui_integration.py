@@ -80,11 +80,12 @@ def test_gguf_q8_0_matches_core_on_the_dequantized_weights(server):
     torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("virtual_vram_gb", [0.0, HALF], ids=["resident", "streamed"])
 @pytest.mark.parametrize("file", [WAN, "tiny_wan21_Q8_0.gguf"])
-def test_lora_on_streamed_blocks_matches_core_and_removing_it_restores_the_weights(server, file):
+def test_lora_matches_core_and_removing_it_restores_the_weights(server, file, virtual_vram_gb):
     reference = WAN if file == WAN else "tiny_wan21_Q8_0_dequant.safetensors"
     core_lora = server.latent(run_ok(server, sampling_prompt(core_unet(reference), "wan", "cl", lora=0.8)))
-    loader = distorch_unet(file, HALF)
+    loader = distorch_unet(file, virtual_vram_gb)
     plain = server.latent(run_ok(server, sampling_prompt(loader, "wan", "dp")))
     with_lora = server.latent(run_ok(server, sampling_prompt(loader, "wan", "dl", lora=0.8)))
     again = server.latent(run_ok(server, sampling_prompt(loader, "wan", "da")))
