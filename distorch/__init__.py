@@ -8,13 +8,30 @@
 Imports nothing from ComfyUI; the node pack in `nodes/` adapts it.
 """
 
+import importlib
+
 from .allocation import AllocationError, AllocationMode, AllocationSpec, parse_allocation
-from .api import StreamHandle, stream
-from .blocks import ModelLayout, discover
-from .engine import CpuCopyEngine, CudaCopyEngine
 from .memory import MemoryInventory, safe_pinned_bytes
 from .planner import ModelSizes, Plan, PlanError, plan, plan_sizes
-from .streamer import BlockStreamer, StreamStats
+
+# The runtime half (torch) loads on first use: `python -m distorch plan` answers from a file header
+# without importing torch.
+_LAZY = {
+    "StreamHandle": "api", "stream": "api",
+    "ModelLayout": "blocks", "discover": "blocks",
+    "CpuCopyEngine": "engine", "CudaCopyEngine": "engine",
+    "BlockStreamer": "streamer", "StreamStats": "streamer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distorch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AllocationError",

@@ -142,7 +142,7 @@ def _gguf_entries(path: str) -> list[TensorEntry]:
 def _gguf_header_reader():
     # The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
     if __package__ and "." in __package__:
-        from ..gguf_loader import read_gguf_header
+        from ..gguf_loader.header import read_gguf_header
     else:
-        from gguf_loader import read_gguf_header
+        from gguf_loader.header import read_gguf_header
     return read_gguf_header

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psutil
-import torch
 
 from .units import GIB, MIB
 
@@ -84,6 +83,8 @@ class MemoryInventory:
     @classmethod
     def probe(cls) -> "MemoryInventory":
         """Reads the machine: every CUDA device and system RAM (clamped to a cgroup limit)."""
+        import torch  # only here: planning from a file header must not pay for importing torch
+
         devices = {"cpu": _probe_ram()}
         if torch.cuda.is_available():
             for index in range(torch.cuda.device_count()):
@@ -116,6 +117,8 @@ def _probe_ram() -> DeviceMemory:
 
 
 def _probe_cuda(index: int) -> DeviceMemory:
+    import torch
+
     free, total = torch.cuda.mem_get_info(index)
     # Blocks cached by torch's allocator are free for our tensors too, though the driver counts them used.
     cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)

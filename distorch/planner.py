@@ -13,14 +13,17 @@ without a GPU; `ModelSizes` can come from a live model or from a file header (th
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .allocation import AllocationMode, AllocationSpec, parse_allocation
-from .blocks import ModelLayout, device_name, discover
 from .memory import MemoryInventory
 from .report import format_report
 from .units import format_gb, gb_to_bytes
+
+if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (the CLI)
+    from torch import nn
+
+    from .blocks import ModelLayout
 
 _DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
 
@@ -47,7 +50,9 @@ class ModelSizes:
         return self.block_bytes + self.rest_bytes
 
     @classmethod
-    def from_layout(cls, name: str, layout: ModelLayout) -> "ModelSizes":
+    def from_layout(cls, name: str, layout: "ModelLayout") -> "ModelSizes":
+        from .blocks import device_name
+
         devices = {device_name(c.device) for b in layout.blocks for c in b.clusters}
         devices |= {device_name(c.device) for c in layout.rest}
         return cls(name, tuple((b.name, b.nbytes) for b in layout.blocks), layout.rest_bytes,
@@ -114,7 +119,7 @@ class Plan:
         return format_report(self)
 
 
-def plan(model: nn.Module, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
+def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
          expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
          prefetch: int = 2) -> Plan:
     """Plans which blocks of `model` stay on `compute_device` and which are streamed from where.
@@ -137,6 +142,8 @@ def plan(model: nn.Module, *, compute_device: str, virtual_vram_gb: float = 0.0,
         >>> p = plan(model, compute_device="cuda:0", virtual_vram_gb=6, memory={"cuda:0": 12 << 30, "cpu": 64 << 30})
         >>> print(p.report())
     """
+    from .blocks import discover
+
     sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
     return plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                       donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,

@@ -16,17 +16,39 @@ Main entry points:
     GGUFError                       -> every malformed, truncated or unsupported file
 """
 
-from .api import dequantize
-from .arch import IMAGE_ARCHITECTURES, TEXT_ARCHITECTURES, Architecture, detect_architecture, model_kind
-from .dequant import dequantize_blocks, supported_qtypes
-from .errors import GGUFError
-from .ops import GGUFLayer, GGUFOpsConfig, make_ops
-from .quantize import quantize_q8_0
-from .reader import GGUFFile, GGUFHeader, TensorInfo, read_gguf, read_gguf_header
-from .tensor import GGMLMeta, GGMLTensor, is_quantized
-from .text_encoders import map_text_encoder, map_vision_tower, unpermute_qk
-from .tokenizer import sentencepiece_model
-from .writer import GGUFFileWriter, can_quantize, write_gguf
+import importlib
+
+# Imported on first use, so `import gguf_loader` stays cheap and planning a file from its header
+# (gguf_loader.header) never imports torch.
+_EXPORTS = {
+    "dequantize": "api",
+    "IMAGE_ARCHITECTURES": "arch", "TEXT_ARCHITECTURES": "arch", "Architecture": "arch",
+    "detect_architecture": "arch", "model_kind": "arch",
+    "dequantize_blocks": "dequant", "supported_qtypes": "dequant",
+    "GGUFError": "errors",
+    "GGUFHeader": "header", "TensorInfo": "header", "read_gguf_header": "header",
+    "GGUFLayer": "ops", "GGUFOpsConfig": "ops", "make_ops": "ops",
+    "quantize_q8_0": "quantize",
+    "GGUFFile": "reader", "read_gguf": "reader",
+    "GGMLMeta": "tensor", "GGMLTensor": "tensor", "is_quantized": "tensor",
+    "map_text_encoder": "text_encoders", "map_vision_tower": "text_encoders", "unpermute_qk": "text_encoders",
+    "sentencepiece_model": "tokenizer",
+    "GGUFFileWriter": "writer", "can_quantize": "writer", "write_gguf": "writer",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gguf_loader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "IMAGE_ARCHITECTURES", "TEXT_ARCHITECTURES", "Architecture", "GGMLMeta", "GGMLTensor", "GGUFError", "GGUFFile",

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 
 QType = GGMLQuantizationType
 
 # Stored types that are plain typed arrays: read as typed torch views, never as GGMLTensor.
-PLAIN_TORCH_DTYPES: dict[GGMLQuantizationType, torch.dtype] = {
-    QType.F32: torch.float32,
-    QType.F16: torch.float16,
-    QType.BF16: torch.bfloat16,
-    QType.F64: torch.float64,
-    QType.I8: torch.int8,
-    QType.I16: torch.int16,
-    QType.I32: torch.int32,
-    QType.I64: torch.int64,
-}
-
-# The reverse, for writing plain torch tensors.
-TORCH_DTYPE_QTYPES: dict[torch.dtype, GGMLQuantizationType] = {v: k for k, v in PLAIN_TORCH_DTYPES.items()}
+PLAIN_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.F64, QType.I8, QType.I16, QType.I32, QType.I64})
 
 
 _QTYPES_BY_ID = {int(qtype): qtype for qtype in GGML_QUANT_SIZES}
@@ -56,7 +43,7 @@ def block_layout(qtype: GGMLQuantizationType) -> tuple[int, int]:
 
 def is_plain(qtype: GGMLQuantizationType) -> bool:
     """True for types torch can view directly (floats and ints), False for block-quantized ones."""
-    return qtype in PLAIN_TORCH_DTYPES
+    return qtype in PLAIN_QTYPES
 
 
 def row_bytes(qtype: GGMLQuantizationType, row_length: int) -> int:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
-from .qtypes import PLAIN_TORCH_DTYPES, TORCH_DTYPE_QTYPES, as_qtype, byte_shape, nbytes_of
-from .reader import MAX_DIMS, ORIG_SHAPE_PREFIX
+from .header import MAX_DIMS, ORIG_SHAPE_PREFIX
+from .qtypes import as_qtype, byte_shape, nbytes_of
+from .torch_dtypes import PLAIN_TORCH_DTYPES, TORCH_DTYPE_QTYPES
 from .tensor import GGMLTensor
 
 Source = Union[torch.Tensor, np.ndarray, Callable[[], Union[torch.Tensor, np.ndarray]]]

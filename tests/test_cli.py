@@ -209,3 +209,21 @@ def test_malformed_gguf_is_a_one_line_error(tmp_path, capsys):
     path.write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + (2**62).to_bytes(8, "little") + bytes(8))
     code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8")
     assert code == 2 and "broken.gguf" in err and err.count("\n") == 1 and not out
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_plan_never_imports_torch(tmp_path, kind):
+    """Planning reads only a header; importing torch alone takes seconds, so the CLI must not."""
+    if kind == "gguf":
+        from gguf_loader import quantize_q8_0, write_gguf
+
+        path = tmp_path / "m.gguf"
+        write_gguf(path, {f"blocks.{i}.attn.weight": quantize_q8_0(torch.randn(64, 64)) for i in range(4)})
+    else:
+        path = write_dit(tmp_path / "m.safetensors")
+    code = ("import sys; from distorch.cli import main; "
+            f"rc = main(['plan', {str(path)!r}, '--vram-gb', '8', '--ram-gb', '8', '--json']); "
+            "sys.exit(3 if 'torch' in sys.modules else rc)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert json.loads(result.stdout)["blocks"] == (4 if kind == "gguf" else 8)
