@@ -147,7 +147,7 @@ def print_table(rows: list[dict], device: torch.device, args) -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for row in rows:
-        rate = lambda key: args.elems / row[key] / 1e6 if key in row else None  # noqa: E731
+        rate = lambda key, row=row: args.elems / row[key] / 1e6 if key in row else None  # noqa: E731
         others = [r for r in (rate("numpy"), rate("comfyui-gguf")) if r is not None]
         ratio = f"{rate('ours') / max(others):.2f}×" if others else "–"
         line = (f"| {row['type']} | {row['bpw']:.2f} | {row['ours'] * 1e3:.1f} | {rate('ours'):.0f} | "

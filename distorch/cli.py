@@ -134,7 +134,8 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
         "transfer": {
             "per_forward_gb": _gb(per_forward),
             "per_step_with_cfg_gb": _gb(2 * per_forward),
-            "seconds_per_forward": {name: round(per_forward / (rate * 1e9), 3) for name, rate in PCIE_RATES_GBPS.items()},
+            "seconds_per_forward": {name: round(per_forward / (rate * 1e9), 3)
+                                    for name, rate in PCIE_RATES_GBPS.items()},
         },
         "streamed": sorted(plan.streamed, key=lambda n: [b.name for b in plan.blocks].index(n)),
         "warnings": list(plan.warnings),
@@ -146,8 +147,9 @@ def format_summary(plan: Plan, summary: dict) -> str:
     if summary["proposed"]:
         lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.2f}: the smallest value that fits "
                      f"{plan.compute_device} with {summary['activation_reserve_gb']:.1f} GB kept for activations")
-    lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB"
-                 + (f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""))
+    pageable = f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""
+    lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; "
+                 f"pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
     transfer = summary["transfer"]
     estimates = ", ".join(f"{t:.2f} s on {name}" for name, t in transfer["seconds_per_forward"].items())
     lines.append(f"  transfer per forward: {transfer['per_forward_gb']:.2f} GB ({estimates}); "

@@ -376,7 +376,7 @@ class BlockStreamer:
         self._refill()
 
     def _release_all(self) -> None:
-        for slot_index, slot in enumerate(self._slots):
+        for slot in self._slots:
             while slot.users and slot.block is not None:
                 self._release(slot.block)
 

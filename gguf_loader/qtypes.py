@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-
 QType = GGMLQuantizationType
 
 # Stored types that are plain typed arrays: read as typed torch views, never as GGMLTensor.

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import gguf
 import numpy as np
@@ -21,10 +21,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
 from .header import MAX_DIMS, ORIG_SHAPE_PREFIX
 from .qtypes import as_qtype, byte_shape, nbytes_of
-from .torch_dtypes import PLAIN_TORCH_DTYPES, TORCH_DTYPE_QTYPES
 from .tensor import GGMLTensor
+from .torch_dtypes import PLAIN_TORCH_DTYPES, TORCH_DTYPE_QTYPES
 
-Source = Union[torch.Tensor, np.ndarray, Callable[[], Union[torch.Tensor, np.ndarray]]]
+Source = torch.Tensor | np.ndarray | Callable[[], torch.Tensor | np.ndarray]
 
 _NUMPY_QTYPES = {np.dtype(np.float32): GGMLQuantizationType.F32, np.dtype(np.float16): GGMLQuantizationType.F16,
                  np.dtype(np.float64): GGMLQuantizationType.F64, np.dtype(np.int8): GGMLQuantizationType.I8,

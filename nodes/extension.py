@@ -6,9 +6,10 @@ MODEL / CLIP / VAE plus the plan table as text on the node.
 """
 
 import comfy.model_management as mm
-import nodes as core_nodes
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
+
+import nodes as core_nodes
 
 from .catalog import FILE_INPUTS, NODE_TITLES
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
@@ -75,8 +76,8 @@ class DisTorchUNetLoader(io.ComfyNode):
             node_id="DisTorchUNetLoader",
             display_name=NODE_TITLES["DisTorchUNetLoader"],
             category=CATEGORY,
-            description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned RAM "
-                         "or a donor GPU, streaming those blocks to the compute GPU just before they run."),
+            description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned "
+                         "RAM or a donor GPU, streaming those blocks to the compute GPU just before they run."),
             inputs=[
                 io.Combo.Input("unet_name", options=unet_files(),
                                tooltip="Diffusion model from models/diffusion_models or models/unet (.gguf too)."),
@@ -114,8 +115,9 @@ def _clip_node(node_id: str, type_node: str | None, description: str):
                 types = _core_choices(type_node, "type", ["stable_diffusion"])
                 inputs.append(io.Combo.Input("type", options=types, default=types[0],
                                              tooltip="Model family, as in the core loader."))
-            return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY, description=description,
-                             inputs=[*inputs, *distorch_inputs("clip")], outputs=[io.Clip.Output()])
+            return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY,
+                             description=description, inputs=[*inputs, *distorch_inputs("clip")],
+                             outputs=[io.Clip.Output()])
 
         @classmethod
         def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):

@@ -9,7 +9,6 @@ import logging
 
 import comfy.ops
 import comfy.utils
-
 import torch
 
 from ..gguf_loader import GGUFOpsConfig, make_ops, map_text_encoder, model_kind, read_gguf, sentencepiece_model
@@ -22,13 +21,13 @@ _BUNDLED_T5_VOCAB = 32128
 _LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "GroupNorm", "RMSNorm")
 
 
-def comfy_gguf_operations(config: GGUFOpsConfig = GGUFOpsConfig()) -> type:
+def comfy_gguf_operations(config: GGUFOpsConfig | None = None) -> type:
     """A fresh `custom_operations` class: core's manual_cast with the layers replaced by GGUF layers.
 
     Subclassing manual_cast keeps everything core model code expects of an operations class
     (`conv_nd`, ConvTranspose, ...); only the layers GGUF weights can reach are swapped.
     """
-    layers = make_ops(config, base=comfy.ops.manual_cast)
+    layers = make_ops(config or GGUFOpsConfig(), base=comfy.ops.manual_cast)
     members = {name: getattr(layers, name) for name in _LAYERS if hasattr(layers, name)}
     return type("DisTorchGGUFOps", (comfy.ops.manual_cast,), members)
 

@@ -5,8 +5,6 @@ operations passed as `custom_operations`); the resulting patcher is adopted as a
 `DisTorchModelPatcher` and the model is planned once, here, so every queue run reuses the placement.
 """
 
-import logging
-
 import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
@@ -19,8 +17,6 @@ from .folders import full_path
 from .patcher import DisTorchModelPatcher
 from .settings import DisTorchSettings
 from .state import DisTorchState
-
-logger = logging.getLogger("distorch.nodes")
 
 UNET_WEIGHT_DTYPES = {
     "default": {},
@@ -81,10 +77,9 @@ def load_vae(vae_name: str, settings: DisTorchSettings) -> tuple[comfy.sd.VAE, s
 def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str) -> str:
     """Plans `model` once and stores the plan on it; returns the report shown on the node."""
     state = DisTorchState.attach(model, settings, loader_inventory(settings))
-    report = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
-                                         f"DisTorch plan for {label} ({state.plan.model_name})", 1)
-    logger.info("%s", report)
-    return report
+    # The log gets the table when the model is loaded (patcher.py); the node shows it now.
+    return state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
+                                       f"DisTorch plan for {label} ({state.plan.model_name})", 1)
 
 
 def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:

@@ -14,8 +14,8 @@ import comfy.model_management
 import comfy.model_patcher
 import torch
 
-from ..gguf_loader import is_quantized
 from ..distorch.units import format_gb
+from ..gguf_loader import is_quantized
 from .state import DisTorchState
 
 logger = logging.getLogger("distorch.nodes")
@@ -33,6 +33,7 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         Core loaders construct a plain ModelPatcher; copying its attributes wholesale (as copy.copy
         would) keeps whatever newer cores add to it without listing fields here.
         """
+        patcher = _without_dynamic_vram(patcher)
         adopted = cls.__new__(cls)
         adopted.__dict__.update(vars(patcher))
         adopted.load_device = load_device
@@ -113,7 +114,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
                 continue
             if hasattr(module, "prev_comfy_cast_weights") or not hasattr(module, "comfy_cast_weights"):
                 continue  # core's lowvram path already attached its LowVramPatch
-            if any(is_quantized(getattr(module, p, None)) and f"{name}.{p}" in self.patches for p, _ in _FUNCTION_LISTS):
+            patched = [p for p, _ in _FUNCTION_LISTS if f"{name}.{p}" in self.patches]
+            if any(is_quantized(getattr(module, p, None)) for p in patched):
                 self._set_weight_functions(name, module)
 
     def _detach_quantized_patches(self) -> None:
@@ -132,6 +134,16 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             logger.warning("distorch: only %s of the planned %s resident weights fit now; ComfyUI casts the rest "
                            "from RAM each step. Raise virtual_vram_gb to stream them with prefetch instead.",
                            format_gb(resident), format_gb(planned))
+
+
+def _without_dynamic_vram(patcher):
+    """A patcher that is not under Dynamic VRAM (ComfyUI 2026+), whose on-demand weight faulting would fight
+    the streamer for the same layers; older cores have no such mode and pass through unchanged."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    if not callable(is_dynamic) or not is_dynamic():
+        return patcher
+    logger.info("distorch: this model is placed by DisTorch; ComfyUI's Dynamic VRAM is not used for it")
+    return patcher.clone(disable_dynamic=True)
 
 
 def _pinning_allowed() -> bool:

@@ -71,7 +71,7 @@ def _ui_node(order: int, entry, links: list, by_origin: dict) -> dict:
     spec = signature(class_type)
     inputs = []
     for s in (s for s in spec["inputs"] if not s["widget"]):
-        link = next((l[0] for l in links if l[3] == node_id and l[4] == len(inputs)), None)
+        link = next((entry[0] for entry in links if entry[3] == node_id and entry[4] == len(inputs)), None)
         inputs.append({"name": s["name"], "type": s["type"], "link": link})
     widgets = []
     for s in (s for s in spec["inputs"] if s["widget"]):
@@ -95,8 +95,8 @@ def flux_gguf() -> list:
     return [
         (1, "DisTorchUNetLoader", {"unet_name": "flux1-dev-Q8_0.gguf", "weight_dtype": "default", **distorch(6.0)},
          (0, 0)),
-        (2, "DisTorchDualCLIPLoader", {"clip_name1": "t5-v1_1-xxl-encoder-Q8_0.gguf", "clip_name2": "clip_l.safetensors",
-                                       "type": "flux", **distorch(0.0)}, (0, 330)),
+        (2, "DisTorchDualCLIPLoader", {"clip_name1": "t5-v1_1-xxl-encoder-Q8_0.gguf",
+                                       "clip_name2": "clip_l.safetensors", "type": "flux", **distorch(0.0)}, (0, 330)),
         (3, "CLIPTextEncode", {"text": "a red fox in fresh snow at golden hour, 35mm photograph", "clip": Link(2)},
          (420, 330)),
         (4, "FluxGuidance", {"conditioning": Link(3), "guidance": 3.5}, (840, 240)),
@@ -123,7 +123,8 @@ def wan22_t2v() -> list:
                                    **distorch(0.0)}, (0, 660)),
         (6, "CLIPTextEncode", {"text": "a corgi runs along a beach at sunset, waves splashing, slow motion",
                                "clip": Link(5)}, (420, 560)),
-        (7, "CLIPTextEncode", {"text": "blurry, low quality, static, distorted, watermark", "clip": Link(5)}, (420, 760)),
+        (7, "CLIPTextEncode", {"text": "blurry, low quality, static, distorted, watermark", "clip": Link(5)},
+         (420, 760)),
         (8, "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 81, "batch_size": 1}, (840, 760)),
         (9, "KSamplerAdvanced", {"model": Link(3), "add_noise": "enable", "latent_image": Link(8), "start_at_step": 0,
                                  "end_at_step": 10, "return_with_leftover_noise": "enable", **advanced}, (840, 0)),

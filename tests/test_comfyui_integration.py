@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 import torch
-
-from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
 from comfyui_harness import REPO, ComfyServer, comfyui_path, comfyui_python, core_unet, distorch_unet, sampling_prompt
+from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -75,7 +74,8 @@ def test_gguf_bf16_copy_matches_core(server):
 
 
 def test_gguf_q8_0_matches_core_on_the_dequantized_weights(server):
-    core = server.latent(run_ok(server, sampling_prompt(core_unet("tiny_wan21_Q8_0_dequant.safetensors"), "wan", "cq8")))
+    reference = core_unet("tiny_wan21_Q8_0_dequant.safetensors")
+    core = server.latent(run_ok(server, sampling_prompt(reference, "wan", "cq8")))
     ours = server.latent(run_ok(server, sampling_prompt(distorch_unet("tiny_wan21_Q8_0.gguf", HALF), "wan", "gq8")))
     torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
 

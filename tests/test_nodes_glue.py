@@ -6,7 +6,6 @@ The node modules are imported as ComfyUI imports them: as part of the pack packa
 
 import pytest
 import torch
-
 from distorch_pack.distorch import MemoryInventory
 from distorch_pack.distorch.toy import make_toy_dit
 from distorch_pack.distorch.units import GIB

@@ -8,13 +8,13 @@ when a GPU is present.
 
 import pytest
 import torch
+from dit_models import KeyboardInterruptLike, make_quirky, sampling_run
 from torch import nn
 
 import distorch
 from distorch import CpuCopyEngine
 from distorch.toy import ToyDiT
 from distorch.units import GIB
-from dit_models import KeyboardInterruptLike, make_quirky, sampling_run
 
 DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.cuda)]
 ROOMY = {"cpu": 64 * GIB, "cuda:0": 64 * GIB, "pinned": 32 * GIB}
@@ -218,7 +218,8 @@ def test_streamed_weights_are_not_duplicated_in_ram():
     model = make_quirky()
     plan = plan_share(model, 1.0)
     with distorch.stream(model, plan) as handle:
-        storages = {p.untyped_storage().data_ptr() for name, p in model.named_parameters() if name.startswith("blocks.0.")}
+        storages = {p.untyped_storage().data_ptr() for name, p in model.named_parameters()
+                    if name.startswith("blocks.0.")}
         flat = handle.streamer._blocks[0].host
         assert storages == {flat.untyped_storage().data_ptr()}
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from distorch_pack.nodes.catalog import NODE_TITLES, output_type, widget_inputs
 from distorch_pack.nodes.settings import DisTorchSettings
 
@@ -63,7 +62,7 @@ def test_ui_workflow_links_and_widgets(path):
 def ui_to_api(workflow: dict) -> dict:
     """An independent UI → API conversion (what the frontend's "Export (API)" does for these graphs)."""
     nodes = {n["id"]: n for n in workflow["nodes"]}
-    links = {l[0]: l for l in workflow["links"]}
+    links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in nodes.values():
         sig = signature(node["type"])

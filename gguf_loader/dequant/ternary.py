@@ -7,7 +7,6 @@ import torch
 from .fields import crumbs, fp16_column
 from .registry import register
 
-
 _TQ1_POWERS = (1, 3, 9, 27, 81)
 
 

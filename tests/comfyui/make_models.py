@@ -79,15 +79,17 @@ def wan_lora(state_dict: dict, rank: int = 4, seed: int = 7) -> dict:
 
 def write_gguf_copies(state_dict: dict, out: Path, name: str) -> None:
     sys.path.insert(0, str(REPO))
-    from gguf_loader import dequantize, read_gguf, write_gguf
     from safetensors.torch import save_file
+
+    from gguf_loader import dequantize, read_gguf, write_gguf
 
     write_gguf(out / f"{name}_BF16.gguf", state_dict, architecture="wan")
     quantized = {k: ("Q8_0" if v.ndim == 2 and v.shape[-1] % 32 == 0 else None) for k, v in state_dict.items()}
     write_gguf(out / f"{name}_Q8_0.gguf", {k: v.float() for k, v in state_dict.items()}, architecture="wan",
                qtypes=quantized)
     reader = read_gguf(out / f"{name}_Q8_0.gguf")
-    save_file({k: dequantize(v).contiguous() for k, v in reader.tensors.items()}, str(out / f"{name}_Q8_0_dequant.safetensors"))
+    dequantized = {k: dequantize(v).contiguous() for k, v in reader.tensors.items()}
+    save_file(dequantized, str(out / f"{name}_Q8_0_dequant.safetensors"))
 
 
 def main() -> None:
