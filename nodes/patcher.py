@@ -126,14 +126,14 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
                 module.bias_function = []
 
     def _log_load(self, state: DisTorchState) -> None:
-        resident = self.model.model_loaded_weight_memory - state.slot_bytes
-        planned = state.plan.resident_bytes
         logger.info("distorch: loaded %s on %s\n%s", type(self.model).__name__, state.plan.compute_device,
                     state.plan.report())
-        if resident + 2**20 < planned:
-            logger.warning("distorch: only %s of the planned %s resident weights fit now; ComfyUI casts the rest "
+        loaded = self.model.model_loaded_weight_memory - state.slot_bytes
+        planned = state.resident_layer_bytes(self.model)
+        if loaded < planned:
+            logger.warning("distorch: only %s of the planned %s resident layers fit now; ComfyUI casts the rest "
                            "from RAM each step. Raise virtual_vram_gb to stream them with prefetch instead.",
-                           format_gb(resident), format_gb(planned))
+                           format_gb(loaded), format_gb(planned))
 
 
 def _without_dynamic_vram(patcher):

@@ -64,6 +64,16 @@ class DisTorchState:
         """
         return [entry for entry in load_list if not self.is_streamed(_entry_name(entry))]
 
+    def resident_layer_bytes(self, model: nn.Module) -> int:
+        """Bytes of the layers ComfyUI itself loads for this plan: modules holding only their own weights,
+        outside streamed blocks (weights of non-leaf modules, like Wan's `modulation`, are cast per use)."""
+        total = 0
+        for name, module in model.named_modules():
+            own = [p for _, p in module.named_parameters(recurse=False)]
+            if own and len(own) == sum(1 for _ in module.parameters()) and not self.is_streamed(name):
+                total += sum(p.numel() * p.element_size() for p in own)
+        return total
+
     def streamed_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(name, module) for name, module in model.named_modules() if self.is_streamed(name)]
 

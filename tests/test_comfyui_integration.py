@@ -128,7 +128,7 @@ def test_comfyui_accounting_stays_true(server):
     assert match, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     report = json.loads(match.group(1))
     assert report["streamed_blocks"] >= 1
-    assert report["loaded"] == report["expected_loaded"]
+    assert report["loaded"] == report["expected_loaded"] == report["state_resident_layers"]
     assert report["open_after_load"] and report["equal_after_load"]
     assert report["same_streamer_after_second_load"]
     assert report["partially_unloaded"] > 0

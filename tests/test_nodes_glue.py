@@ -133,3 +133,17 @@ def test_no_streaming_when_virtual_vram_is_zero():
     assert state.open(model) is False
     entries = [(1, "blocks.0.qkv", None, [])]
     assert state.without_streamed(entries) == entries
+
+
+def test_resident_layer_bytes_count_leaf_layers_outside_streamed_blocks():
+    model = make_toy_dit(dim=32, depth=4, heads=2)
+    state = _state_for(model, share=0.5)
+    expected = 0
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        leaf = params and not any(True for child in module.children() if any(True for _ in child.parameters()))
+        if leaf and not state.is_streamed(name):
+            expected += sum(p.numel() * 4 for p in params)
+    modulation = sum(b.modulation.numel() * 4 for b in model.blocks)
+    assert state.resident_layer_bytes(model) == expected
+    assert state.resident_layer_bytes(model) < state.plan.resident_bytes - modulation / 2

@@ -28,7 +28,8 @@ def import_pack():
 
 
 def leaf_weight_bytes(model, state) -> int:
-    """Bytes of the layers core loads: leaf modules with weights, outside the streamed blocks."""
+    """Bytes of the layers core loads, counted here independently: leaf modules with weights outside the
+    streamed blocks."""
     total = 0
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -75,6 +76,7 @@ def main() -> None:
     mm.load_models_gpu([patcher])
     report["loaded"] = patcher.loaded_size()
     report["expected_loaded"] = leaf_weight_bytes(patcher.model, state) + state.slot_bytes
+    report["state_resident_layers"] = state.resident_layer_bytes(patcher.model) + state.slot_bytes
     report["open_after_load"] = state.streamer.is_open
     report["equal_after_load"] = torch.equal(forward(patcher), expected)
 
