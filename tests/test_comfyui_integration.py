@@ -12,6 +12,7 @@ import pytest
 import torch
 from comfyui_harness import REPO, ComfyServer, comfyui_path, comfyui_python, core_unet, distorch_unet, sampling_prompt
 from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
+from safetensors.torch import load_file
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -171,3 +172,28 @@ def test_api_workflows_validate_except_for_the_absent_model_files(server, workfl
         assert error["type"] == "value_not_in_list", error
         assert error["extra_info"]["input_name"] in ("unet_name", "vae_name") or \
             error["extra_info"]["input_name"].startswith("clip_name"), error
+
+
+def vae_prompt(loader: dict, prefix: str) -> dict:
+    """A fixed SD latent → VAEDecode → the decoded pixels saved as a tensor (output/<prefix>.safetensors)."""
+    return {
+        "1": loader,
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "LatentAdd", "inputs": {"samples1": ["2", 0], "samples2": ["2", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+        "9": {"class_type": "DisTorchTestSaveImageTensor", "inputs": {"images": ["4", 0], "filename": prefix}},
+    }
+
+
+@pytest.mark.parametrize("virtual_vram_gb", [0.0, 0.001], ids=["resident", "streamed"])
+def test_vae_loader_decodes_like_core(server, virtual_vram_gb):
+    run_ok(server, vae_prompt({"class_type": "VAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors"}},
+                              "vae_core"))
+    ours = run_ok(server, vae_prompt({"class_type": "DisTorchVAELoader", "inputs": {
+        "vae_name": "tiny_taesd.safetensors", "compute_device": "cpu", "virtual_vram_gb": virtual_vram_gb,
+        "donor_device": "cpu", "expert_mode_allocations": ""}}, f"vae_dt_{virtual_vram_gb}"))
+    decoded = [load_file(str(server.base / "output" / f"{name}.safetensors"))["images"]
+               for name in ("vae_core", f"vae_dt_{virtual_vram_gb}")]
+    assert decoded[0].shape == (1, 64, 64, 3)
+    assert torch.equal(decoded[0], decoded[1])
+    assert ("streamed" in ours.body["outputs"]["1"]["text"][0]) == (virtual_vram_gb > 0)

@@ -64,6 +64,17 @@ def random_state_dict(seed_sd: dict, expected: str, seed: int) -> dict:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
 
 
+def tiny_vae(seed: int = 3) -> dict:
+    """A TAESD (ComfyUI builds its architecture from the `taesd_decoder.*` keys): a real VAE of ~2 MB."""
+    import comfy.taesd.taesd
+
+    generator = torch.Generator().manual_seed(seed)
+    model = comfy.taesd.taesd.TAESD(latent_channels=4)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
+    state["vae_scale"], state["vae_shift"] = torch.tensor(0.18215), torch.tensor(0.0)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 def wan_lora(state_dict: dict, rank: int = 4, seed: int = 7) -> dict:
     """A LoRA on every attention and FFN matrix of every block (up/down pairs plus alpha)."""
     generator = torch.Generator().manual_seed(seed)
@@ -108,6 +119,8 @@ def main() -> None:
     models = Path(args.out)
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
     (models / "loras").mkdir(parents=True, exist_ok=True)
+    (models / "vae").mkdir(parents=True, exist_ok=True)
+    save_file(tiny_vae(), str(models / "vae" / "tiny_taesd.safetensors"))
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
     save_file(random_state_dict(sd3_seed(), "SD3", seed=2), str(models / "diffusion_models" / "tiny_sd3.safetensors"))

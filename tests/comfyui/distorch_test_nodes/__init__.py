@@ -1,5 +1,7 @@
 """Test-only ComfyUI nodes for the integration tests (loaded into a throwaway custom_nodes folder)."""
 
+import os
+
 import torch
 
 
@@ -26,4 +28,28 @@ class DisTorchTestZeroConditioning:
         return ([[torch.zeros(1, tokens, context_dim), extra]],)
 
 
-NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroConditioning}
+class DisTorchTestSaveImageTensor:
+    """Saves an IMAGE tensor as safetensors in the output folder, so tests compare exact pixels
+    (SaveImage's PNGs also embed the prompt, which differs between the compared workflows)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename": ("STRING", {"default": "image"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, images, filename):
+        import folder_paths
+        from safetensors.torch import save_file
+
+        directory = folder_paths.get_output_directory()
+        os.makedirs(directory, exist_ok=True)
+        save_file({"images": images.contiguous()}, os.path.join(directory, f"{filename}.safetensors"))
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroConditioning,
+                       "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor}
