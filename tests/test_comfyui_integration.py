@@ -197,3 +197,29 @@ def test_vae_loader_decodes_like_core(server, virtual_vram_gb):
     assert decoded[0].shape == (1, 64, 64, 3)
     assert torch.equal(decoded[0], decoded[1])
     assert ("streamed" in ours.body["outputs"]["1"]["text"][0]) == (virtual_vram_gb > 0)
+
+
+def clip_prompt(loader: dict, prefix: str) -> dict:
+    """Text encoder → CLIPTextEncode → the conditioning saved as tensors (output/<prefix>.safetensors)."""
+    return {
+        "1": loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a photo of a red fox in the snow"}},
+        "9": {"class_type": "DisTorchTestSaveConditioning", "inputs": {"conditioning": ["2", 0], "filename": prefix}},
+    }
+
+
+@pytest.mark.parametrize("file, virtual_vram_gb", [("random_clip_l.safetensors", 0.0),
+                                                   ("random_clip_l.safetensors", 0.1), ("random_clip_l_F16.gguf", 0.1)])
+def test_clip_loader_encodes_like_core(server, file, virtual_vram_gb):
+    run_ok(server, clip_prompt({"class_type": "CLIPLoader", "inputs": {
+        "clip_name": "random_clip_l.safetensors", "type": "stable_diffusion"}}, "clip_core"))
+    name = f"clip_dt_{file}_{virtual_vram_gb}"
+    result = run_ok(server, clip_prompt({"class_type": "DisTorchCLIPLoader", "inputs": {
+        "clip_name": file, "type": "stable_diffusion", "compute_device": "cpu", "virtual_vram_gb": virtual_vram_gb,
+        "donor_device": "cpu", "expert_mode_allocations": ""}}, name))
+    core, ours = (load_file(str(server.base / "output" / f"{n}.safetensors")) for n in ("clip_core", name))
+    assert core["context"].shape == (1, 77, 768) and set(core) == set(ours)
+    for key in core:
+        assert torch.equal(core[key], ours[key]), key
+    plan = result.body["outputs"]["1"]["text"][0]
+    assert ("streamed" in plan) == (virtual_vram_gb > 0)

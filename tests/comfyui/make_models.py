@@ -75,6 +75,19 @@ def tiny_vae(seed: int = 3) -> dict:
     return {k: v.contiguous() for k, v in state.items()}
 
 
+def clip_l() -> dict:
+    """A CLIP-L text encoder with random weights (its size is fixed by ComfyUI's config: 123M parameters)."""
+    import comfy.sd1_clip
+
+    generator = torch.Generator().manual_seed(4)
+    model = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    state = {}
+    for key, value in model.transformer.state_dict().items():
+        scale = 1.0 if key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") else 0.02
+        state[key] = (torch.randn(value.shape, generator=generator) * scale).to(torch.float16)
+    return state
+
+
 def wan_lora(state_dict: dict, rank: int = 4, seed: int = 7) -> dict:
     """A LoRA on every attention and FFN matrix of every block (up/down pairs plus alpha)."""
     generator = torch.Generator().manual_seed(seed)
@@ -121,12 +134,18 @@ def main() -> None:
     (models / "loras").mkdir(parents=True, exist_ok=True)
     (models / "vae").mkdir(parents=True, exist_ok=True)
     save_file(tiny_vae(), str(models / "vae" / "tiny_taesd.safetensors"))
+    (models / "text_encoders").mkdir(parents=True, exist_ok=True)
+    clip = clip_l()
+    save_file(clip, str(models / "text_encoders" / "random_clip_l.safetensors"))
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
     save_file(random_state_dict(sd3_seed(), "SD3", seed=2), str(models / "diffusion_models" / "tiny_sd3.safetensors"))
     save_file(wan_lora(wan), str(models / "loras" / "tiny_wan21_lora.safetensors"))
     if not args.no_gguf:
         write_gguf_copies(wan, models / "diffusion_models", "tiny_wan21")
+        from gguf_loader import write_gguf
+
+        write_gguf(models / "text_encoders" / "random_clip_l_F16.gguf", clip)
     print("ok")
 
 

@@ -42,14 +42,40 @@ class DisTorchTestSaveImageTensor:
     CATEGORY = "testing"
 
     def save(self, images, filename):
-        import folder_paths
-        from safetensors.torch import save_file
-
-        directory = folder_paths.get_output_directory()
-        os.makedirs(directory, exist_ok=True)
-        save_file({"images": images.contiguous()}, os.path.join(directory, f"{filename}.safetensors"))
+        _save({"images": images.contiguous()}, filename)
         return {}
 
 
+class DisTorchTestSaveConditioning:
+    """Saves a CONDITIONING's context (and pooled output) as safetensors in the output folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",), "filename": ("STRING", {"default": "cond"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def save(self, conditioning, filename):
+        context, extra = conditioning[0]
+        tensors = {"context": context.contiguous()}
+        if extra.get("pooled_output") is not None:
+            tensors["pooled_output"] = extra["pooled_output"].contiguous()
+        _save(tensors, filename)
+        return {}
+
+
+def _save(tensors: dict, filename: str) -> None:
+    import folder_paths
+    from safetensors.torch import save_file
+
+    directory = folder_paths.get_output_directory()
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, f"{filename}.safetensors"))
+
+
 NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroConditioning,
-                       "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor}
+                       "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor,
+                       "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning}
