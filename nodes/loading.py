@@ -27,6 +27,8 @@ UNET_WEIGHT_DTYPES = {
 
 
 def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> tuple[DisTorchModelPatcher, str]:
+    if weight_dtype not in UNET_WEIGHT_DTYPES:
+        raise ValueError(f"DisTorch: weight_dtype {weight_dtype!r} is not one of {', '.join(UNET_WEIGHT_DTYPES)}")
     path = full_path("diffusion_models", unet_name)
     model_options = dict(UNET_WEIGHT_DTYPES[weight_dtype])
     if path.lower().endswith(".gguf"):

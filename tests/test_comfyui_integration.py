@@ -111,6 +111,7 @@ def test_model_is_placed_once_across_queue_runs(server):
         (distorch_unet(WAN, 1.0, donor="cuda:3"), "donor_device 'cuda:3' is not available"),
         (distorch_unet(WAN, 500.0), "virtual_vram_gb must be between 0 and 128"),
         (distorch_unet("nope.safetensors", 1.0), "nope.safetensors"),
+        ({**distorch_unet(WAN, 1.0), "inputs": {**distorch_unet(WAN, 1.0)["inputs"], "weight_dtype": "fp4"}}, "'fp4'"),
     ],
 )
 def test_bad_inputs_are_clear_node_errors_and_the_server_keeps_running(server, loader, message):
