@@ -66,6 +66,12 @@ class AllocationSpec:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
+
+
+def is_device_name(name: str) -> bool:
+    """True for the device spellings DisTorch uses everywhere: 'cpu' and 'cuda:N' (lowercase)."""
+    return bool(_DEVICE.match(name))
+
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
 _BYTES = re.compile(rf"^({_NUMBER})\s*([a-z]+)$")
 _RATIO = re.compile(rf"^({_NUMBER})\s*%$")
@@ -110,7 +116,7 @@ def _parse_entry(raw: str) -> tuple[str, AllocationMode | None, float | int | No
     device, sep, value = (part.strip() for part in entry.partition(","))
     if not sep:
         raise AllocationError(f"entry {entry!r} needs the form 'device,value', e.g. 'cpu,*'")
-    if not _DEVICE.match(device.lower()):
+    if not is_device_name(device.lower()):
         raise AllocationError(_device_problem(device, entry))
     mode, amount = _parse_value(value.lower(), entry)
     return device.lower(), mode, amount

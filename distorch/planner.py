@@ -10,12 +10,11 @@ Everything here is pure arithmetic on block sizes and free memory, so it is dete
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
 """
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .allocation import AllocationMode, AllocationSpec, parse_allocation
+from .allocation import AllocationMode, AllocationSpec, is_device_name, parse_allocation
 from .memory import MemoryInventory
 from .report import format_report
 from .units import format_gb, gb_to_bytes
@@ -25,7 +24,6 @@ if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (t
 
     from .blocks import ModelLayout
 
-_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
 
 
 class PlanError(ValueError):
@@ -371,6 +369,6 @@ def _check_device(device: str, what: str) -> str:
     name = str(device).strip().lower()
     if name == "cuda":
         name = "cuda:0"
-    if not _DEVICE.match(name):
+    if not is_device_name(name):
         raise PlanError(f"{what} {device!r} is not a device DisTorch can use: write 'cpu' or 'cuda:N'")
     return name

@@ -4,14 +4,13 @@ Pure Python (no ComfyUI import), so the schema defaults, tooltips and the valida
 tested in CI; `nodes/loaders.py` turns the specs into ComfyUI widgets.
 """
 
-import re
 from dataclasses import dataclass
 
 from ..distorch import AllocationError, parse_allocation
+from ..distorch.allocation import is_device_name
 
 VIRTUAL_VRAM_MAX_GB = 128.0
 VIRTUAL_VRAM_STEP_GB = 0.1
-_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class DisTorchSettings:
 
 def _device(name: str, what: str, available: tuple[str, ...], problems: list) -> str | None:
     device = str(name).strip().lower()
-    if not _DEVICE.match(device):
+    if not is_device_name(device):
         problems.append(f"{what} {name!r} is not a device DisTorch can use ('cpu' or 'cuda:N')")
         return None
     if device not in available:
