@@ -12,7 +12,7 @@ import importlib
 
 from .allocation import AllocationError, AllocationMode, AllocationSpec, parse_allocation
 from .memory import MemoryInventory, safe_pinned_bytes
-from .planner import ModelSizes, Plan, PlanError, plan, plan_sizes
+from .planner import ModelSizes, Plan, PlanError, Tier, plan, plan_sizes
 
 # The runtime half (torch) loads on first use: `python -m distorch plan` answers from a file header
 # without importing torch.
@@ -47,6 +47,7 @@ __all__ = [
     "PlanError",
     "StreamHandle",
     "StreamStats",
+    "Tier",
     "discover",
     "parse_allocation",
     "plan",

@@ -10,6 +10,7 @@ Everything here is pure arithmetic on block sizes and free memory, so it is dete
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
 """
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -57,6 +58,16 @@ class ModelSizes:
                    {d: layout.bytes_on(d) for d in devices})
 
 
+class Tier(str, enum.Enum):
+    """Where a block's weights live between forwards; the names the report, the CLI's JSON and the UI share."""
+
+    RESIDENT = "resident"  # on the compute device for good
+    DONOR = "donor_gpu"  # in a donor GPU's VRAM, streamed
+    PINNED = "pinned_ram"  # page-locked RAM, streamed
+    PAGEABLE = "pageable_ram"  # ordinary RAM, streamed (slower copies)
+    DISK = "disk"  # left in the model file's mapping, read on demand
+
+
 @dataclass(frozen=True)
 class BlockPlacement:
     """Where one block's weights are stored, and whether they are streamed to the compute device."""
@@ -66,6 +77,14 @@ class BlockPlacement:
     device: str
     streamed: bool
     pinned: bool = False
+
+    @property
+    def tier(self) -> Tier:
+        if not self.streamed:
+            return Tier.RESIDENT
+        if self.device != "cpu":
+            return Tier.DONOR
+        return Tier.PINNED if self.pinned else Tier.PAGEABLE
 
 
 @dataclass(frozen=True)
