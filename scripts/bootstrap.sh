@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Creates .venv with everything the demo, the tests and the benchmarks need.
 # torch is installed first and pinned, so nothing later can pull a CUDA build from the registry.
+#
+#   bash scripts/bootstrap.sh          # .venv: enough for the demo, the CLI and the unit tests
+#   bash scripts/bootstrap.sh --test   # also the real ComfyUI installs the integration tests run in
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c scripts/constraints.txt \
+  -r requirements.txt -r requirements-test.txt
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+if [ "${1:-}" = "--test" ]; then
+  bash scripts/setup_comfyui.sh
+fi

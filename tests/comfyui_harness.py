@@ -1,13 +1,17 @@
 """A headless ComfyUI server for the integration tests.
 
-Needs `COMFYUI_PATH` (a ComfyUI checkout) and optionally `COMFYUI_PYTHON` (an interpreter with
-ComfyUI's requirements and this pack's requirements.txt installed; default: the test interpreter).
-The server runs with `--cpu` on a throwaway base directory whose custom_nodes folder links this
-repository (as ComfyUI users install it) and a small test node pack.
+Which ComfyUI: `COMFYUI_PATH` (a ComfyUI checkout) with `COMFYUI_PYTHON` (an interpreter with ComfyUI's
+requirements and this pack's requirements.txt; default: the test interpreter) when set; otherwise every
+install that scripts/setup_comfyui.sh built under `DISTORCH_COMFYUI_HOME` (default
+~/.cache/distorch/comfyui: `comfyui-<version>/` beside `venv-<version>/`), one server per version.
+The server runs with `--cpu` on a throwaway base directory whose custom_nodes folder holds a copy of
+this repository (as `git clone` gives it: ComfyUI's static routes do not follow symlinks) and a small
+test node pack.
 """
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,15 +28,52 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfyui" / "distorch_test_nodes"
+PACK_DIR_NAME = "ComfyUI-DisTorch"
+# What a user's clone would not have, or what only slows the copy down.
+_NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.pyc",
+                                     ".ruff_cache", "build", "dist", "*.egg-info")
 
 
-def comfyui_path() -> Path | None:
-    value = os.environ.get("COMFYUI_PATH")
-    return Path(value) if value else None
+@dataclass(frozen=True)
+class ComfyInstall:
+    """One ComfyUI source tree and the interpreter that runs it."""
+
+    version: str
+    path: Path
+    python: str
 
 
-def comfyui_python() -> str:
-    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+def installs() -> list[ComfyInstall]:
+    """The ComfyUI installs the integration tests run against, oldest first."""
+    explicit = os.environ.get("COMFYUI_PATH")
+    if explicit:
+        path = Path(explicit)
+        return [ComfyInstall(_version_of(path), path, os.environ.get("COMFYUI_PYTHON", sys.executable))]
+    home = Path(os.environ.get("DISTORCH_COMFYUI_HOME", Path.home() / ".cache" / "distorch" / "comfyui"))
+    found = []
+    for tree in home.glob("comfyui-*"):
+        version = tree.name.removeprefix("comfyui-")
+        python = home / f"venv-{version}" / "bin" / "python"
+        if (tree / "main.py").is_file() and python.is_file():
+            found.append(ComfyInstall(_version_of(tree), tree, str(python)))
+    return sorted(found, key=lambda i: _version_key(i.version))
+
+
+def _version_of(path: Path) -> str:
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", (path / "comfyui_version.py").read_text()) \
+        if (path / "comfyui_version.py").is_file() else None
+    return match.group(1) if match else path.name
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.-]", version))
+
+
+def install_pack_copy(custom_nodes: Path) -> Path:
+    """Copies this repository into `custom_nodes` as a user's clone would sit there; returns the copy."""
+    target = custom_nodes / PACK_DIR_NAME
+    shutil.copytree(REPO, target, ignore=_NOT_COPIED)
+    return target
 
 
 @dataclass
@@ -49,9 +90,11 @@ class Result:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, comfyui: Path):
+    def __init__(self, base: Path, install: ComfyInstall):
         self.base = base
-        self.comfyui = comfyui
+        self.install = install
+        self.comfyui = install.path
+        self.python = install.python
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
@@ -60,21 +103,21 @@ class ComfyServer:
     def prepare(self) -> None:
         custom = self.base / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
-        (custom / "ComfyUI-DisTorch").symlink_to(REPO, target_is_directory=True)
+        install_pack_copy(custom)
         shutil.copytree(TEST_NODES, custom / "distorch_test_nodes")
         (self.base / "user").mkdir(exist_ok=True)
         (self.base / "frontend").mkdir(exist_ok=True)
-        made = subprocess.run([comfyui_python(), str(REPO / "tests" / "comfyui" / "make_models.py"), "--comfyui",
+        made = subprocess.run([self.python, str(REPO / "tests" / "comfyui" / "make_models.py"), "--comfyui",
                                str(self.comfyui), "--out", str(self.base / "models")],
                               capture_output=True, text=True, timeout=600)
         if made.returncode != 0:
             raise RuntimeError(f"could not build the tiny models:\n{made.stdout}\n{made.stderr}")
 
     def start(self) -> None:
-        command = [comfyui_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                    "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", "ComfyUI-DisTorch", "distorch_test_nodes"]
+                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME, "distorch_test_nodes"]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240

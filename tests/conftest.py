@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_harness import ComfyServer, installs
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +33,28 @@ def _import_pack_as_comfyui_does():
 
 
 _import_pack_as_comfyui_does()
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that uses a ComfyUI server runs once per install (oldest first)."""
+    if "comfy_install" in metafunc.fixturenames:
+        found = installs()
+        metafunc.parametrize("comfy_install", found or [None], ids=[i.version for i in found] or ["no-comfyui"],
+                             indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def comfy_install(request):
+    if request.param is None:
+        pytest.skip("no ComfyUI install: run scripts/setup_comfyui.sh, or set COMFYUI_PATH (and COMFYUI_PYTHON)")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def server(comfy_install, tmp_path_factory):
+    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes; one per install, shared by all tests."""
+    instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install)
+    instance.prepare()
+    instance.start()
+    yield instance
+    instance.stop()

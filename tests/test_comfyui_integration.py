@@ -1,7 +1,7 @@
 """The node pack inside a real headless ComfyUI (CPU), compared with ComfyUI's own loaders.
 
-Skipped unless COMFYUI_PATH points at a ComfyUI checkout; COMFYUI_PYTHON names its interpreter
-(with ComfyUI's and this pack's requirements installed). Checked against ComfyUI 0.3.64 and 0.8.0.
+Runs once per ComfyUI install (tests/comfyui_harness.py `installs`: COMFYUI_PATH, or the versions
+scripts/setup_comfyui.sh built); skipped when there is none. The `server` fixture is in conftest.py.
 """
 
 import json
@@ -10,28 +10,15 @@ import subprocess
 
 import pytest
 import torch
-from comfyui_harness import REPO, ComfyServer, comfyui_path, comfyui_python, core_unet, distorch_unet, sampling_prompt
+from comfyui_harness import REPO, core_unet, distorch_unet, sampling_prompt
 from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
 from safetensors.torch import load_file
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(comfyui_path() is None, reason="set COMFYUI_PATH to a ComfyUI checkout (and COMFYUI_PYTHON to "
-                                                      "its interpreter) to run the ComfyUI integration tests"),
-]
+pytestmark = pytest.mark.comfyui
 
 NODES = NODE_TITLES
 HALF = 0.0015  # GB: about half of the tiny Wan model's blocks
 WAN = "tiny_wan21.safetensors"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    instance = ComfyServer(tmp_path_factory.mktemp("comfyui"), comfyui_path())
-    instance.prepare()
-    instance.start()
-    yield instance
-    instance.stop()
 
 
 def run_ok(server, prompt):
@@ -123,8 +110,8 @@ def test_bad_inputs_are_clear_node_errors_and_the_server_keeps_running(server, l
 
 
 def test_comfyui_accounting_stays_true(server):
-    result = subprocess.run([comfyui_python(), str(REPO / "tests" / "comfyui" / "accounting_probe.py"), "--comfyui",
-                             str(comfyui_path()), "--models", str(server.base / "models"), "--virtual-vram-gb",
+    result = subprocess.run([server.python, str(REPO / "tests" / "comfyui" / "accounting_probe.py"), "--comfyui",
+                             str(server.comfyui), "--models", str(server.base / "models"), "--virtual-vram-gb",
                              str(HALF)], capture_output=True, text=True, timeout=600)
     match = re.search(r"^RESULT (.*)$", result.stdout, re.MULTILINE)
     assert match, f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
