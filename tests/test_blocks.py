@@ -97,10 +97,10 @@ def test_tied_weights_stay_with_the_rest():
     model = make_toy_dit(dim=32, depth=3, heads=2)
     model.blocks[0].qkv.weight = model.blocks[1].qkv.weight
     layout = discover(model)
-    tied_ptr = model.blocks[1].qkv.weight.untyped_storage().data_ptr()
-    in_blocks = {c.storage.data_ptr() for b in layout.blocks for c in b.clusters}
-    assert tied_ptr not in in_blocks
-    assert tied_ptr in {c.storage.data_ptr() for c in layout.rest}
+    in_blocks = {name for b in layout.blocks for c in b.clusters for v in c.views for name in v.names}
+    tied = next(v for c in layout.rest for v in c.views if "blocks.1.qkv.weight" in v.names)
+    assert set(tied.names) == {"blocks.0.qkv.weight", "blocks.1.qkv.weight"}, "one view, every name of the tie"
+    assert not in_blocks & set(tied.names)
 
 
 def test_views_of_one_storage_form_one_cluster():
