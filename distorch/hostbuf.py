@@ -33,12 +33,14 @@ class FlatBuffer:
     handed to a model (after `close()`) stay valid.
     """
 
-    def __init__(self, nbytes: int, device: torch.device | str):
+    def __init__(self, nbytes: int, device: torch.device | str, pin: bool = False):
         device = torch.device(device)
         self.tensor = _anonymous_mapping(nbytes) if device.type == "cpu" else \
             torch.empty(nbytes, dtype=torch.uint8, device=device)
         self.pinned = False
         self._finalizer: weakref.finalize | None = None
+        if pin:  # pinning now faults in every page; buffers filled later are pinned after filling (`pin()`)
+            self.pin()
 
     @property
     def nbytes(self) -> int:
