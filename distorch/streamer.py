@@ -20,6 +20,7 @@ order is loaded synchronously on demand and counted; it is never computed on the
 Passes that alternate (CFG with skip-layer guidance) are predicted from the period of recent passes.
 """
 
+import functools
 import logging
 import weakref
 from collections import deque
@@ -352,41 +353,16 @@ class BlockStreamer:
     # module -> hook -> streamer -> module a cycle that only the garbage collector frees (with the pinned RAM).
 
     def _make_pre_hook(self, index: int):
-        streamer = weakref.ref(self)
-
-        @torch.compiler.disable
-        def pre_hook(module, args):
-            streamer()._acquire(index)
-
-        return pre_hook
+        return functools.partial(_pre_hook, weakref.ref(self), index)
 
     def _make_post_hook(self, index: int):
-        streamer = weakref.ref(self)
-
-        @torch.compiler.disable
-        def post_hook(module, args, output):
-            streamer()._release(index)
-
-        return post_hook
+        return functools.partial(_post_hook, weakref.ref(self), index)
 
     def _make_pass_begin(self, streaming_pass: _Pass):
-        streamer = weakref.ref(self)
-
-        @torch.compiler.disable
-        def begin(module, args):
-            streamer()._begin_pass(streaming_pass)
-
-        return begin
+        return functools.partial(_pass_begin, weakref.ref(self), streaming_pass)
 
     def _make_pass_end(self, streaming_pass: _Pass):
-        streamer = weakref.ref(self)
-
-        @torch.compiler.disable
-        def end(module, args, output):
-            # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
-            streamer()._end_pass(streaming_pass, completed=output is not None)
-
-        return end
+        return functools.partial(_pass_end, weakref.ref(self), streaming_pass)
 
     # -- passes and schedule -------------------------------------------------------------------------
 
@@ -533,6 +509,30 @@ class BlockStreamer:
         if slot_index not in block.slot_views:
             block.slot_views[slot_index] = block.views_on(self._slots[slot_index].buffer)
         return block.slot_views[slot_index]
+
+
+# The hook bodies, compiler-disabled once at import: the first `torch.compiler.disable` imports torch._dynamo,
+# and that import leaves the frames on the stack in a reference cycle; at import time they hold no model.
+
+@torch.compiler.disable
+def _pre_hook(streamer: weakref.ref, index: int, module, args) -> None:
+    streamer()._acquire(index)
+
+
+@torch.compiler.disable
+def _post_hook(streamer: weakref.ref, index: int, module, args, output) -> None:
+    streamer()._release(index)
+
+
+@torch.compiler.disable
+def _pass_begin(streamer: weakref.ref, streaming_pass: _Pass, module, args) -> None:
+    streamer()._begin_pass(streaming_pass)
+
+
+@torch.compiler.disable
+def _pass_end(streamer: weakref.ref, streaming_pass: _Pass, module, args, output) -> None:
+    # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
+    streamer()._end_pass(streaming_pass, completed=output is not None)
 
 
 def _remove_hooks(handles: list) -> None:
