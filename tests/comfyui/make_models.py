@@ -18,18 +18,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
+# A Wan 2.1 of ~290 MB in RAM (float32 under --cpu), for the memory tests: large enough that a second copy of
+# half its blocks stands out of the server's RSS noise, small enough for CI.
+MEDIUM_WAN_DIM, MEDIUM_WAN_LAYERS, MEDIUM_WAN_FFN = 512, 16, 2048
 SD3_DEPTH = 2
 
 
-def wan_seed() -> dict:
-    dim = WAN_DIM
+def wan_seed(dim: int = WAN_DIM, layers: int = WAN_LAYERS, ffn: int = WAN_FFN) -> dict:
     seed = {
         "head.modulation": torch.empty(1, 2, dim),
         "head.head.weight": torch.empty(16 * 4, dim),
         "patch_embedding.weight": torch.empty(dim, 16, 1, 2, 2),
     }
-    for i in range(WAN_LAYERS):
-        seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(WAN_FFN, dim)
+    for i in range(layers):
+        seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(ffn, dim)
     return seed
 
 
@@ -140,6 +142,9 @@ def main() -> None:
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
     save_file(random_state_dict(sd3_seed(), "SD3", seed=2), str(models / "diffusion_models" / "tiny_sd3.safetensors"))
+    medium = random_state_dict(wan_seed(MEDIUM_WAN_DIM, MEDIUM_WAN_LAYERS, MEDIUM_WAN_FFN), "WAN21_T2V", seed=5)
+    save_file(medium, str(models / "diffusion_models" / "medium_wan21.safetensors"))
+    del medium
     save_file(wan_lora(wan), str(models / "loras" / "tiny_wan21_lora.safetensors"))
     if not args.no_gguf:
         write_gguf_copies(wan, models / "diffusion_models", "tiny_wan21")
