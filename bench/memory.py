@@ -18,6 +18,7 @@ of the model for allocator noise).
 """
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -34,7 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import distorch  # noqa: E402
-from distorch.pages import trim_heap  # noqa: E402
 from distorch.toy import ToyDiT  # noqa: E402
 from distorch.units import GIB, MIB  # noqa: E402
 
@@ -150,6 +150,11 @@ def weight_bytes(model: ToyDiT) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def trim_heap() -> None:
+    """glibc's malloc_trim, so freed heap memory is not counted (local: the script also measures older trees)."""
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 def rss() -> int:
     gc.collect()
     trim_heap()
@@ -186,7 +191,8 @@ def write_model(kind: str, path: Path, args) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     del model
     if kind == "gguf":
-        qtypes = {k: "Q8_0" for k, v in state.items() if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % 32 == 0}
+        qtypes = {k: "Q8_0" for k, v in state.items()
+                  if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % 32 == 0}
         write_gguf(path, state, qtypes=qtypes)
     else:
         save_file(state, str(path))

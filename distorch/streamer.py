@@ -6,7 +6,9 @@ buffers there, block by block: nothing of ours keeps the original memory, so it 
 is staged and a streamed byte lives in one place (peak: the model plus one block). A block on the disk
 tier is not copied at all: it stays in the model file's mapping and is copied from there into its slot.
 The streamer holds no reference to the model: hooks reach it through a weakref, so dropping the model
-frees the streamer and its pinned memory without waiting for the garbage collector. A fixed number of slots (flat buffers on the compute device, each the size of the largest streamed
+frees the streamer and its pinned memory without waiting for the garbage collector.
+
+A fixed number of slots (flat buffers on the compute device, each the size of the largest streamed
 block) is allocated once. Per slot, two events carry the ordering:
 
     copy into slot s:   copy_stream waits slot.free   -> copy -> record slot.ready
