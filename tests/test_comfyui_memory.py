@@ -105,5 +105,6 @@ def test_streaming_half_the_model_adds_only_the_slots(server):
     allowed = 0.15 * streamed_bytes + slots + 0.03 * GB + NOISE  # 0.03 GB: the report's rounding of three numbers
     extra = streamed - resident
     assert extra <= allowed, (f"streaming {streamed_bytes / MIB:.0f} MiB grew the server's RSS by "
-                              f"{extra / MIB:.0f} MiB more than the resident run (allowed {allowed / MIB:.0f} MiB)\n{plan}")
+                              f"{extra / MIB:.0f} MiB more than the resident run "
+                              f"(allowed {allowed / MIB:.0f} MiB)\n{plan}")
     free_everything(server)
