@@ -74,3 +74,22 @@ def test_node_state_refers_to_no_model(close_first):
     references = [weakref.ref(model), weakref.ref(state.streamer)] + [weakref.ref(b) for b in state.streamer._arenas]
     del state, model
     assert all(r() is None for r in references)
+
+
+def test_pinned_buffers_are_unregistered_the_moment_the_model_goes(monkeypatch):
+    """cudaHostRegister/Unregister are recorded instead of called (no GPU needed): the model's state owns the
+    streamer, and dropping the model must unpin every staging buffer at once, not at the next collection."""
+    from distorch import hostbuf
+    from distorch.streamer import BlockStreamer, StoragePlacement
+
+    registered, unregistered = [], []
+    monkeypatch.setattr(hostbuf, "_register", lambda tensor: registered.append(tensor.data_ptr()) or True)
+    monkeypatch.setattr(hostbuf, "_unregister_storage", lambda storage: unregistered.append(storage.data_ptr()))
+    model = make_quirky()
+    blocks = distorch.discover(model).blocks[::2]
+    placement = {b.name: StoragePlacement("cpu", pinned=True) for b in blocks}
+    model.streaming_state = BlockStreamer(model, blocks, placement, "cpu").open()  # as nodes/state.py holds it
+    sampling_run(model, inputs(), steps=1)
+    assert len(registered) == len(blocks) and not unregistered
+    del model
+    assert sorted(unregistered) == sorted(registered)

@@ -100,3 +100,37 @@ def test_close_then_reopen_keeps_one_copy(files, expected, kind):
     assert closed <= int(0.15 * plan.streamed_bytes) + NOISE, f"RSS grew {closed / MIB:.1f} MiB after close()"
     assert growth <= allowed_growth(plan), f"RSS grew {growth / MIB:.1f} MiB after reopening"
     assert torch.equal(expected[kind], got)
+
+
+@pytest.mark.cuda
+def test_weights_already_on_the_gpu_leave_it_when_streamed():
+    """A model core already placed on the compute GPU: staging copies the streamed blocks to RAM and frees them
+    there, and close() puts them back."""
+    model = make_toy_dit(dim=512, depth=12, heads=8).to("cuda:0")
+    x, t = torch.randn(1, 16, 16, device="cuda:0"), torch.tensor([500.0], device="cuda:0")
+    with torch.inference_mode():
+        expected = model(x, t)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    plan = distorch.plan(model, compute_device="cuda:0", virtual_vram_gb=distorch.discover(model).block_bytes / 2 / GIB,
+                         memory={"cuda:0": 64 * GIB, "cpu": 64 * GIB})
+    with distorch.stream(model, plan), torch.inference_mode():
+        got = model(x, t)
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        assert all(p.device.type == "cpu" for n, p in model.named_parameters()
+                   if n.rpartition(".")[0].rpartition(".")[0] in plan.streamed)
+    assert allocated <= before - plan.streamed_bytes + plan.prefetch * plan.slot_bytes + 8 * MIB
+    assert torch.equal(expected, got)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.cuda
+def test_resident_weights_leave_ram_when_moved_to_the_gpu(files):
+    model = open_model("safetensors", files)
+    before = rss()
+    plan = distorch.plan(model, compute_device="cuda:0", virtual_vram_gb=distorch.discover(model).block_bytes / 2 / GIB,
+                         memory={"cuda:0": 64 * GIB, "cpu": 64 * GIB})
+    with distorch.stream(model, plan):
+        growth = rss() - before
+    assert growth <= -0.85 * plan.resident_bytes + NOISE, "the resident weights' RAM copy must be freed"
