@@ -101,7 +101,12 @@ def run_case(case: dict) -> dict:
 
 
 def warm_up() -> None:
-    """Imports what the first stream would (torch._dynamo for the hooks) before the baseline is read."""
+    """Imports what loading and the first stream would (the file readers, torch._dynamo for the hooks) before
+    the baseline is read, so the table counts memory, not code."""
+    import safetensors.torch  # noqa: F401
+
+    import gguf_loader  # noqa: F401
+
     model = ToyDiT(32, 2, 2)
     plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=1e-6, memory={"cpu": 64 * GIB})
     with distorch.stream(model, plan), torch.inference_mode():

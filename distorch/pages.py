@@ -98,15 +98,17 @@ def _merge_adjacent(mappings: list[FileMapping]) -> list[FileMapping]:
 
 
 def release_file_pages(address: int, nbytes: int, mapping: FileMapping) -> bool:
-    """Drops the whole pages of [address, address + nbytes) from this process's RSS; they stay in the file.
+    """Drops the pages holding [address, address + nbytes) from this process's RSS; they stay in the file.
 
-    Clean mappings drop their pages (MADV_DONTNEED: a later read faults the file's bytes back in). A private
-    writable mapping may hold pages written in memory, which DONTNEED would discard; those get MADV_PAGEOUT,
-    which reclaims clean pages and keeps written ones. Pages shared with bytes outside the range are kept.
-    Returns False when the kernel refused (the pages then simply stay until the mapping goes).
+    Safe for every page a clean mapping holds, even one shared with bytes outside the range: dropping only
+    forgets the page, and the next read faults the file's bytes back in (MADV_DONTNEED). So the range is rounded
+    out to whole pages, which matters for GGUF, whose tensors sit 32 bytes apart. A private writable mapping may
+    hold pages written in memory, which DONTNEED would discard; those get MADV_PAGEOUT, which reclaims clean
+    pages and keeps written ones. Returns False when the kernel refused (the pages then stay until the mapping
+    goes).
     """
-    low = -(-address // PAGE) * PAGE
-    high = (address + nbytes) // PAGE * PAGE
+    low = max(mapping.start, address // PAGE * PAGE)
+    high = min(mapping.end, -(-(address + nbytes) // PAGE) * PAGE)
     madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     if high <= low or madvise is None:
         return False
