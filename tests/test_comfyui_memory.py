@@ -69,19 +69,31 @@ def rss_prompt(loader: dict | None, prefix: str) -> dict:
 
 
 def free_everything(server) -> None:
-    """Unloads every model and clears the node cache (ComfyUI's /free), then waits until the worker did it."""
+    """Unloads every model and clears the node cache (ComfyUI's /free)."""
     request = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True,
                                                                             "free_memory": True}).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:  # answers with an empty body
         assert response.status == 200
-    time.sleep(2)
+
+
+def settled_rss(server) -> int:
+    """The server's RSS holding no model: after /free, read until two readings agree (the worker frees the
+    cached models when it next wakes, and newer cores may take one more round)."""
+    last = None
+    for _ in range(8):
+        free_everything(server)
+        time.sleep(1)
+        now = run_ok(server, rss_prompt(None, "rss_base")).body["outputs"]["10"]["rss"][0]
+        if last is not None and abs(now - last) < 4 * MIB:
+            return now
+        last = now
+    return now
 
 
 def rss_growth(server, virtual_vram_gb: float) -> tuple[int, str]:
     """RSS growth of one sampling prompt with the medium model, from a server holding no model; and the plan."""
-    free_everything(server)
-    before = run_ok(server, rss_prompt(None, "rss_base")).body["outputs"]["10"]["rss"][0]
+    before = settled_rss(server)
     result = run_ok(server, rss_prompt(distorch_unet(MEDIUM, virtual_vram_gb), f"rss_{virtual_vram_gb}"))
     after = result.body["outputs"]["10"]["rss"][0]
     return after - before, result.body["outputs"]["1"]["text"][0]
