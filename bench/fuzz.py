@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import tempfile
@@ -65,7 +66,8 @@ def summary_line(report: Report, seconds: float) -> str:
 
 def markdown(reports: list[tuple[Report, float]], args: argparse.Namespace) -> str:
     lines = [
-        f"Run {datetime.date.today().isoformat()} on {platform.machine()} {platform.system()}, "
+        f"Run {datetime.date.today().isoformat()} on {platform.machine()} {platform.system()} "
+        f"({os.cpu_count()} CPUs), "
         f"Python {platform.python_version()}, torch {torch.__version__}: "
         f"`python bench/fuzz.py --iterations {args.iterations} --seed {args.seed}`",
         "",

@@ -11,7 +11,7 @@ from distorch import headers
 from gguf_loader.dequant import fields
 
 SEED = 13
-# About 10 s per target on a loaded 2-core runner (gguf: read + dequantize every tensor of a 28-tensor file).
+# About 10 s per target on a loaded 2-core runner (gguf: read + dequantize every tensor of a 27-tensor file).
 CI_MUTANTS = {"gguf": 1000, "gguf-plan": 800, "safetensors-plan": 800, "expert": 1000}
 
 
