@@ -14,11 +14,19 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 
+from .echo import echo
 from .units import UNIT_BYTES
+
+# Far above any real entry ("cuda:12,123.456gb"), yet room for every float written out in full (str(spec)
+# round-trips), and above any device: no number or echo grows without bound.
+_MAX_ENTRY_CHARS = 400
+_MAX_BYTES = 2**60
 
 
 class AllocationError(ValueError):
     """A malformed expert allocation string; the message names the bad token."""
+
+    __module__ = "distorch"  # the import path users see in ComfyUI's error (not the custom_nodes file path)
 
 
 class AllocationMode(str, enum.Enum):
@@ -65,7 +73,7 @@ class AllocationSpec:
         return ";".join(f"{e.device},{_format_amount(self.mode, e.amount)}" for e in self.entries)
 
 
-_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]*))$")
+_DEVICE = re.compile(r"^(cpu|cuda:(0|[1-9][0-9]{0,5}))$")  # six digits: int() of the index stays cheap
 
 
 def is_device_name(name: str) -> bool:
@@ -99,7 +107,7 @@ def parse_allocation(text: str) -> AllocationSpec:
         raise AllocationError("empty allocation string: write entries like 'cuda:0,2.5gb;cpu,*'")
     if "#" in text:
         raise AllocationError(
-            f"'#' is not part of the grammar ({text.strip()!r}): the compute device is set by compute_device")
+            f"'#' is not part of the grammar ({echo(text.strip())}): the compute device is set by compute_device")
     parsed = [_parse_entry(raw) for raw in text.split(";")]
     mode = _single_mode(parsed)
     entries = tuple(AllocationEntry(device, amount) for device, _, amount in parsed)
@@ -113,9 +121,12 @@ def _parse_entry(raw: str) -> tuple[str, AllocationMode | None, float | int | No
     entry = raw.strip()
     if not entry:
         raise AllocationError("empty entry between ';' separators")
+    if len(entry) > _MAX_ENTRY_CHARS:
+        raise AllocationError(f"entry {echo(entry)} is {len(entry)} characters long; entries read like "
+                              f"'cuda:0,2.5gb'")
     device, sep, value = (part.strip() for part in entry.partition(","))
     if not sep:
-        raise AllocationError(f"entry {entry!r} needs the form 'device,value', e.g. 'cpu,*'")
+        raise AllocationError(f"entry {echo(entry)} needs the form 'device,value', e.g. 'cpu,*'")
     if not is_device_name(device.lower()):
         raise AllocationError(_device_problem(device, entry))
     mode, amount = _parse_value(value.lower(), entry)
@@ -124,36 +135,39 @@ def _parse_entry(raw: str) -> tuple[str, AllocationMode | None, float | int | No
 
 def _device_problem(device: str, entry: str) -> str:
     if device.lower() == "cuda":
-        return f"device 'cuda' in {entry!r} needs an index, e.g. 'cuda:0'"
-    return f"unknown device {device!r} in {entry!r}: use 'cpu' or 'cuda:N'"
+        return f"device 'cuda' in {echo(entry)} needs an index, e.g. 'cuda:0'"
+    return f"unknown device {echo(device)} in {echo(entry)}: use 'cpu' or 'cuda:N'"
 
 
 def _parse_value(value: str, entry: str) -> tuple[AllocationMode | None, float | int | None]:
     if value == "*":
         return None, None
     if value.startswith("-"):
-        raise AllocationError(f"negative amount {value!r} in {entry!r}")
+        raise AllocationError(f"negative amount {echo(value)} in {echo(entry)}")
     if match := _RATIO.match(value):
         return AllocationMode.RATIO, _finite(match.group(1), entry)
     if match := _FRACTION.match(value):
         share = _finite(match.group(1), entry)
         if share > 1.0:
             raise AllocationError(
-                f"fraction {value!r} in {entry!r} is above 1: write a share of the device's memory such as 0.5, "
-                "a percentage such as 50%, or bytes such as 4gb")
+                f"fraction {echo(value)} in {echo(entry)} is above 1: write a share of the device's memory such as "
+                "0.5, a percentage such as 50%, or bytes such as 4gb")
         return AllocationMode.FRACTION, share
     if match := _BYTES.match(value):
         unit = match.group(2)
         if unit not in UNIT_BYTES:
-            raise AllocationError(f"unknown unit {unit!r} in {entry!r}: use b, k, kb, m, mb, g or gb")
-        return AllocationMode.BYTES, int(round(_finite(match.group(1), entry) * UNIT_BYTES[unit]))
-    raise AllocationError(f"cannot read amount {value!r} in {entry!r}: expected e.g. 2.5gb, 25%, 0.1 or *")
+            raise AllocationError(f"unknown unit {echo(unit)} in {echo(entry)}: use b, k, kb, m, mb, g or gb")
+        nbytes = _finite(match.group(1), entry) * UNIT_BYTES[unit]
+        if nbytes > _MAX_BYTES:
+            raise AllocationError(f"amount {echo(value)} in {echo(entry)} is more than any device holds")
+        return AllocationMode.BYTES, int(round(nbytes))
+    raise AllocationError(f"cannot read amount {echo(value)} in {echo(entry)}: expected e.g. 2.5gb, 25%, 0.1 or *")
 
 
 def _finite(number: str, entry: str) -> float:
     value = float(number)
     if not math.isfinite(value):
-        raise AllocationError(f"amount {number!r} in {entry!r} is not a finite number")
+        raise AllocationError(f"amount {echo(number)} in {echo(entry)} is not a finite number")
     return value
 
 

@@ -19,6 +19,7 @@ from .units import GIB
 PCIE_RATES_GBPS = {"PCIe 4.0 x16": 24.0, "PCIe 5.0 x16": 50.0}
 DEFAULT_ACTIVATION_RESERVE_GB = 2.0
 PROPOSAL_STEP_GB = 0.1
+MAX_PROPOSALS = 2000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,7 +104,8 @@ def propose_virtual_vram(sizes, args, inventory) -> float:
 
 def proposal_step_gb(sizes) -> float:
     smallest_block = min((n for _, n in sizes.blocks if n), default=GIB)
-    return min(PROPOSAL_STEP_GB, smallest_block / GIB)
+    # At most MAX_PROPOSALS plans: 1-byte blocks beside gigabytes of other weights made this run for hours.
+    return max(min(PROPOSAL_STEP_GB, smallest_block / GIB), sizes.total_bytes / GIB / MAX_PROPOSALS)
 
 
 def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,

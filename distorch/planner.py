@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (t
 class PlanError(ValueError):
     """The requested placement cannot be honoured; the message says why and what to change."""
 
+    __module__ = "distorch"  # the import path users see in ComfyUI's error (not the custom_nodes file path)
+
 
 @dataclass(frozen=True)
 class ModelSizes:

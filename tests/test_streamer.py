@@ -112,6 +112,59 @@ def test_exception_inside_a_streamed_block_releases_its_slot():
     assert_all_equal(reference_outputs(steps=1), got)
 
 
+def _raise_keyboard_interrupt(module, args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefetch", [1, 3])
+@pytest.mark.parametrize("where", ["inside a block", "between blocks", "block outside a pass"])
+def test_keyboard_interrupt_releases_everything(device, prefetch, where):
+    """torch runs always_call hooks for Exception only: Ctrl+C inside a streamed block left its slot marked
+    running (prefetch=1: "all 1 are running blocks" on every later forward; more slots: one lost for good)
+    and its pass open. The next pass must find every slot free and be bit-exact (issue #13, escape 2)."""
+    expected = reference_outputs(device, steps=2)
+    for engine in engines(device)[-1:]:  # the deferred CPU engine: a copy lands only when waited for
+        model = make_quirky()
+        with distorch.stream(model, plan_share(model, 1.0, device, prefetch), prefetch=prefetch, debug=True,
+                             engine=engine) as handle:
+            sampling_run(model, inputs(device), steps=1)
+            hook = model.blocks[1].fc1.register_forward_pre_hook(_raise_keyboard_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                if where == "block outside a pass":
+                    model.blocks[1](torch.zeros(2, 16, 64, device=device), torch.zeros(2, 64, device=device))
+                elif where == "between blocks":
+                    hook.remove()
+                    model.fail_at_block, model.fail_with = 5, KeyboardInterrupt
+                    model(inputs(device), torch.tensor([500.0, 500.0]))
+                else:
+                    model(inputs(device), torch.tensor([500.0, 500.0]))
+            hook.remove()
+            model.fail_at_block = None
+            if where == "block outside a pass":  # no pass begins: the next block must find the slot freed itself
+                model.blocks[2](torch.zeros(2, 16, 64, device=device), torch.zeros(2, 64, device=device))
+            got = sampling_run(model, inputs(device), steps=2)
+            assert all(slot.users == 0 for slot in handle.streamer._slots)
+            assert all(p.depth == 0 and p.frame is None for p in handle.streamer._passes)
+        assert_all_equal(expected, got)
+
+
+def test_a_running_block_is_never_taken_for_an_interrupted_one():
+    """Interrupt recovery releases only forwards whose module call has left the stack: a streamed block
+    called from inside another one's forward with a single slot still gets the clear error, and the
+    outer block keeps its slot."""
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 1.0, prefetch=1), prefetch=1, debug=True) as handle:
+        inner = model.blocks[1]
+        nested = model.blocks[0].fc1.register_forward_hook(lambda module, args, out: inner(out, out[:, 0]))
+        with pytest.raises(RuntimeError, match="'blocks.1' needs a slot but all 1 are running blocks"):
+            model(inputs(), torch.tensor([1.0, 2.0]))
+        nested.remove()
+        assert all(slot.users == 0 for slot in handle.streamer._slots)
+        got = sampling_run(model, inputs(), steps=1)
+    assert_all_equal(reference_outputs(steps=1), got)
+
+
 def test_missing_wait_is_caught():
     """The CPU harness can fail: dropping the compute-side wait makes outputs wrong (NaN from poison)."""
     model = make_quirky()
@@ -201,8 +254,19 @@ def test_stream_twice_is_refused_and_plan_must_match():
         with pytest.raises(RuntimeError, match="already being streamed"):
             distorch.stream(model, plan)
     other = make_quirky(dim=32)
-    with pytest.raises(ValueError, match="does not match this model"):
+    with pytest.raises(distorch.PlanError, match="does not match this model"):
         distorch.stream(other, plan)
+
+
+@pytest.mark.parametrize(("depth", "message"), [
+    (12, r"the plan \(8 blocks\) does not match this model \(12 blocks\): blocks missing: none, "
+         r"not in the plan: blocks.8, blocks.9, blocks.10 and 1 more, sizes changed: none; plan it again"),
+    (7, r"\(7 blocks\): blocks missing: blocks.7, not in the plan: none, sizes changed: none"),
+])
+def test_plan_for_another_depth_names_the_blocks(depth, message):
+    """A plan for a model with fewer blocks said "blocks missing: none, sizes changed: none" (issue #13, escape 6)."""
+    with pytest.raises(distorch.PlanError, match=message):
+        distorch.stream(make_quirky(depth=depth), plan_share(make_quirky(), 0.5))
 
 
 def test_unavailable_device_is_a_clear_error():
