@@ -50,8 +50,9 @@ TOOLTIPS = {
         "room for all of them spills the rest into RAM."),
     "expert_mode_allocations": (
         "Optional, overrides the slider. ComfyUI-MultiGPU grammar, one mode per string: bytes "
-        "'cuda:0,2.5gb;cpu,*', ratio 'cuda:0,25%;cpu,75%' or fraction of device memory 'cuda:0,0.1;cpu,0.5'. "
-        "The compute device's amount stays resident; '*' takes the rest."),
+        "'cuda:0,2.5gb;cpu,*' (without a '*' the rest goes to cpu), ratio 'cuda:0,8%;cuda:1,8%;cpu,4%' (an 8:8:4 "
+        "split) or fraction of device memory 'cuda:0,0.1;cpu,0.5'. Amounts fill the devices in the order written "
+        "and '*' takes the rest; the compute device's share stays resident, the others are streamed from there."),
 }
 
 
