@@ -44,6 +44,7 @@ class Input:
     optional: bool = False
     maximum: float = 128.0
     note: str = ""
+    ignored: bool = False  # accepted for old workflows, no effect here (the note says why)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class LegacyLoader:
 
     def carried(self) -> dict[str, str]:
         """Original input name → target input name for the values that pass through unchanged (or renamed)."""
-        return _CARRIED.get(self.rule, {}) | {n: n for n in self.input_names if n in widget_inputs(self.target)}
+        renamed = {k: v for k, v in _CARRIED.get(self.rule, {}).items() if k in self.input_names}
+        return renamed | {n: n for n in self.input_names if n in widget_inputs(self.target)}
 
 
 # -- the inputs ------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def _distorch2(device_name: str, eject_default: bool) -> tuple[Input, ...]:
     return (Input(device_name, "device", optional=True), Input("virtual_vram_gb", "gb", 4.0, optional=True),
             Input("donor_device", "device", "cpu", optional=True),
             Input("expert_mode_allocations", "text", "", optional=True),
-            Input("eject_models", "flag", eject_default, optional=True, note=EJECT_NOTE))
+            Input("eject_models", "flag", eject_default, optional=True, note=EJECT_NOTE, ignored=True))
 
 
 def _distorch1() -> tuple[Input, ...]:
@@ -126,9 +128,10 @@ def _distorch1() -> tuple[Input, ...]:
 DEVICE = (Input("device", "device", optional=True),)
 UNET = _files("unet_file", "unet_name") + (Input("weight_dtype", "weight_dtype", "default"),)
 UNET_GGUF = _files("unet_gguf_file", "unet_name")
-UNET_GGUF_ADVANCED = UNET_GGUF + (Input("dequant_dtype", "gguf_dtype", "default", note=GGUF_DTYPE_NOTE),
-                                  Input("patch_dtype", "gguf_dtype", "default", note=GGUF_DTYPE_NOTE),
-                                  Input("patch_on_device", "flag", False, note=LORA_NOTE))
+UNET_GGUF_ADVANCED = UNET_GGUF + (
+    Input("dequant_dtype", "gguf_dtype", "default", note=GGUF_DTYPE_NOTE, ignored=True),
+    Input("patch_dtype", "gguf_dtype", "default", note=GGUF_DTYPE_NOTE, ignored=True),
+    Input("patch_on_device", "flag", False, note=LORA_NOTE, ignored=True))
 CLIP = _files("clip_file", "clip_name") + (Input("type", "clip_type", "stable_diffusion"),)
 DUAL_CLIP = _files("clip_file", "clip_name1", "clip_name2") + (Input("type", "dual_clip_type", "sdxl"),)
 TRIPLE_CLIP = _files("clip_file", "clip_name1", "clip_name2", "clip_name3")
@@ -144,8 +147,8 @@ CHECKPOINT_ADVANCED_DISTORCH2 = CKPT + (
     Input("vae_device", "device"),
     Input("unet_expert_mode_allocations", "text", "", optional=True),
     Input("clip_expert_mode_allocations", "text", "", optional=True),
-    Input("high_precision_loras", "flag", True, optional=True, note=LORA_NOTE),
-    Input("eject_models", "flag", True, optional=True, note=EJECT_NOTE))
+    Input("high_precision_loras", "flag", True, optional=True, note=LORA_NOTE, ignored=True),
+    Input("eject_models", "flag", True, optional=True, note=EJECT_NOTE, ignored=True))
 CHECKPOINT_ADVANCED = CKPT + (Input("unet_device", "device"), Input("clip_device", "device"),
                               Input("vae_device", "device"))
 
