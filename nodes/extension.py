@@ -233,9 +233,13 @@ NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorc
 
 class DisTorchExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from server import PromptServer
+
         from .compat import compat_nodes  # builds on this module's widgets
+        from .compat_route import register_convert_route
 
         register_gguf_folders()
+        register_convert_route(PromptServer.instance.routes)
         return NODES + compat_nodes()
 
 

@@ -173,11 +173,13 @@ def test_installed_packs_found_by_folder_name_or_project_name(tmp_path):
     (custom / "comfyui-multigpu").mkdir(parents=True)
     (custom / "my_gguf_fork").mkdir()
     (custom / "my_gguf_fork" / "pyproject.toml").write_text('[project]\nname = "ComfyUI-GGUF"\nversion = "1"\n')
-    (custom / "unrelated").mkdir()
-    (custom / "unrelated" / "pyproject.toml").write_text('[tool.x]\nname = "comfyui-gguf"\n[project]\nname = "x"\n')
     found = installed_packs([str(custom)])
     assert set(found) == {"ComfyUI-MultiGPU", "ComfyUI-GGUF"}
     assert found["ComfyUI-GGUF"].endswith("my_gguf_fork")
+    other = tmp_path / "other_custom_nodes"
+    (other / "unrelated").mkdir(parents=True)
+    (other / "unrelated" / "pyproject.toml").write_text('[tool.x]\nname = "comfyui-gguf"\n[project]\nname = "x"\n')
+    assert installed_packs([str(other)]) == {}, "only the [project] table names the project"
 
 
 @pytest.mark.parametrize(
@@ -271,6 +273,20 @@ def test_ui_conversion_renames_a_linked_widget_input_and_keeps_its_slot():
     assert node["inputs"][2] == {"name": "compute_device", "type": "COMBO", "widget": {"name": "compute_device"},
                                  "link": 5}
     assert converted["links"] == workflow["links"]
+
+
+def test_ui_conversion_keeps_an_unused_input_that_a_linked_one_follows():
+    """Dropping `eject_models` here would move the linked `compute_device` from slot 1 to slot 0."""
+    inputs = [{"name": "eject_models", "type": "BOOLEAN", "widget": {"name": "eject_models"}, "link": None},
+              {"name": "compute_device", "type": "COMBO", "widget": {"name": "compute_device"}, "link": 4}]
+    nodes = [ui_node(1, "PrimitiveNode", ["cpu"], outputs=("COMBO",)),
+             ui_node(2, "UNETLoaderDisTorch2MultiGPU", ["u.safetensors", "default", "cpu", 4, "cpu", "", True],
+                     inputs=inputs)]
+    workflow = ui_workflow(nodes, [[4, 1, 0, 2, 1, "COMBO"]])
+    node = convert_workflow(workflow, MACHINE).workflow["nodes"][1]
+    assert node["type"] == "DisTorchUNetLoader"
+    assert [i["name"] for i in node["inputs"]] == ["eject_models", "compute_device"]
+    assert node["inputs"][1]["link"] == 4
 
 
 def test_ui_node_with_a_link_into_an_input_without_counterpart_is_left_alone():
