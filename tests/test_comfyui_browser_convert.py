@@ -55,7 +55,7 @@ def open_canvas_menu_and_pick(page, entry: str) -> None:
     page.page.locator(".litecontextmenu .litemenu-entry", has_text=entry).first.click()
 
 
-def test_canvas_menu_converts_multigpu_loaders_and_the_result_runs(comfy_page, server):
+def test_canvas_menu_converts_multigpu_loaders_and_the_result_runs(comfy_page, server):  # noqa: F811
     prompt = sd3_prompt(multigpu_files(0.0), *SEPARATE)
     prompt["15"]["inputs"]["filename"] = "browser_converted"
     comfy_page.load_api_workflow(prompt)

@@ -433,3 +433,34 @@ def test_cli_refuses_a_huge_file_without_parsing_it(tmp_path, capsys, monkeypatc
     assert distorch.cli.main(["convert", str(path)]) == 2
     assert "larger than" in capsys.readouterr().err
 
+
+
+# -- the checkpoint loader's settings -------------------------------------------------------------------------------
+
+CHECKPOINT_VALUES = {"unet_compute_device": "cuda:0", "unet_virtual_vram_gb": 6.0, "unet_donor_device": "cpu",
+                     "clip_compute_device": "cuda:1", "clip_virtual_vram_gb": 0.5, "clip_donor_device": "cpu",
+                     "vae_device": "cuda:1", "unet_expert_mode_allocations": "",
+                     "clip_expert_mode_allocations": "cuda:1,1gb;cpu,*"}
+
+
+def test_checkpoint_settings_hold_one_setting_per_model():
+    from distorch_pack.nodes.settings import CheckpointSettings
+
+    settings = CheckpointSettings.validate(CHECKPOINT_VALUES, ("cuda:0", "cuda:1", "cpu"))
+    assert (settings.unet.compute_device, settings.unet.virtual_vram_gb) == ("cuda:0", 6.0)
+    assert (settings.clip.compute_device, settings.clip.expert_mode_allocations) == ("cuda:1", "cuda:1,1gb;cpu,*")
+    assert settings.vae_device == "cuda:1"
+
+
+def test_checkpoint_settings_name_every_bad_input_with_its_model():
+    from distorch_pack.nodes.settings import CheckpointSettings
+
+    values = {**CHECKPOINT_VALUES, "unet_donor_device": "cuda:0", "clip_expert_mode_allocations": "cuda:1,2t",
+              "vae_device": "cuda:7"}
+    with pytest.raises(ValueError) as error:
+        CheckpointSettings.validate(values, ("cuda:0", "cuda:1", "cpu"))
+    message = str(error.value)
+    assert message.startswith("DisTorch: ") and "\n" not in message
+    assert "unet_donor_device 'cuda:0' is the compute device" in message
+    assert "clip_expert_mode_allocations: unknown unit 't'" in message
+    assert "vae_device 'cuda:7' is not available" in message
