@@ -25,7 +25,6 @@ GGUF = "ComfyUI-GGUF"
 CORE = "core"
 
 GGUF_DTYPES = ("default", "target", "float32", "float16", "bfloat16")
-WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,9 @@ class Input:
     """One widget input of an original node.
 
     `kind` says what the widget holds: a file list ("unet_file", "unet_gguf_file", "clip_file", "ckpt_file",
-    "vae_file"), a fixed choice ("weight_dtype", "gguf_dtype", "clip_type", "dual_clip_type"), "device",
-    "gb" (a virtual VRAM slider), "flag" or "text". A `default` of None means the machine's default device
-    (devices) or the first file (files).
+    "vae_file"), a fixed choice ("weight_dtype", "gguf_dtype", "clip_type", "dual_clip_type", and
+    "core_clip_device": core's default/cpu), "device", "gb" (a virtual VRAM slider), "flag" or "text". A
+    `default` of None means the machine's default device (devices) or the first file (files).
     """
 
     name: str
