@@ -6,15 +6,25 @@ MODEL / CLIP / VAE plus the plan table as text on the node.
 """
 
 import comfy.model_management as mm
+import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
 import nodes as core_nodes
 
 from .catalog import FILE_INPUTS, NODE_TITLES
+from .checkpoint import load_checkpoint
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
-from .settings import ChoiceSpec, DisTorchSettings, NumberSpec, device_choices, distorch_specs, donor_choices
+from .settings import (
+    CheckpointSettings,
+    ChoiceSpec,
+    DisTorchSettings,
+    NumberSpec,
+    device_choices,
+    distorch_specs,
+    donor_choices,
+)
 
 WEB_DIRECTORY = "./nodes/web"
 CATEGORY = "DisTorch"
@@ -26,20 +36,21 @@ def _devices() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return device_choices(count, cpu_only), donor_choices(count, cpu_only)
 
 
-def distorch_inputs(kind: str) -> list:
-    """The four DisTorch widgets, built from the pure specs in settings.py."""
+def distorch_inputs(kind: str, prefix: str = "") -> list:
+    """The four DisTorch widgets, built from the pure specs in settings.py (names `prefix` + name)."""
     devices, donors = _devices()
     widgets = []
     for spec in distorch_specs(kind, devices, donors):
+        name = prefix + spec.name
         if isinstance(spec, ChoiceSpec):
-            widgets.append(io.Combo.Input(spec.name, options=list(spec.options), default=spec.default,
+            widgets.append(io.Combo.Input(name, options=list(spec.options), default=spec.default,
                                           tooltip=spec.tooltip))
         elif isinstance(spec, NumberSpec):
-            widgets.append(io.Float.Input(spec.name, default=spec.default, min=spec.minimum, max=spec.maximum,
+            widgets.append(io.Float.Input(name, default=spec.default, min=spec.minimum, max=spec.maximum,
                                           step=spec.step, round=0.01, display_mode=io.NumberDisplay.slider,
                                           tooltip=spec.tooltip))
         else:
-            widgets.append(io.String.Input(spec.name, default=spec.default, optional=spec.optional,
+            widgets.append(io.String.Input(name, default=spec.default, optional=spec.optional,
                                            tooltip=spec.tooltip))
     return widgets
 
@@ -173,14 +184,63 @@ class DisTorchVAELoader(io.ComfyNode):
         return io.NodeOutput(vae, ui=ui.PreviewText(report))
 
 
+class DisTorchCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        devices, _ = _devices()
+        unet, clip = distorch_inputs("unet", "unet_"), distorch_inputs("clip", "clip_")
+        return io.Schema(
+            node_id="DisTorchCheckpointLoader",
+            display_name=NODE_TITLES["DisTorchCheckpointLoader"],
+            category=CATEGORY,
+            description=("Loads an all-in-one checkpoint as Load Checkpoint does; the diffusion model and the text "
+                         "encoders each get their own virtual VRAM, the VAE its own device."),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="Checkpoint from models/checkpoints."),
+                *unet[:3], *clip[:3],
+                io.Combo.Input("vae_device", options=list(devices), default=devices[0],
+                               tooltip="Device the VAE decodes and encodes on."),
+                unet[3], clip[3],
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, unet_compute_device, unet_virtual_vram_gb, unet_donor_device, clip_compute_device,
+                        clip_virtual_vram_gb, clip_donor_device, vae_device, unet_expert_mode_allocations="",
+                        clip_expert_mode_allocations=""):
+        values = dict(locals())
+        values.pop("cls")
+        if any(v is None for v in values.values()):
+            return True  # driven by a link; checked again when the node runs
+        try:
+            CheckpointSettings.validate(values, _devices()[0])
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name, **values) -> io.NodeOutput:
+        settings = CheckpointSettings.validate(values, _devices()[0])
+        outputs, report = load_checkpoint(ckpt_name, settings)
+        return io.NodeOutput(*outputs, ui=ui.PreviewText(report))
+
+
 NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorchTripleCLIPLoader,
-         DisTorchQuadrupleCLIPLoader, DisTorchVAELoader]
+         DisTorchQuadrupleCLIPLoader, DisTorchVAELoader, DisTorchCheckpointLoader]
 
 
 class DisTorchExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from server import PromptServer
+
+        from .compat import compat_nodes  # builds on this module's widgets
+        from .compat_route import register_convert_route
+
         register_gguf_folders()
-        return NODES
+        register_convert_route(PromptServer.instance.routes)
+        return NODES + compat_nodes()
 
 
 async def comfy_entrypoint() -> DisTorchExtension:

@@ -2,7 +2,7 @@
 
     python scripts/make_workflows.py
 
-The graphs are described once here; node signatures come from nodes/catalog.py (DisTorch nodes) and
+The graphs are described once here; node signatures come from distorch/catalog.py (DisTorch nodes) and
 tests/data/core_nodes.json (core nodes, recorded from ComfyUI 0.3.64 and 0.8.0), so both formats
 always agree and tests/test_workflows.py can check them.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodes.catalog import NODE_TITLES, output_type, widget_inputs  # noqa: E402
+from distorch.catalog import NODE_TITLES, output_types, widget_inputs  # noqa: E402
 
 CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
 
@@ -29,12 +29,12 @@ class Link:
 def signature(class_type: str) -> dict:
     if class_type in NODE_TITLES:
         names = widget_inputs(class_type)
-        inputs = [{"name": n, "type": "STRING" if n == "expert_mode_allocations" else "COMBO", "widget": True,
-                   "control_after_generate": False, "optional": n == "expert_mode_allocations"} for n in names]
+        inputs = [{"name": n, "type": "STRING" if n.endswith("expert_mode_allocations") else "COMBO", "widget": True,
+                   "control_after_generate": False, "optional": n.endswith("expert_mode_allocations")} for n in names]
         for spec in inputs:
-            if spec["name"] == "virtual_vram_gb":
+            if spec["name"].endswith("virtual_vram_gb"):
                 spec["type"] = "FLOAT"
-        return {"inputs": inputs, "outputs": [output_type(class_type)]}
+        return {"inputs": inputs, "outputs": list(output_types(class_type))}
     return CORE[class_type]
 
 

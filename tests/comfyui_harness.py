@@ -99,6 +99,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         self.process = None
+        self.custom_nodes = [PACK_DIR_NAME, "distorch_test_nodes"]  # the entries of custom_nodes ComfyUI loads
 
     def prepare(self) -> None:
         custom = self.base / "custom_nodes"
@@ -117,7 +118,7 @@ class ComfyServer:
         command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                    "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME, "distorch_test_nodes"]
+                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", *self.custom_nodes]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240

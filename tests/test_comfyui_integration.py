@@ -11,12 +11,12 @@ import subprocess
 import pytest
 import torch
 from comfyui_harness import REPO, core_unet, distorch_unet, sampling_prompt
-from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
+from distorch_pack.nodes.catalog import FILE_INPUTS, NODE_TITLES, widget_inputs
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.comfyui
 
-NODES = NODE_TITLES
+NODES = {node_id: NODE_TITLES[node_id] for node_id in FILE_INPUTS}  # the single-model loaders
 HALF = 0.0015  # GB: about half of the tiny Wan model's blocks
 WAN = "tiny_wan21.safetensors"
 
