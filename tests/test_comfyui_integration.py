@@ -13,6 +13,7 @@ import torch
 from comfyui_harness import REPO, core_unet, distorch_unet, sampling_prompt
 from distorch_pack.nodes.catalog import NODE_TITLES, widget_inputs
 from safetensors.torch import load_file
+
 from scripts.snapshot_core_nodes import compatibility_problems, signature
 
 pytestmark = pytest.mark.comfyui

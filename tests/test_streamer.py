@@ -277,6 +277,23 @@ def test_cuda_steady_state_has_no_allocations_and_no_host_syncs():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_copies_wait_for_the_lagging_compute_stream(prefetch):
+    """Each block's kernels queue behind a ~1 ms spin on the compute stream, so the host runs far ahead: a copy
+    into a slot not ordered after the slot's free event would overwrite weights its last block still reads."""
+    expected = reference_outputs("cuda:0", steps=2)
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 1.0, "cuda:0", prefetch), prefetch=prefetch):
+        # Registered after the streamer's pre-hooks: the spin runs after the wait for `ready`, before the kernels.
+        spins = [block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(2_000_000))
+                 for block in model.blocks]
+        got = sampling_run(model, inputs("cuda:0"), steps=2)
+        for spin in spins:
+            spin.remove()
+    assert_all_equal(expected, got)
+
+
+@pytest.mark.cuda
 def test_cuda_peak_memory_follows_the_plan():
     model = make_quirky()
     plan = plan_share(model, 0.75, "cuda:0")

@@ -15,7 +15,8 @@ import folder_paths
 import pytest
 import torch
 from conftest import HAS_DYNAMIC, MODELS
-from distorch_pack.nodes import loading, patcher as distorch_patcher
+from distorch_pack.nodes import loading
+from distorch_pack.nodes import patcher as distorch_patcher
 from distorch_pack.nodes.loading import load_clip, load_unet, load_vae, loader_inventory
 from distorch_pack.nodes.patcher import DisTorchModelPatcher
 from distorch_pack.nodes.settings import DisTorchSettings
