@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check: the CUDA tests, the streaming and dequantization benchmarks and the steady-state checks, in
-# one run that fits in 8 minutes on one GPU (an H200 takes about 5), with every table written to one folder.
+# one run that fits in 8 minutes on one GPU (each step has a time limit, 7 min 50 s in all), with every table
+# written to one folder.
 #
 #   bash bench/gpu_check.sh              # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --dry-run    # anywhere: the same steps on the CPU at toy sizes (CI runs this)

@@ -85,12 +85,13 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def _resident_size(self) -> int:
         """What core counts for the modules it loads (`module_size` of every `_load_list()` entry), cached:
         the set of modules and their dtypes are fixed once the loader has run."""
+        state = DisTorchState.of(self.model)
         cached = self.__dict__.get("_distorch_resident_size")
-        if cached is None:
+        if cached is None or cached[0] is not state:  # a new plan (another compute device) hides other blocks
             modules = (next(item for item in entry if isinstance(item, torch.nn.Module)) for entry in self._load_list())
-            cached = sum(comfy.model_management.module_size(module) for module in modules)
+            cached = (state, sum(comfy.model_management.module_size(module) for module in modules))
             self._distorch_resident_size = cached
-        return cached
+        return cached[1]
 
     # -- what core manages ---------------------------------------------------------------------------
 
@@ -99,12 +100,13 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         state = DisTorchState.of(self.model)
         return entries if state is None or not state.streams else state.without_streamed(entries)
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         weight, _, _ = comfy.model_patcher.get_key_weight(self.model, key)
         if is_quantized(weight):
             # GGUF bytes cannot hold a baked LoRA; `_attach_quantized_patches` applies it after dequantizing.
             return None
-        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+        # Newer cores add arguments (0.33: return_weight, force_cast); pass on whatever this core uses.
+        return super().patch_weight_to_device(key, device_to, *args, **kwargs)
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         state = DisTorchState.of(self.model)

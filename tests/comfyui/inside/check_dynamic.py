@@ -3,6 +3,7 @@ file, with core's prefetch queue off, its slots allocated outside the memory com
 pinned-memory budget and --vram-headroom honoured, and a `cached_patcher_init` factory that rebuilds it with
 its plan. Cores without these features take (and are checked on) the classic path."""
 
+import inspect
 import sys
 import types
 
@@ -228,3 +229,16 @@ def test_a_plan_follows_the_patcher_to_another_compute_device(monkeypatch):
     wan_forward(staged)
     with pytest.raises(RuntimeError, match="cannot move to cuda:1 while staged"):
         distorch_patcher._planned_for(staged.model, DisTorchState.of(staged.model), torch.device("cuda", 1))
+
+
+@pytest.mark.skipif("return_weight" not in inspect.signature(comfy.model_patcher.ModelPatcher.patch_weight_to_device)
+                    .parameters, reason="this ComfyUI has no return_weight (checkpoint saving reads weights so)")
+def test_patched_weights_can_be_read_back_as_checkpoint_saving_does():
+    unet, _ = load_unet(WAN, "default", HALF)
+    key = "diffusion_model.head.head.weight"
+    diff = torch.full((64, 128), 0.01)
+    unet.add_patches({key: (diff,)}, 1.0)
+    original = comfy.utils.get_attr(unet.model, key).detach().clone()
+    patched = unet.patch_weight_to_device(key, device_to=torch.device("cpu"), return_weight=True)
+    torch.testing.assert_close(patched, original + diff)
+    assert torch.equal(comfy.utils.get_attr(unet.model, key), original), "reading back must not patch the model"
