@@ -8,6 +8,9 @@ import pytest
 import torch
 from comfyui_harness import ComfyServer, installs
 
+# Checks that import ComfyUI run in each ComfyUI's own interpreter (tests/test_comfyui_core.py starts them).
+collect_ignore = ["comfyui/inside"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

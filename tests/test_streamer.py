@@ -166,13 +166,14 @@ def test_a_running_block_is_never_taken_for_an_interrupted_one():
 
 
 def test_missing_wait_is_caught():
-    """The CPU harness can fail: dropping the compute-side wait makes outputs wrong (NaN from poison)."""
+    """The CPU harness can fail: a forward that does not wait for its slot's copy is refused (deferred copies
+    would otherwise leave the poisoned bytes in the slot)."""
     model = make_quirky()
     engine = CpuCopyEngine(deferred=True)
     engine.compute_wait = lambda event: None
-    with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=engine):
-        got = model(inputs(), torch.tensor([100.0, 100.0]))
-    assert torch.isnan(got).any()
+    with pytest.raises(RuntimeError, match="before its copy landed"):
+        with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=engine):
+            model(inputs(), torch.tensor([100.0, 100.0]))
 
 
 def test_copy_into_a_running_slot_is_refused():
@@ -181,6 +182,29 @@ def test_copy_into_a_running_slot_is_refused():
     engine.mark_reading(buffer, +1)
     with pytest.raises(RuntimeError, match="overwrote a slot while a forward was reading it"):
         engine.copy(buffer, source, after=engine.new_event(), ready=engine.new_event())
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_copy_must_wait_for_the_compute_work_that_read_the_slot(deferred):
+    """The compute stream lags the host: after the last forward on a slot returns, its kernels still read the
+    slot until the slot's `free` record completes, so only a copy ordered after that record may land."""
+    engine = CpuCopyEngine(deferred=deferred)
+    slot, source = torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
+    free, ready = engine.new_event(), engine.new_event()
+    engine.mark_reading(slot, +1)
+    engine.mark_reading(slot, -1)
+    engine.compute_record(free)
+    with pytest.raises(RuntimeError, match="not ordered after the slot's free event"):
+        engine.copy(slot, source, after=engine.new_event(), ready=ready)  # a fresh event orders nothing
+        engine.compute_wait(ready)
+    ordered = CpuCopyEngine(deferred=deferred)
+    free, ready = ordered.new_event(), ordered.new_event()
+    ordered.mark_reading(slot, +1)
+    ordered.mark_reading(slot, -1)
+    ordered.compute_record(free)
+    ordered.copy(slot, source, after=free, ready=ready)
+    ordered.compute_wait(ready)
+    assert torch.equal(slot, source)
 
 
 def test_steady_state_needs_no_synchronous_loads():
@@ -314,6 +338,23 @@ def test_cuda_steady_state_has_no_allocations_and_no_host_syncs():
         torch.cuda.synchronize()
         assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
         assert all(arena.pinned for arena in handle.streamer._arenas)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_copies_wait_for_the_lagging_compute_stream(prefetch):
+    """Each block's kernels queue behind a ~1 ms spin on the compute stream, so the host runs far ahead: a copy
+    into a slot not ordered after the slot's free event would overwrite weights its last block still reads."""
+    expected = reference_outputs("cuda:0", steps=2)
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 1.0, "cuda:0", prefetch), prefetch=prefetch):
+        # Registered after the streamer's pre-hooks: the spin runs after the wait for `ready`, before the kernels.
+        spins = [block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(2_000_000))
+                 for block in model.blocks]
+        got = sampling_run(model, inputs("cuda:0"), steps=2)
+        for spin in spins:
+            spin.remove()
+    assert_all_equal(expected, got)
 
 
 @pytest.mark.cuda
