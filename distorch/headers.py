@@ -2,7 +2,8 @@
 
 Blocks are found from tensor names: `<list>.<N>.<submodule>...` groups with two or more indices
 whose entries have submodules (so a Sequential of plain layers, `time_in.0.weight`, is not a block
-list). Lists nested inside a block belong to that block.
+list). A group with a single index is a block list when that entry is as heavy as a block (the rule
+live discovery uses too: lone_blocks.py). Lists nested inside a block belong to that block.
 """
 
 import json
@@ -12,6 +13,7 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -49,7 +51,7 @@ def read_model_sizes(path: str) -> ModelSizes:
 
 def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     """Groups tensors into blocks by their names; everything else is the rest."""
-    lists = _block_lists([e.name for e in entries])
+    lists = _block_lists(entries)
     block_bytes: dict[str, int] = {}
     rest = 0
     for entry in entries:
@@ -62,18 +64,45 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     return ModelSizes(name, tuple(ordered), rest)
 
 
-def _block_lists(names: list[str]) -> list[str]:
+def _block_lists(entries: list[TensorEntry]) -> list[str]:
     indices: dict[str, set[int]] = defaultdict(set)
     nested: dict[str, bool] = defaultdict(bool)
+    bare: dict[str, bool] = defaultdict(bool)  # an entry is itself a list (`label_emb.0.0.weight`)
     first_seen: dict[str, int] = {}
-    for position, name in enumerate(names):
-        for prefix, index, rest in _indexed_parts(name):
+    for position, entry in enumerate(entries):
+        for prefix, index, rest in _indexed_parts(entry.name):
             indices[prefix].add(index)
             nested[prefix] |= "." in rest
+            bare[prefix] |= rest.split(".", 1)[0].isdigit()
             first_seen.setdefault(prefix, position)
-    candidates = [p for p in indices if len(indices[p]) >= 2 and nested[p]]
-    outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
-    return sorted(outermost, key=lambda p: first_seen[p])
+    repeated = _outermost([p for p in indices if len(indices[p]) >= 2 and nested[p]])
+    lone = [p for p in indices if len(indices[p]) == 1 and nested[p] and not bare[p]
+            and not any(_is_within(p, r) or _is_within(r, p) for r in repeated)]
+    lone = _outermost(lone)
+    sizes = _list_entry_bytes(entries, repeated + lone)
+    accepted = accepted_lone_blocks({p: sum(sizes[p].values()) for p in lone},
+                                    [n for p in repeated for n in sizes[p].values()], sum(e.nbytes for e in entries))
+    return sorted(repeated + [p for p in lone if p in accepted], key=lambda p: first_seen[p])
+
+
+def _outermost(prefixes: list[str]) -> list[str]:
+    return [p for p in prefixes if not any(_is_within(p, q) for q in prefixes if q != p)]
+
+
+def _is_within(name: str, outer: str) -> bool:
+    return name == outer or name.startswith(outer + ".")
+
+
+def _list_entry_bytes(entries: list[TensorEntry], lists: list[str]) -> dict[str, dict[int, int]]:
+    """Per list, the bytes of each of its entries."""
+    sizes: dict[str, dict[int, int]] = {p: defaultdict(int) for p in lists}
+    for entry in entries:
+        for prefix in lists:
+            if entry.name.startswith(prefix + "."):
+                index = entry.name[len(prefix) + 1:].split(".", 1)[0]
+                if index.isdigit():
+                    sizes[prefix][int(index)] += entry.nbytes
+    return sizes
 
 
 def _indexed_parts(name: str):
