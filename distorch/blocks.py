@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .lone_blocks import accepted_lone_blocks
+from .units import dtype_label
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
 _BARE_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # exact types: subclasses are real modules
@@ -308,6 +309,17 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
         return start, start
     extent = 1 + sum((n - 1) * s for n, s in zip(tensor.size(), tensor.stride()))
     return start, start + extent * itemsize
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes per weight format ('bf16', 'Q8_0', ...) of the model's parameters and buffers, each tensor once."""
+    totals: dict[str, int] = defaultdict(int)
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for tensor in tensors.values():
+        # Quantized GGUF tensors are uint8 storage; their subclass names the real format.
+        label = dtype_label(getattr(tensor, "qtype_name", None) or str(tensor.dtype))
+        totals[label] += tensor.numel() * tensor.element_size()
+    return dict(totals)
 
 
 def device_name(device: torch.device) -> str:

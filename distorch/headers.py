@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
+from .units import dtype_label
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _SAFETENSORS_DTYPE_BYTES = {
@@ -32,6 +33,7 @@ class HeaderError(ValueError):
 class TensorEntry:
     name: str
     nbytes: int
+    dtype: str = ""  # as distorch.units.dtype_label spells it
 
 
 def read_model_sizes(path: str) -> ModelSizes:
@@ -61,7 +63,10 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
         else:
             block_bytes[block] = block_bytes.get(block, 0) + entry.nbytes
     ordered = sorted(block_bytes.items(), key=lambda item: _block_sort_key(item[0], lists))
-    return ModelSizes(name, tuple(ordered), rest)
+    dtypes: dict[str, int] = defaultdict(int)
+    for entry in entries:
+        dtypes[entry.dtype or "unknown"] += entry.nbytes
+    return ModelSizes(name, tuple(ordered), rest, dtype_bytes=dict(dtypes), dtype_source="file")
 
 
 def _block_lists(entries: list[TensorEntry]) -> list[str]:
@@ -159,13 +164,13 @@ def _safetensors_entry(path: str, name: str, info, data_size: int) -> TensorEntr
                           f"{data_size}-byte data section")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise HeaderError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    return TensorEntry(name, end - begin)
+    return TensorEntry(name, end - begin, dtype_label(dtype))
 
 
 def _gguf_entries(path: str) -> list[TensorEntry]:
     read_header = _gguf_header_reader()
     header = read_header(path)
-    return [TensorEntry(info.name, info.nbytes) for info in header.tensor_infos]
+    return [TensorEntry(info.name, info.nbytes, dtype_label(info.type_name)) for info in header.tensor_infos]
 
 
 def _gguf_header_reader():
