@@ -13,6 +13,7 @@ import torch
 
 from ..distorch import MemoryInventory
 from ..distorch.memory import DeviceMemory, safe_pinned_bytes
+from ..distorch.report import plan_to_dict
 from .folders import full_path
 from .patcher import DisTorchModelPatcher
 from .settings import DisTorchSettings
@@ -26,7 +27,8 @@ UNET_WEIGHT_DTYPES = {
 }
 
 
-def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> tuple[DisTorchModelPatcher, str]:
+def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings,
+              node_id: str | None = None) -> tuple[DisTorchModelPatcher, dict]:
     if weight_dtype not in UNET_WEIGHT_DTYPES:
         raise ValueError(f"DisTorch: weight_dtype {weight_dtype!r} is not one of {', '.join(UNET_WEIGHT_DTYPES)}")
     path = full_path("diffusion_models", unet_name)
@@ -41,10 +43,11 @@ def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> 
     if patcher is None:
         raise ValueError(f"DisTorch: could not detect the model type of {unet_name!r}; is it a diffusion model?")
     adopted = DisTorchModelPatcher.adopt(patcher, torch.device(settings.compute_device))
-    return adopted, plan_model(adopted.model, settings, unet_name)
+    return adopted, plan_model(adopted.model, settings, unet_name, node_id)
 
 
-def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings) -> tuple[comfy.sd.CLIP, str]:
+def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings,
+              node_id: str | None = None) -> tuple[comfy.sd.CLIP, dict]:
     paths = [full_path("text_encoders", name) for name in clip_names]
     model_options = {
         "load_device": torch.device(settings.compute_device),
@@ -64,24 +67,30 @@ def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings)
         clip = comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embeddings, clip_type=enum_type,
                                   model_options=model_options)
     clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.compute_device))
-    return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names))
+    return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names), node_id)
 
 
-def load_vae(vae_name: str, settings: DisTorchSettings) -> tuple[comfy.sd.VAE, str]:
+def load_vae(vae_name: str, settings: DisTorchSettings, node_id: str | None = None) -> tuple[comfy.sd.VAE, dict]:
     path = full_path("vae", vae_name)
     device = torch.device(settings.compute_device)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path), device=device)
     vae.throw_exception_if_invalid()
     vae.patcher = DisTorchModelPatcher.adopt(vae.patcher, device)
-    return vae, plan_model(vae.patcher.model, settings, vae_name)
+    return vae, plan_model(vae.patcher.model, settings, vae_name, node_id)
 
 
-def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str) -> str:
-    """Plans `model` once and stores the plan on it; returns the report shown on the node."""
+def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str, node_id: str | None = None) -> dict:
+    """Plans `model` once and stores the plan on it; returns the node's UI output.
+
+    `text` is the plan table; `distorch_plan` the same plan as data (distorch.report.plan_to_dict) for the
+    block map nodes/web/js/distorch.js draws. `node_id` is the loader node: staging reports to its bar.
+    """
     state = DisTorchState.attach(model, settings, loader_inventory(settings))
+    state.ui_node = node_id
     # The log gets the table when the model is loaded (patcher.py); the node shows it now.
-    return state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
+    text = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
                                        f"DisTorch plan for {label} ({state.plan.model_name})", 1)
+    return {"text": [text], "distorch_plan": [plan_to_dict(state.plan, label)]}
 
 
 def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:

@@ -16,6 +16,7 @@ import torch
 
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
+from .progress import StagingProgressBar
 from .state import DisTorchState
 
 logger = logging.getLogger("distorch.nodes")
@@ -64,7 +65,14 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         super().load(device_to, lowvram_model_memory=budget, force_patch_weights=force_patch_weights, full_load=False)
         self._attach_quantized_patches(state)
         self._prepare_streamed_modules(state)
-        opened = state.open(self.model, pin=_pinning_allowed())
+        try:
+            opened = state.open(self.model, pin=_pinning_allowed(), progress=StagingProgressBar(state.ui_node))
+        except BaseException:
+            # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
+            # load starts over: cores from 0.33 make the interrupt a BaseException, which their own
+            # `except Exception: detach()` around load() does not catch.
+            self.detach()
+            raise
         self.model.model_lowvram = True
         self.model.model_loaded_weight_memory += state.slot_bytes
         if opened:
