@@ -1,0 +1,168 @@
+"""The pack in the real ComfyUI frontend (headless Chromium): the extension loads without console errors, every
+DisTorch loader shows its block map, totals and plan table after a run, staging drives the loader's progress
+bar, and a bad allocation string is ComfyUI's error on that node.
+
+Runs once per ComfyUI install, on the session's server (tests/conftest.py) with the frontend that version
+ships; the browser is tests/browser_harness.py. Screenshots go to test-artifacts/ (DISTORCH_TEST_ARTIFACTS).
+"""
+
+from dataclasses import dataclass
+
+import pytest
+from browser_harness import ComfyPage, open_comfy_page
+
+pytestmark = pytest.mark.comfyui
+
+LOADERS = {"1": "DisTorchUNetLoader", "11": "DisTorchCLIPLoader", "21": "DisTorchVAELoader"}
+COLUMNS = [["1", "11", "21"], ["2", "3", "12", "22"], ["5", "13", "23"], ["9", "24"]]  # for readable screenshots
+
+
+def three_loader_workflow(unet_vram: float, clip_vram: float, expert: str = "") -> dict:
+    """The three DisTorch loaders, each feeding a small branch that ends in an output node.
+
+    The virtual VRAM values should be unique to the test: a loader input no other run used makes a fresh
+    model, so its blocks are staged (and the progress bar moves) in this run. The frontend rounds them to its
+    0.1 GB step; any of them streams every block of the 6 MB Wan model, and 0.1 about half of the CLIP.
+    """
+    distorch = {"compute_device": "cpu", "donor_device": "cpu", "expert_mode_allocations": ""}
+    return {
+        "1": {"class_type": "DisTorchUNetLoader", "inputs": {
+            "unet_name": "tiny_wan21.safetensors", "weight_dtype": "default", **distorch,
+            "virtual_vram_gb": unet_vram, "expert_mode_allocations": expert}},
+        "2": {"class_type": "DisTorchTestZeroConditioning", "inputs": {"tokens": 8, "context_dim": 4096,
+                                                                        "pooled_dim": 0}},
+        "3": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5,
+                                                                   "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 7,
+            "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "browser"}},
+        "11": {"class_type": "DisTorchCLIPLoader", "inputs": {
+            "clip_name": "random_clip_l.safetensors", "type": "stable_diffusion", **distorch,
+            "virtual_vram_gb": clip_vram}},
+        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["11", 0], "text": "a lone block is a block"}},
+        "13": {"class_type": "DisTorchTestSaveConditioning", "inputs": {"conditioning": ["12", 0],
+                                                                         "filename": "browser_cond"}},
+        "21": {"class_type": "DisTorchVAELoader", "inputs": {"vae_name": "tiny_taesd.safetensors", **distorch,
+                                                              "virtual_vram_gb": 0.0}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "23": {"class_type": "VAEDecode", "inputs": {"samples": ["22", 0], "vae": ["21", 0]}},
+        "24": {"class_type": "DisTorchTestSaveImageTensor", "inputs": {"images": ["23", 0],
+                                                                        "filename": "browser_image"}},
+    }
+
+
+def loader_views(page) -> dict[str, dict]:
+    """What each DisTorch loader node shows: its plan widget's value and the block map's cells and totals."""
+    return page.page.evaluate("""() => Object.fromEntries(window.app.graph.nodes
+        .filter((n) => n.type.startsWith("DisTorch") && n.type.endsWith("Loader"))
+        .map((n) => {
+            const widget = (n.widgets || []).find((w) => w.name === "distorch_plan");
+            const root = widget?.element;
+            const box = root?.getBoundingClientRect();
+            return [n.type, {
+                value: widget ? String(widget.value) : null,
+                cells: root ? [...root.querySelectorAll(".dt-cell")].map((c) => c.dataset.tier) : [],
+                titles: root ? [...root.querySelectorAll(".dt-cell")].map((c) => c.title) : [],
+                totals: root ? [...root.querySelectorAll(".dt-line")].map((l) => l.textContent) : [],
+                clipped: root ? [...root.querySelectorAll(".dt-title, .dt-line")]
+                    .filter((l) => l.scrollWidth > l.clientWidth + 1).map((l) => l.textContent) : [],
+                legend: root ? [...root.querySelectorAll(".dt-legend span")].map((s) => s.textContent) : [],
+                visible: !!box && box.width > 0 && box.height > 0,
+                overflows: root ? root.scrollHeight > root.clientHeight + 1 : null,
+                size: [n.size[0], n.size[1]],
+            }];
+        }))""")
+
+
+@dataclass
+class Run:
+    """One run of the three-loader workflow through the frontend, shared by the tests of one ComfyUI version."""
+
+    page: ComfyPage
+    before: dict  # loader views when the workflow was loaded
+    entry: dict  # the history entry of the run
+    after: dict  # loader views after the run
+
+
+@pytest.fixture(scope="module")
+def run(browser, server):
+    """Loads the workflow through the frontend (as dropping the file does), queues it with the frontend's own
+    queue command, and keeps the page (its console and websocket messages) for the tests below."""
+    with open_comfy_page(browser, server) as page:
+        page.load_api_workflow(three_loader_workflow(unet_vram=0.1, clip_vram=0.1))
+        before = loader_views(page)
+        entry = page.queue_and_wait()
+        page.place_in_columns(COLUMNS)
+        page.fit_view()
+        after = loader_views(page)
+        page.screenshot(f"canvas-{server.install.version}.png")
+        yield Run(page, before, entry, after)
+
+
+def test_the_workflow_runs_and_the_pack_logs_no_errors(run):
+    assert set(run.before) == set(LOADERS.values()), f"the frontend did not create every loader: {sorted(run.before)}"
+    assert all(v["value"] == "" and not v["cells"] for v in run.before.values()), "no plan before the run"
+    assert run.entry.get("status", {}).get("status_str") == "success", str(run.entry)[:3000]
+    assert not run.page.pack_problems(), run.page.pack_problems()
+
+
+@pytest.mark.parametrize("node_type", sorted(LOADERS.values()))
+def test_every_loader_shows_its_block_map_and_totals(run, node_type):
+    view = run.after[node_type]
+    assert "DisTorch plan" in view["value"], f"{node_type}: {view['value'][:200]!r}"
+    assert view["visible"] and not view["overflows"], "the plan view is cut off"
+    assert not view["clipped"], f"text cut off: {view['clipped']}"
+    assert view["cells"], "no block map"
+    assert all(title for title in view["titles"]), "blocks without a hover text"
+    assert view["totals"][0].startswith("VRAM freed") and view["totals"][1].startswith("per step")
+    assert view["legend"] == ["resident", "pinned RAM", "pageable RAM", "donor GPU", "disk"]
+    assert view["size"] == run.before[node_type]["size"], "the node changed size when the plan arrived"
+
+
+def test_the_block_map_shows_each_blocks_tier_and_name(run):
+    unet, clip = run.after["DisTorchUNetLoader"], run.after["DisTorchCLIPLoader"]
+    assert set(unet["cells"]) == {"pageable_ram"}, "0.1 GB streams every block of the tiny Wan from RAM"
+    assert unet["titles"][0].startswith("1. diffusion_model.blocks.0: ")
+    assert set(clip["cells"]) == {"resident", "pageable_ram"}, "0.1 GB of the CLIP streams, the rest stays"
+    cell = run.page.page.locator(".distorch-plan .dt-cell").nth(2)
+    cell.hover()
+    hover = run.page.page.locator(".distorch-plan .dt-hover").first.text_content()
+    assert hover.startswith("3. diffusion_model.blocks.2: ") and "MB" in hover
+
+
+def test_staging_moved_the_loaders_progress_bar(run):
+    states = [m["data"]["nodes"] for m in run.page.messages if m.get("type") == "progress_state"]
+    loader = [s["1"] for s in states if "1" in s]
+    running = [s for s in loader if s["state"] == "running"]
+    assert running, "the loader node's bar never ran while its blocks were staged"
+    assert running[-1]["value"] == running[-1]["max"] and loader[-1]["state"] == "finished"
+
+
+def test_the_plan_table_opens_on_demand_in_full(run):
+    page = run.page.page
+    page.locator(".distorch-plan .dt-table").first.click()
+    table = page.locator(".distorch-plan-popover pre")
+    assert table.text_content().startswith("DisTorch plan for tiny_wan21.safetensors")
+    assert table.evaluate("(pre) => pre.scrollWidth <= pre.clientWidth + 1"), "the table must not be cut off"
+    run.page.screenshot(f"table-{run.page.server.install.version}.png")
+    page.keyboard.press("Escape")
+    assert page.locator(".distorch-plan-popover").count() == 0
+
+
+def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):
+    page = run.page
+    page.load_api_workflow(three_loader_workflow(unet_vram=0.1, clip_vram=0.1, expert="cuda:0,1.5t;cpu,*"))
+    errors = page.queue_expecting_node_errors()
+    assert list(errors) == ["1"], errors
+    assert "unknown unit 't'" in str(errors["1"])
+    # Drawn as ComfyUI draws a node error: `has_errors` (newer frontends) or the red nodeError outline (older).
+    marked = page.page.evaluate("""() => {
+        const node = window.app.graph.getNodeById(1);
+        return node.has_errors === true || node.strokeStyles?.nodeError?.call(node)?.color === "red";
+    }""")
+    assert marked, "the loader is not marked as the node in error"
+    page.place_in_columns(COLUMNS)
+    page.fit_view()
+    page.screenshot(f"error-{page.server.install.version}.png")
+    assert not page.pack_problems(), page.pack_problems()
