@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import pytest
 from browser_harness import ComfyPage, open_comfy_page
 
+from distorch import MemoryInventory, ModelSizes, plan_sizes
+from distorch.memory import DeviceMemory
+from distorch.report import plan_to_dict, plan_totals
+from distorch.units import GIB, format_gb
+
 pytestmark = pytest.mark.comfyui
 
 LOADERS = {"1": "DisTorchUNetLoader", "11": "DisTorchCLIPLoader", "21": "DisTorchVAELoader"}
@@ -52,27 +57,36 @@ def three_loader_workflow(unet_vram: float, clip_vram: float, expert: str = "") 
     }
 
 
+_NODE_VIEW = """(id) => {
+    const node = window.app.graph.getNodeById(Number(id)) ?? window.app.graph.getNodeById(id);
+    const widget = (node.widgets || []).find((w) => w.name === "distorch_plan");
+    const root = widget?.element;
+    const box = root?.getBoundingClientRect();
+    const all = (selector) => (root ? [...root.querySelectorAll(selector)] : []);
+    return {
+        value: widget ? String(widget.value) : null,
+        cells: all(".dt-cell").map((c) => c.dataset.tier),
+        titles: all(".dt-cell").map((c) => c.title),
+        totals: all(".dt-line").map((l) => l.textContent),
+        costly: all(".dt-line.dt-costly").length > 0,
+        clipped: all(".dt-title, .dt-line").filter((l) => l.scrollWidth > l.clientWidth + 1).map((l) => l.textContent),
+        legend: all(".dt-legend span").map((s) => s.textContent),
+        unused: all(".dt-legend span.dt-unused").map((s) => s.textContent),
+        visible: !!box && box.width > 0 && box.height > 0,
+        overflows: root ? root.scrollHeight > root.clientHeight + 1 : null,
+        size: [node.size[0], node.size[1]],
+    };
+}"""
+
+
+def node_view(page, node_id: str) -> dict:
+    """What a DisTorch loader node shows: its plan widget's value, the block map's cells and the totals."""
+    return page.page.evaluate(_NODE_VIEW, node_id)
+
+
 def loader_views(page) -> dict[str, dict]:
-    """What each DisTorch loader node shows: its plan widget's value and the block map's cells and totals."""
-    return page.page.evaluate("""() => Object.fromEntries(window.app.graph.nodes
-        .filter((n) => n.type.startsWith("DisTorch") && n.type.endsWith("Loader"))
-        .map((n) => {
-            const widget = (n.widgets || []).find((w) => w.name === "distorch_plan");
-            const root = widget?.element;
-            const box = root?.getBoundingClientRect();
-            return [n.type, {
-                value: widget ? String(widget.value) : null,
-                cells: root ? [...root.querySelectorAll(".dt-cell")].map((c) => c.dataset.tier) : [],
-                titles: root ? [...root.querySelectorAll(".dt-cell")].map((c) => c.title) : [],
-                totals: root ? [...root.querySelectorAll(".dt-line")].map((l) => l.textContent) : [],
-                clipped: root ? [...root.querySelectorAll(".dt-title, .dt-line")]
-                    .filter((l) => l.scrollWidth > l.clientWidth + 1).map((l) => l.textContent) : [],
-                legend: root ? [...root.querySelectorAll(".dt-legend span")].map((s) => s.textContent) : [],
-                visible: !!box && box.width > 0 && box.height > 0,
-                overflows: root ? root.scrollHeight > root.clientHeight + 1 : null,
-                size: [n.size[0], n.size[1]],
-            }];
-        }))""")
+    present = {n["id"] for n in page.nodes()}
+    return {node_type: node_view(page, node_id) for node_id, node_type in LOADERS.items() if node_id in present}
 
 
 @dataclass
@@ -115,7 +129,7 @@ def test_every_loader_shows_its_block_map_and_totals(run, node_type):
     assert not view["clipped"], f"text cut off: {view['clipped']}"
     assert view["cells"], "no block map"
     assert all(title for title in view["titles"]), "blocks without a hover text"
-    assert view["totals"][0].startswith("VRAM freed") and view["totals"][1].startswith("per step")
+    assert [line.split(":")[0] for line in view["totals"][:3]] == ["VRAM freed", "RAM used", "per step"]
     assert view["legend"] == ["resident", "pinned RAM", "pageable RAM", "donor GPU", "disk"]
     assert view["size"] == run.before[node_type]["size"], "the node changed size when the plan arrived"
 
@@ -166,3 +180,88 @@ def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):
     page.fit_view()
     page.screenshot(f"error-{page.server.install.version}.png")
     assert not page.pack_problems(), page.pack_problems()
+
+
+def flux_dev_sizes() -> ModelSizes:
+    """FLUX.1-dev in bf16, block by block (hidden 3072, MLP 12288: 339.8M parameters per double block,
+    141.6M per single block, 64.1M outside the blocks; 22.17 GiB in all, the size of flux1-dev.safetensors)."""
+    hidden, mlp = 3072, 12288
+
+    def linear(inputs, outputs):
+        return inputs * outputs + outputs
+
+    stream = linear(hidden, 6 * hidden) + linear(hidden, 3 * hidden) + 256 + linear(hidden, hidden) + \
+        linear(hidden, mlp) + linear(mlp, hidden)
+    single = linear(hidden, 3 * hidden + mlp) + linear(hidden + mlp, hidden) + linear(hidden, 3 * hidden) + 256
+    rest = linear(64, hidden) + 2 * (linear(256, hidden) + linear(hidden, hidden)) + linear(768, hidden) + \
+        linear(hidden, hidden) + linear(4096, hidden) + linear(hidden, 64) + linear(hidden, 2 * hidden)
+    blocks = tuple((f"diffusion_model.double_blocks.{i}", 2 * 2 * stream) for i in range(19)) + tuple(
+        (f"diffusion_model.single_blocks.{i}", 2 * single) for i in range(38))
+    total = sum(n for _, n in blocks) + 2 * rest
+    return ModelSizes("Flux", blocks, 2 * rest, dtype_bytes={"bf16": total}, dtype_source="model")
+
+
+def show_plan(page, plan, label: str, pos: tuple[float, float], inputs: dict) -> str:
+    """A new loader node on the canvas, set to `inputs`, that received `plan` as if it had run (onExecuted)."""
+    data = plan_to_dict(plan, label)
+    text = plan.report().replace(f"DisTorch plan for {plan.model_name}", f"DisTorch plan for {label} (Flux)", 1)
+    return page.page.evaluate("""([text, data, pos, inputs]) => {
+        const node = window.LiteGraph.createNode("DisTorchUNetLoader");
+        node.pos = pos;
+        window.app.graph.add(node);
+        for (const widget of node.widgets) {
+            if (widget.name in inputs) widget.value = inputs[widget.name];
+        }
+        node.onExecuted({ text: [text], distorch_plan: [data] });
+        return String(node.id);
+    }""", [text, data, list(pos), inputs])
+
+
+def gpu_memory(vram_gb: float, ram_gb: float, pinned_gb: float, donor_gb: float = 0.0) -> MemoryInventory:
+    devices = {"cuda:0": DeviceMemory("cuda:0", int((vram_gb - 0.8) * GIB), int(vram_gb * GIB)),
+               "cpu": DeviceMemory("cpu", int(0.7 * ram_gb * GIB), int(ram_gb * GIB))}
+    if donor_gb:
+        devices["cuda:1"] = DeviceMemory("cuda:1", int(donor_gb * GIB), int(donor_gb * GIB))
+    return MemoryInventory(devices, int(pinned_gb * GIB))
+
+
+def test_a_gpu_plan_draws_every_tier_and_net_totals(run):
+    """The plans a CPU machine cannot make: FLUX.1-dev on a 12 GB card (pinned and pageable RAM), and with a
+    donor GPU; drawn by the real frontend as the loader would show them after a run."""
+    page = run.page
+    single = plan_sizes(flux_dev_sizes(), compute_device="cuda:0", virtual_vram_gb=14,
+                        memory=gpu_memory(12, 64, pinned_gb=10))
+    donor = plan_sizes(flux_dev_sizes(), compute_device="cuda:0", virtual_vram_gb=14, donor_device="cuda:1",
+                       memory=gpu_memory(12, 64, pinned_gb=32, donor_gb=8))
+    tiny = plan_sizes(flux_dev_sizes(), compute_device="cuda:0", virtual_vram_gb=0.6,
+                      memory=gpu_memory(32, 64, pinned_gb=32))
+    right = max(n["pos"][0] + n["size"][0] for n in page.nodes()) + 80
+    inputs = [{"virtual_vram_gb": 14.0}, {"virtual_vram_gb": 14.0, "donor_device": "cuda:1"},
+              {"virtual_vram_gb": 0.6}]
+    ids = [show_plan(page, plan, "flux1-dev.safetensors", (right + 360 * i, 40),
+                     {"unet_name": "flux1-dev.safetensors", "compute_device": "cuda:0", **extra})
+           for i, (plan, extra) in enumerate(zip((single, donor, tiny), inputs))]
+    page.close_dialogs()
+    page.page.evaluate("""(id) => {
+        document.querySelectorAll(".p-toast-message").forEach((toast) => toast.remove());
+        const canvas = window.app.canvas;
+        const node = window.app.graph.getNodeById(Number(id));
+        canvas.ds.scale = 1.5;
+        canvas.ds.offset = [160 / 1.5 - node.pos[0], 140 / 1.5 - node.pos[1]];
+        canvas.setDirty(true, true);
+    }""", ids[0])
+    page.page.wait_for_timeout(500)
+    page.screenshot(f"plan-{page.server.install.version}.png", clip=page.node_screen_box(ids[0], margin=16))
+
+    views = [node_view(page, node_id) for node_id in ids]
+    for plan, view in zip((single, donor, tiny), views):
+        assert view["cells"] == [b.tier.value for b in plan.blocks]
+        assert "DisTorch plan for flux1-dev.safetensors" in view["value"]
+        assert not view["overflows"] and not view["clipped"], view["clipped"]
+    assert set(views[0]["cells"]) == {"resident", "pinned_ram", "pageable_ram"}
+    assert views[0]["totals"][:2] == [f"VRAM freed: {format_gb(plan_totals(single).vram_freed_bytes)}",
+                                      f"RAM used: {format_gb(plan_totals(single).ram_bytes)}"]
+    assert views[0]["unused"] == ["donor GPU", "disk"] and not views[0]["costly"]
+    assert "donor_gpu" in views[1]["cells"] and "donor VRAM: 7.23 GB" in views[1]["totals"][1]
+    assert plan_totals(tiny).vram_freed_bytes < 0 and views[2]["costly"], "a plan that costs VRAM is flagged"
+    assert views[2]["totals"][0].startswith("VRAM freed: -0.6")

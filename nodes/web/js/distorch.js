@@ -8,9 +8,9 @@ import { app } from "../../../scripts/app.js";
 
 const WIDGET = "distorch_plan";
 // Fixed, so the node never changes size when a plan arrives (no layout jumps in the graph).
-// Inside: 3 + 18 + 40 + 26 (a legend of up to two lines) + 3 x 14 + 5 gaps of 3 + 3 = 147 px, plus the
-// frontend's 10 px margin above and below.
-const WIDGET_HEIGHT = 172;
+// Inside: 3 + 18 + 40 + 26 (a legend of up to two lines) + 4 lines of 14 + 6 gaps of 3 + 3 = 164 px, plus
+// the frontend's 10 px margin above and below.
+const WIDGET_HEIGHT = 188;
 // distorch.Tier values in the order of the legend; Okabe-Ito colours, distinguishable with colour blindness.
 const TIERS = [
     { tier: "resident", label: "resident", color: "#009E73" },
@@ -102,7 +102,7 @@ class PlanView {
         head.append(this.title, this.tableButton);
         this.map = element("div", "dt-map dt-empty");
         this.legend = element("div", "dt-legend");
-        this.totals = [element("div", "dt-line", "\u00a0"), element("div", "dt-line", "\u00a0")];
+        this.totals = [0, 1, 2].map(() => element("div", "dt-line", "\u00a0"));
         this.hover = element("div", "dt-line dt-hover", "hover a block for its name and size");
         this.root.append(head, this.map, this.legend, ...this.totals, this.hover);
         this.renderLegend(new Set());
@@ -167,19 +167,21 @@ class PlanView {
 
     renderTotals() {
         const t = this.plan.totals;
-        const onCpu = this.plan.compute_device === "cpu";
-        const freed = onCpu ? "VRAM freed: - (CPU)" : `VRAM freed: ${formatGB(t.vram_freed_bytes)}`;
-        this.totals[0].textContent = `${freed} \u00b7 RAM used: ${formatGB(t.ram_bytes)}`;
-        this.totals[0].title = `Net: ${formatGB(t.moved_off_bytes)} moved off the compute device minus `
-            + `${formatGB(t.slots_bytes)} of streaming slots; weights on ${this.plan.compute_device}: `
-            + `${formatGB(t.compute_bytes)} of the model's ${formatGB(t.model_bytes)}`;
-        this.totals[0].classList.toggle("dt-costly", !onCpu && t.moved_off_bytes > 0 && t.vram_freed_bytes <= 0);
+        const device = this.plan.compute_device;
+        const onCpu = device === "cpu";
+        const [freed, held, perStep] = this.totals;
+        freed.textContent = onCpu ? "VRAM freed: - (compute on CPU)" : `VRAM freed: ${formatGB(t.vram_freed_bytes)}`;
+        freed.title = `Net: ${formatGB(t.moved_off_bytes)} moved off ${device} minus ${formatGB(t.slots_bytes)} of `
+            + `streaming slots; weights on ${device}: ${formatGB(t.compute_bytes)} of the model's `
+            + `${formatGB(t.model_bytes)}`;
+        freed.classList.toggle("dt-costly", !onCpu && t.moved_off_bytes > 0 && t.vram_freed_bytes <= 0);
         const elsewhere = [["donor VRAM", t.donor_bytes], ["disk", t.disk_bytes]]
             .filter(([, bytes]) => bytes > 0).map(([what, bytes]) => ` \u00b7 ${what}: ${formatGB(bytes)}`);
-        this.totals[1].textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${this.plan.compute_device}`
-            + elsewhere.join("");
-        this.totals[1].title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and "
-            + "uncond, two when it runs them separately";
+        held.textContent = `RAM used: ${formatGB(t.ram_bytes)}${elsewhere.join("")}`;
+        held.title = `pinned ${formatGB(t.pinned_bytes)}, pageable ${formatGB(t.pageable_bytes)}`;
+        perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}`;
+        perStep.title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and uncond, "
+            + "two when it runs them separately";
     }
 
     toggleTable() {
