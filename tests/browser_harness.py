@@ -69,6 +69,7 @@ class ComfyPage:
         self.server = server
         self.console: list[ConsoleEntry] = []
         self.messages: list[dict] = []  # websocket messages from the server ({"type", "data"})
+        self._loads = 0  # workflows loaded so far, for unique file names
         page.on("console", self._on_console)
         page.on("pageerror", lambda error: self.console.append(ConsoleEntry("pageerror", str(error), "")))
         page.on("requestfailed", lambda request: self.console.append(
@@ -112,13 +113,19 @@ class ComfyPage:
             self.page.keyboard.press("Escape")
         self.page.evaluate("() => document.querySelectorAll('.p-dialog-mask').forEach((m) => m.remove())")
 
-    def load_api_workflow(self, prompt: dict, name: str = "distorch_test_api.json") -> None:
-        """Loads an API-format workflow as dropping the file on the page does (the frontend's `handleFile`)."""
+    def load_api_workflow(self, prompt: dict, name: str = "distorch_test_api") -> None:
+        """Loads an API-format workflow as dropping the file on the page does (the frontend's `handleFile`).
+
+        Each load gets a file name of its own: some frontends ask before replacing an open workflow of the same
+        name, and that question would never be answered here.
+        """
+        self._loads += 1
         self.page.evaluate(
-            """async ([text, name]) => {
+            """([text, name]) => {
+                window.app.graph.clear();
                 const file = new File([text], name, { type: "application/json" });
-                await window.app.handleFile(file);
-            }""", [json.dumps(prompt), name])
+                window.app.handleFile(file);
+            }""", [json.dumps(prompt), f"{name}_{self._loads}.json"])
         self.page.wait_for_function("(n) => window.app.graph.nodes.length >= n", arg=len(prompt))
         self.page.wait_for_timeout(300)
 

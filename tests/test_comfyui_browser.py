@@ -164,24 +164,6 @@ def test_the_plan_table_opens_on_demand_in_full(run):
     assert page.locator(".distorch-plan-popover").count() == 0
 
 
-def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):
-    page = run.page
-    page.load_api_workflow(three_loader_workflow(unet_vram=0.1, clip_vram=0.1, expert="cuda:0,1.5t;cpu,*"))
-    errors = page.queue_expecting_node_errors()
-    assert list(errors) == ["1"], errors
-    assert "unknown unit 't'" in str(errors["1"])
-    # Drawn as ComfyUI draws a node error: `has_errors` (newer frontends) or the red nodeError outline (older).
-    marked = page.page.evaluate("""() => {
-        const node = window.app.graph.getNodeById(1);
-        return node.has_errors === true || node.strokeStyles?.nodeError?.call(node)?.color === "red";
-    }""")
-    assert marked, "the loader is not marked as the node in error"
-    page.place_in_columns(COLUMNS)
-    page.fit_view()
-    page.screenshot(f"error-{page.server.install.version}.png")
-    assert not page.pack_problems(), page.pack_problems()
-
-
 def flux_dev_sizes() -> ModelSizes:
     """FLUX.1-dev in bf16, block by block (hidden 3072, MLP 12288: 339.8M parameters per double block,
     141.6M per single block, 64.1M outside the blocks; 22.17 GiB in all, the size of flux1-dev.safetensors)."""
@@ -251,7 +233,7 @@ def test_a_gpu_plan_draws_every_tier_and_net_totals(run):
         canvas.setDirty(true, true);
     }""", ids[0])
     page.page.wait_for_timeout(500)
-    page.screenshot(f"plan-{page.server.install.version}.png", clip=page.node_screen_box(ids[0], margin=16))
+    page.screenshot(f"plan-{page.server.install.version}.png", clip=page.node_screen_box(ids[0], margin=26))
 
     views = [node_view(page, node_id) for node_id in ids]
     for plan, view in zip((single, donor, tiny), views):
@@ -265,3 +247,21 @@ def test_a_gpu_plan_draws_every_tier_and_net_totals(run):
     assert "donor_gpu" in views[1]["cells"] and "donor VRAM: 7.23 GB" in views[1]["totals"][1]
     assert plan_totals(tiny).vram_freed_bytes < 0 and views[2]["costly"], "a plan that costs VRAM is flagged"
     assert views[2]["totals"][0].startswith("VRAM freed: -0.6")
+
+
+def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):  # last: it replaces the workflow
+    page = run.page
+    page.load_api_workflow(three_loader_workflow(unet_vram=0.1, clip_vram=0.1, expert="cuda:0,1.5t;cpu,*"))
+    errors = page.queue_expecting_node_errors()
+    assert list(errors) == ["1"], errors
+    assert "unknown unit 't'" in str(errors["1"])
+    # Drawn as ComfyUI draws a node error: `has_errors` (newer frontends) or the red nodeError outline (older).
+    marked = page.page.evaluate("""() => {
+        const node = window.app.graph.getNodeById(1);
+        return node.has_errors === true || node.strokeStyles?.nodeError?.call(node)?.color === "red";
+    }""")
+    assert marked, "the loader is not marked as the node in error"
+    page.place_in_columns(COLUMNS)
+    page.fit_view()
+    page.screenshot(f"error-{page.server.install.version}.png")
+    assert not page.pack_problems(), page.pack_problems()
