@@ -229,7 +229,7 @@ def test_a_gpu_plan_draws_every_tier_and_net_totals(run):
         const canvas = window.app.canvas;
         const node = window.app.graph.getNodeById(Number(id));
         canvas.ds.scale = 1.5;
-        canvas.ds.offset = [160 / 1.5 - node.pos[0], 140 / 1.5 - node.pos[1]];
+        canvas.ds.offset = [160 / 1.5 - node.pos[0], 300 / 1.5 - node.pos[1]];  // clear of the toolbars
         canvas.setDirty(true, true);
     }""", ids[0])
     page.page.wait_for_timeout(500)

@@ -113,8 +113,12 @@ class PlanView {
         this.text = text ?? "";
         this.tableButton.disabled = !this.text;
         if (this.popover) this.fillTable();
-        if (!this.plan) {
+        if (!this.plan) {  // a table without data (an older backend): show its first line, nothing stale
             this.title.textContent = this.text.split("\n", 1)[0] || "DisTorch plan";
+            this.map.replaceChildren();
+            this.map.classList.add("dt-empty");
+            this.totals.forEach((line) => { line.textContent = "\u00a0"; });
+            this.renderLegend(new Set());
             return;
         }
         this.renderTitle();
