@@ -164,6 +164,24 @@ def test_the_plan_table_opens_on_demand_in_full(run):
     assert page.locator(".distorch-plan-popover").count() == 0
 
 
+def test_the_plan_is_neither_saved_nor_sent_and_a_second_run_reuses_the_loaders(run):
+    """The plan widget is display only: it must not become a loader input (the table would change the loader's
+    cache key after every run, so each queue would load the model again) nor a saved widget value."""
+    prompt = run.page.page.evaluate("""async () => {
+        const { output, workflow } = await window.app.graphToPrompt();
+        return { inputs: Object.fromEntries(Object.entries(output).map(([id, n]) => [id, Object.keys(n.inputs)])),
+                 saved: Object.fromEntries(workflow.nodes.map((n) => [String(n.id), n.widgets_values])) };
+    }""")
+    for node_id, node_type in LOADERS.items():
+        assert "distorch_plan" not in prompt["inputs"][node_id], node_type
+        assert not any("DisTorch plan" in str(v) for v in prompt["saved"][node_id]), node_type
+    before = len(run.page.messages)
+    entry = run.page.queue_and_wait()
+    assert entry.get("status", {}).get("status_str") == "success", str(entry)[:2000]
+    cached = {n for m in run.page.messages[before:] if m.get("type") == "execution_cached" for n in m["data"]["nodes"]}
+    assert set(LOADERS) <= cached, f"loaders ran again: cached {sorted(cached)}"
+
+
 def flux_dev_sizes() -> ModelSizes:
     """FLUX.1-dev in bf16, block by block (hidden 3072, MLP 12288: 339.8M parameters per double block,
     141.6M per single block, 64.1M outside the blocks; 22.17 GiB in all, the size of flux1-dev.safetensors)."""
