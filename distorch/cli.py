@@ -16,7 +16,7 @@ from .convert import ConvertError, convert_workflow
 from .headers import read_model_sizes
 from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
 from .planner import Plan, PlanError, plan_sizes
-from .report import tier_rows
+from .report import dtype_note, plan_totals, tier_rows
 from .units import GIB
 
 # Practical pinned host-to-device rates (research/prefetch.md §3.2: ~22-26 GB/s Gen4, ~45-55 GB/s Gen5).
@@ -160,7 +160,8 @@ def proposal_step_gb(sizes) -> float:
 def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,
               reserve_gb: float) -> dict:
     compute = inventory.get(plan.compute_device)
-    per_forward = plan.streamed_bytes
+    totals = plan_totals(plan)
+    per_forward = totals.per_pass_bytes
     return {
         "file": path,
         "model": plan.model_name,
@@ -171,17 +172,19 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
         "virtual_vram_gb": virtual_vram,
         "proposed": proposed,
         "activation_reserve_gb": reserve_gb,
+        "dtype": {"source": plan.dtype_source, "note": dtype_note(plan),
+                  "gb": {name: _gb(n) for name, n in plan.dtype_bytes.items()}},
         "tiers": [
-            {"device": r.device, "role": r.role, "blocks": r.blocks, "gb": _gb(r.nbytes),
-             "vram_freed_gb": _gb(r.vram_freed)}
+            {"device": r.device, "tier": r.tier, "role": r.role, "blocks": r.blocks, "gb": _gb(r.nbytes),
+             "moved_off_gb": _gb(r.moved_off)}
             for r in tier_rows(plan)
         ],
-        "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(plan.prefetch * plan.slot_bytes),
-                    "total": _gb(plan.compute_bytes), "usable": _gb(compute.usable)},
-        "vram_freed_gb": _gb(plan.streamed_bytes),
-        "pinned_ram_gb": _gb(plan.pinned_bytes),
-        "pageable_ram_gb": _gb(sum(b.nbytes for b in plan.blocks if b.streamed and b.device == "cpu"
-                                   and not b.pinned)),
+        "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(totals.slots_bytes),
+                    "total": _gb(totals.compute_bytes), "usable": _gb(compute.usable)},
+        "moved_off_gb": _gb(totals.moved_off_bytes),
+        "vram_freed_gb": _gb(totals.vram_freed_bytes),
+        "pinned_ram_gb": _gb(totals.pinned_bytes),
+        "pageable_ram_gb": _gb(totals.pageable_bytes),
         "transfer": {
             "per_forward_gb": _gb(per_forward),
             "per_step_with_cfg_gb": _gb(2 * per_forward),
@@ -199,8 +202,7 @@ def format_summary(plan: Plan, summary: dict) -> str:
         lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.2f}: the smallest value that fits "
                      f"{plan.compute_device} with {summary['activation_reserve_gb']:.1f} GB kept for activations")
     pageable = f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""
-    lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; "
-                 f"pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
+    lines.append(f"  pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
     transfer = summary["transfer"]
     estimates = ", ".join(f"{t:.2f} s on {name}" for name, t in transfer["seconds_per_forward"].items())
     lines.append(f"  transfer per forward: {transfer['per_forward_gb']:.2f} GB ({estimates}); "

@@ -2,7 +2,8 @@
 
 Blocks are found from tensor names: `<list>.<N>.<submodule>...` groups with two or more indices
 whose entries have submodules (so a Sequential of plain layers, `time_in.0.weight`, is not a block
-list). Lists nested inside a block belong to that block.
+list). A group with a single index is a block list when that entry is as heavy as a block (the rule
+live discovery uses too: lone_blocks.py). Lists nested inside a block belong to that block.
 """
 
 import json
@@ -13,7 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .echo import echo
+from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
+from .units import dtype_label
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 # Bits per element, as the safetensors format defines them (F4 and F6 pack several elements per byte).
@@ -38,6 +41,7 @@ class HeaderError(ValueError):
 class TensorEntry:
     name: str
     nbytes: int
+    dtype: str = ""  # as distorch.units.dtype_label spells it
 
 
 def read_model_sizes(path: str) -> ModelSizes:
@@ -70,7 +74,7 @@ def read_model_sizes(path: str) -> ModelSizes:
 
 def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     """Groups tensors into blocks by their names; everything else is the rest."""
-    lists = _block_lists([e.name for e in entries])
+    lists = _block_lists(entries)
     block_bytes: dict[str, int] = {}
     rest = 0
     for entry in entries:
@@ -80,21 +84,51 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
         else:
             block_bytes[block] = block_bytes.get(block, 0) + entry.nbytes
     ordered = sorted(block_bytes.items(), key=lambda item: _block_sort_key(item[0], lists))
-    return ModelSizes(name, tuple(ordered), rest)
+    dtypes: dict[str, int] = defaultdict(int)
+    for entry in entries:
+        dtypes[entry.dtype or "unknown"] += entry.nbytes
+    return ModelSizes(name, tuple(ordered), rest, dtype_bytes=dict(dtypes), dtype_source="file")
 
 
-def _block_lists(names: list[str]) -> list[str]:
+def _block_lists(entries: list[TensorEntry]) -> list[str]:
     indices: dict[str, set[int]] = defaultdict(set)
     nested: dict[str, bool] = defaultdict(bool)
+    bare: dict[str, bool] = defaultdict(bool)  # an entry is itself a list (`label_emb.0.0.weight`)
     first_seen: dict[str, int] = {}
-    for position, name in enumerate(names):
-        for prefix, index, rest in _indexed_parts(name):
+    for position, entry in enumerate(entries):
+        for prefix, index, rest in _indexed_parts(entry.name):
             indices[prefix].add(index)
             nested[prefix] |= "." in rest
+            bare[prefix] |= _is_index(rest.split(".", 1)[0])
             first_seen.setdefault(prefix, position)
-    candidates = [p for p in indices if len(indices[p]) >= 2 and nested[p]]
-    outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
-    return sorted(outermost, key=lambda p: first_seen[p])
+    repeated = _outermost([p for p in indices if len(indices[p]) >= 2 and nested[p]])
+    lone = [p for p in indices if len(indices[p]) == 1 and nested[p] and not bare[p]
+            and not any(_is_within(p, r) or _is_within(r, p) for r in repeated)]
+    lone = _outermost(lone)
+    sizes = _list_entry_bytes(entries, repeated + lone)
+    accepted = accepted_lone_blocks({p: sum(sizes[p].values()) for p in lone},
+                                    [n for p in repeated for n in sizes[p].values()], sum(e.nbytes for e in entries))
+    return sorted(repeated + [p for p in lone if p in accepted], key=lambda p: first_seen[p])
+
+
+def _outermost(prefixes: list[str]) -> list[str]:
+    return [p for p in prefixes if not any(_is_within(p, q) for q in prefixes if q != p)]
+
+
+def _is_within(name: str, outer: str) -> bool:
+    return name == outer or name.startswith(outer + ".")
+
+
+def _list_entry_bytes(entries: list[TensorEntry], lists: list[str]) -> dict[str, dict[int, int]]:
+    """Per list, the bytes of each of its entries."""
+    sizes: dict[str, dict[int, int]] = {p: defaultdict(int) for p in lists}
+    for entry in entries:
+        for prefix in lists:
+            if entry.name.startswith(prefix + "."):
+                index = entry.name[len(prefix) + 1:].split(".", 1)[0]
+                if _is_index(index):
+                    sizes[prefix][int(index)] += entry.nbytes
+    return sizes
 
 
 def _indexed_parts(name: str):
@@ -143,7 +177,7 @@ def _safetensors_entries(path: str) -> list[TensorEntry]:
     spans = [_safetensors_span(path, name, info, data_size) for name, info in header.items()
              if name != "__metadata__"]
     _check_disjoint(path, spans)
-    return [TensorEntry(span.name, span.end - span.begin) for span in spans]
+    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype)) for span in spans]
 
 
 def _parse_json(path: str, raw: bytes) -> dict:
@@ -163,6 +197,7 @@ class _Span:
     name: str
     begin: int
     end: int
+    dtype: str
 
 
 def _safetensors_span(path: str, name: str, info, data_size: int) -> _Span:
@@ -185,7 +220,7 @@ def _safetensors_span(path: str, name: str, info, data_size: int) -> _Span:
             f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
         raise HeaderError(f"{tensor}: data_offsets {echo(offsets)} span {end - begin} bytes, but shape "
                           f"{echo(shape)} of {dtype} needs {needs}")
-    return _Span(name, begin, end)
+    return _Span(name, begin, end, dtype)
 
 
 def _bounded_product(values: list[int], limit: int) -> int | None:
@@ -217,7 +252,7 @@ def _check_disjoint(path: str, spans: list[_Span]) -> None:
 def _gguf_entries(path: str) -> list[TensorEntry]:
     read_header = _gguf_header_reader()
     header = read_header(path)
-    return [TensorEntry(info.name, info.nbytes) for info in header.tensor_infos]
+    return [TensorEntry(info.name, info.nbytes, dtype_label(info.type_name)) for info in header.tensor_infos]
 
 
 def _gguf_header_reader():

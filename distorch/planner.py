@@ -10,6 +10,7 @@ Everything here is pure arithmetic on block sizes and free memory, so it is dete
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
 """
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class ModelSizes:
     blocks: tuple[tuple[str, int], ...]
     rest_bytes: int
     bytes_on: Mapping[str, int] = field(default_factory=dict)
+    # The weight formats these sizes count (dtype label -> bytes) and where they were read: "file" (a
+    # header: the file's dtype) or "model" (a live model: the dtype the loader built, e.g. fp8 from bf16).
+    dtype_bytes: Mapping[str, int] = field(default_factory=dict)
+    dtype_source: str = ""
 
     @property
     def block_bytes(self) -> int:
@@ -100,6 +105,8 @@ class Plan:
     prefetch: int
     requested_offload: int
     warnings: tuple[str, ...] = ()
+    dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # as in ModelSizes: what the sizes count
+    dtype_source: str = ""
 
     @property
     def placement(self) -> dict[str, str]:
@@ -161,9 +168,10 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
         >>> p = plan(model, compute_device="cuda:0", virtual_vram_gb=6, memory={"cuda:0": 12 << 30, "cpu": 64 << 30})
         >>> print(p.report())
     """
-    from .blocks import discover
+    from .blocks import bytes_by_dtype, discover
 
     sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
+    sizes = dataclasses.replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
     return plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                       donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
                       memory=memory, prefetch=prefetch)
@@ -186,7 +194,8 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
     warnings = _offload_warnings(sizes, offload)
     streamed = choose_streamed([n for _, n in sizes.blocks], offload)
     placements = _assign_storage(sizes, compute_device, streamed, tiers, inventory)
-    result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings))
+    result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings),
+                  dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source)
     _check_capacity(result, sizes, inventory)
     return result
 

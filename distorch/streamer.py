@@ -19,7 +19,7 @@ Passes that alternate (CFG with skip-layer guidance) are predicted from the peri
 import logging
 import sys
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +33,10 @@ from .units import GIB
 
 logger = logging.getLogger("distorch.streamer")
 
-_PROGRESS_MIN_BYTES = 1 * GIB  # show a progress bar when staging at least this much
+_PROGRESS_MIN_BYTES = 1 * GIB  # show a terminal progress bar when staging at least this much
+
+# progress(done_bytes, total_bytes) while blocks are staged; the node pack drives ComfyUI's progress bar with it.
+StagingProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -169,12 +172,19 @@ class BlockStreamer:
     def is_open(self) -> bool:
         return self._open
 
-    def open(self) -> "BlockStreamer":
+    def open(self, progress: StagingProgress | None = None) -> "BlockStreamer":
         """Stages the blocks (unless still staged from an earlier `close(unstage=False)`), allocates the
-        slots and installs the hooks."""
+        slots and installs the hooks.
+
+        Args:
+            progress: called as `progress(done_bytes, total_bytes)` when staging starts and after each staged
+                block (not at all when nothing needs staging). It may raise to cancel, e.g. on a user
+                interrupt: the blocks staged so far stay staged and consistent, the streamer stays closed,
+                and the next `open()` stages the rest.
+        """
         if self._open:
             return self
-        self._stage_all()
+        self._stage_all(progress)
         self._slots = [
             _Slot(torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device),
                   self.engine.new_event(), self.engine.new_event())
@@ -219,7 +229,7 @@ class BlockStreamer:
 
     # -- staging -----------------------------------------------------------------------------------
 
-    def _stage_all(self) -> None:
+    def _stage_all(self, progress: StagingProgress | None = None) -> None:
         """One arena per storage (pinned RAM, pageable RAM, each donor GPU) holds every block stored there.
 
         A single allocation is registered (pinned) once, and no two registrations can share a page.
@@ -229,16 +239,24 @@ class BlockStreamer:
             if block.host is None:
                 groups[block.storage].append(block)
         total = sum(b.nbytes for members in groups.values() for b in members)
+        done = 0
+        if progress is not None and total:
+            progress(0, total)
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
-                  disable=total < _PROGRESS_MIN_BYTES, leave=False) as progress:
+                  disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
             for storage, members in groups.items():
                 offsets = _arena_offsets([b.nbytes for b in members])
                 arena = FlatBuffer(offsets[-1], storage.device, pin=storage.pinned)
                 self._arenas.append(arena)
                 for block, start in zip(members, offsets):
                     block.stage(arena.tensor[start:start + block.nbytes])
-                    progress.update(block.nbytes)
-        donors = {torch.device(s.device) for s in groups if s.device != "cpu"}
+                    done += block.nbytes
+                    bar.update(block.nbytes)
+                    if progress is not None:
+                        progress(done, total)
+        # Every donor holding a staged block, also those staged by an earlier open() that `progress` cancelled.
+        donors = {torch.device(b.storage.device) for b in self._blocks if b.host is not None and
+                  b.storage.device != "cpu"}
         for device in donors:
             # Staging writes to a donor GPU run on its default stream (and from pageable memory may still be in
             # flight when cudaMemcpy returns); the copy stream must not read them before they land.

@@ -13,13 +13,13 @@ import comfy.utils
 import folder_paths
 import torch
 
-from .loading import plan_model
+from .loading import combined_ui, plan_model
 from .patcher import DisTorchModelPatcher
 from .settings import CheckpointSettings
 
 
-def load_checkpoint(ckpt_name: str, settings: CheckpointSettings) -> tuple[tuple, str]:
-    """Returns (MODEL, CLIP, VAE) as CheckpointLoaderSimple does, and the plans as text for the node."""
+def load_checkpoint(ckpt_name: str, settings: CheckpointSettings, node_id: str | None = None) -> tuple[tuple, dict]:
+    """Returns (MODEL, CLIP, VAE) as CheckpointLoaderSimple does, and the node's UI output (both plans)."""
     path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
     state_dict, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
     text_encoder_options = {
@@ -36,12 +36,11 @@ def load_checkpoint(ckpt_name: str, settings: CheckpointSettings) -> tuple[tuple
     patcher, clip = loaded[0], loaded[1]
     vae = _vae(state_dict, patcher.model.model_config, settings.vae_device, metadata)
     model = DisTorchModelPatcher.adopt(patcher, torch.device(settings.unet.compute_device))
-    reports = [plan_model(model.model, settings.unet, f"{ckpt_name} diffusion model")]
+    parts = [plan_model(model.model, settings.unet, f"{ckpt_name} diffusion model", node_id)]
     if clip is not None:
         clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.clip.compute_device))
-        reports.append(plan_model(clip.patcher.model, settings.clip, f"{ckpt_name} text encoders"))
-    reports.append(f"VAE on {settings.vae_device}")
-    return (model, clip, vae), "\n\n".join(reports)
+        parts.append(plan_model(clip.patcher.model, settings.clip, f"{ckpt_name} text encoders", node_id))
+    return (model, clip, vae), combined_ui(parts, f"VAE on {settings.vae_device}")
 
 
 def _vae(state_dict: dict, model_config, device: str, metadata) -> comfy.sd.VAE:

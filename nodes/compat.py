@@ -9,7 +9,7 @@ map onto; the table and the mapping are distorch/compat.py, which the workflow c
 import logging
 
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 import nodes as core_nodes
 
@@ -20,6 +20,7 @@ from .compat_detect import installed_packs
 from .extension import _core_choices, _devices
 from .folders import UNET_GGUF_KEY, text_encoder_files, unet_files, vae_files
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
+from .progress import executing_node_id
 from .settings import TOOLTIPS, VIRTUAL_VRAM_STEP_GB, CheckpointSettings, DisTorchSettings
 
 logger = logging.getLogger("distorch.nodes")
@@ -92,8 +93,8 @@ def stand_in(entry: LegacyLoader) -> type[io.ComfyNode]:
         @classmethod
         def execute(cls, **values) -> io.NodeOutput:
             native = entry.to_native(values, machine())
-            outputs, report = _load(entry.target, native, _settings(entry, native))
-            return io.NodeOutput(*outputs, ui=ui.PreviewText(report))
+            outputs, plan_ui = _load(entry.target, native, _settings(entry, native), executing_node_id())
+            return io.NodeOutput(*outputs, ui=plan_ui)
 
     StandIn.__name__ = StandIn.__qualname__ = entry.node_id
     return StandIn
@@ -107,18 +108,18 @@ def _settings(entry: LegacyLoader, native: dict):
                                      native["expert_mode_allocations"], available)
 
 
-def _load(target: str, native: dict, settings) -> tuple[tuple, str]:
+def _load(target: str, native: dict, settings, node_id: str | None) -> tuple[tuple, dict]:
     if target == "DisTorchUNetLoader":
-        model, report = load_unet(native["unet_name"], native["weight_dtype"], settings)
-        return (model,), report
+        model, plan_ui = load_unet(native["unet_name"], native["weight_dtype"], settings, node_id)
+        return (model,), plan_ui
     if target == "DisTorchVAELoader":
-        vae, report = load_vae(native["vae_name"], settings)
-        return (vae,), report
+        vae, plan_ui = load_vae(native["vae_name"], settings, node_id)
+        return (vae,), plan_ui
     if target == "DisTorchCheckpointLoader":
-        return load_checkpoint(native["ckpt_name"], settings)
+        return load_checkpoint(native["ckpt_name"], settings, node_id)
     files = [native[k] for k in sorted(native) if k.startswith("clip_name")]
-    clip, report = load_clip(files, native.get("type") or "stable_diffusion", settings)
-    return (clip,), report
+    clip, plan_ui = load_clip(files, native.get("type") or "stable_diffusion", settings, node_id)
+    return (clip,), plan_ui
 
 
 _OUTPUTS = {"MODEL": io.Model.Output, "CLIP": io.Clip.Output, "VAE": io.Vae.Output}

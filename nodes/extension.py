@@ -2,13 +2,14 @@
 
 Each node is declarative: a schema, an optional `validate_inputs` that rejects bad DisTorch inputs
 before the queue runs, and an `execute` that calls one loading function and returns the standard
-MODEL / CLIP / VAE plus the plan table as text on the node.
+MODEL / CLIP / VAE plus the plan for the node's block map and table (nodes/web/js/distorch.js):
+`ui` carries `text` (the table) and `distorch_plan` (distorch.report.plan_to_dict).
 """
 
 import comfy.model_management as mm
 import folder_paths
 import torch
-from comfy_api.latest import ComfyExtension, io, ui
+from comfy_api.latest import ComfyExtension, io
 
 import nodes as core_nodes
 
@@ -16,6 +17,7 @@ from .catalog import FILE_INPUTS, NODE_TITLES
 from .checkpoint import load_checkpoint
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
+from .progress import executing_node_id
 from .settings import (
     CheckpointSettings,
     ChoiceSpec,
@@ -108,8 +110,8 @@ class DisTorchUNetLoader(io.ComfyNode):
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
                 expert_mode_allocations="") -> io.NodeOutput:
         settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-        model, report = load_unet(unet_name, weight_dtype, settings)
-        return io.NodeOutput(model, ui=ui.PreviewText(report))
+        model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
+        return io.NodeOutput(model, ui=plan_ui)
 
 
 def _clip_node(node_id: str, type_node: str | None, description: str):
@@ -139,8 +141,8 @@ def _clip_node(node_id: str, type_node: str | None, description: str):
                     **files) -> io.NodeOutput:
             settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
             ordered = [files[k] for k in sorted(files)]
-            clip, report = load_clip(ordered, type or "stable_diffusion", settings)
-            return io.NodeOutput(clip, ui=ui.PreviewText(report))
+            clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
+            return io.NodeOutput(clip, ui=plan_ui)
 
     Loader.__name__ = Loader.__qualname__ = node_id
     return Loader
@@ -180,8 +182,8 @@ class DisTorchVAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
         settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-        vae, report = load_vae(vae_name, settings)
-        return io.NodeOutput(vae, ui=ui.PreviewText(report))
+        vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
+        return io.NodeOutput(vae, ui=plan_ui)
 
 
 class DisTorchCheckpointLoader(io.ComfyNode):
@@ -223,8 +225,8 @@ class DisTorchCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, **values) -> io.NodeOutput:
         settings = CheckpointSettings.validate(values, _devices()[0])
-        outputs, report = load_checkpoint(ckpt_name, settings)
-        return io.NodeOutput(*outputs, ui=ui.PreviewText(report))
+        outputs, plan_ui = load_checkpoint(ckpt_name, settings, executing_node_id())
+        return io.NodeOutput(*outputs, ui=plan_ui)
 
 
 NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorchTripleCLIPLoader,

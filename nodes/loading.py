@@ -17,6 +17,7 @@ import torch
 
 from ..distorch import MemoryInventory
 from ..distorch.memory import DeviceMemory, safe_pinned_bytes
+from ..distorch.report import plan_to_dict
 from .folders import full_path
 from .patcher import DisTorchModelPatcher
 from .settings import DisTorchSettings
@@ -30,7 +31,8 @@ UNET_WEIGHT_DTYPES = {
 }
 
 
-def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> tuple[DisTorchModelPatcher, str]:
+def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings,
+              node_id: str | None = None) -> tuple[DisTorchModelPatcher, dict]:
     if weight_dtype not in UNET_WEIGHT_DTYPES:
         raise ValueError(f"DisTorch: weight_dtype {weight_dtype!r} is not one of {', '.join(UNET_WEIGHT_DTYPES)}")
     path = full_path("diffusion_models", unet_name)
@@ -48,10 +50,11 @@ def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> 
         raise ValueError(f"DisTorch: could not detect the model type of {unet_name!r}; is it a diffusion model?")
     adopted = DisTorchModelPatcher.adopt(patcher, torch.device(settings.compute_device),
                                          factory=(reload_unet, (unet_name, weight_dtype, settings)))
-    return adopted, plan_model(adopted.model, settings, unet_name)
+    return adopted, plan_model(adopted.model, settings, unet_name, node_id)
 
 
-def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings) -> tuple[comfy.sd.CLIP, str]:
+def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings,
+              node_id: str | None = None) -> tuple[comfy.sd.CLIP, dict]:
     paths = [full_path("text_encoders", name) for name in clip_names]
     model_options = {
         "load_device": torch.device(settings.compute_device),
@@ -74,16 +77,16 @@ def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings)
                       model_options=model_options, **_not_dynamic(loader))
     clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.compute_device),
                                               factory=(reload_clip, (tuple(clip_names), clip_type, settings)))
-    return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names))
+    return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names), node_id)
 
 
-def load_vae(vae_name: str, settings: DisTorchSettings) -> tuple[comfy.sd.VAE, str]:
+def load_vae(vae_name: str, settings: DisTorchSettings, node_id: str | None = None) -> tuple[comfy.sd.VAE, dict]:
     path = full_path("vae", vae_name)
     device = torch.device(settings.compute_device)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path), device=device, **_not_dynamic(comfy.sd.VAE))
     vae.throw_exception_if_invalid()
     vae.patcher = DisTorchModelPatcher.adopt(vae.patcher, device, factory=(reload_vae, (vae_name, settings)))
-    return vae, plan_model(vae.patcher.model, settings, vae_name)
+    return vae, plan_model(vae.patcher.model, settings, vae_name, node_id)
 
 
 # `cached_patcher_init` factories: core calls them with the stored arguments (plus `disable_dynamic=True` when
@@ -109,12 +112,25 @@ def _not_dynamic(loader) -> dict:
     return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
-def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str) -> str:
-    """Plans `model` once and stores the plan on it; returns the report shown on the node."""
+def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str, node_id: str | None = None) -> dict:
+    """Plans `model` once and stores the plan on it; returns the node's UI output.
+
+    `text` is the plan table; `distorch_plan` the same plan as data (distorch.report.plan_to_dict) for the
+    block map nodes/web/js/distorch.js draws. `node_id` is the loader node: staging reports to its bar.
+    """
     state = DisTorchState.attach(model, settings, loader_inventory(settings))
+    state.ui_node = node_id
     # The log gets the table when the model is loaded (patcher.py); the node shows it now.
-    return state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
+    text = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
                                        f"DisTorch plan for {label} ({state.plan.model_name})", 1)
+    return {"text": [text], "distorch_plan": [plan_to_dict(state.plan, label)]}
+
+
+def combined_ui(parts: list[dict], note: str = "") -> dict:
+    """One node's UI output for several planned models (a checkpoint's diffusion model and text encoders):
+    the tables one after the other, the plans in the same order (the node's view draws the first)."""
+    text = "\n\n".join(part["text"][0] for part in parts) + (f"\n\n{note}" if note else "")
+    return {"text": [text], "distorch_plan": [plan for part in parts for plan in part["distorch_plan"]]}
 
 
 def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:

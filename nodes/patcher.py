@@ -27,6 +27,7 @@ import torch
 
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
+from .progress import StagingProgressBar
 from .state import DisTorchState
 
 logger = logging.getLogger("distorch.nodes")
@@ -121,8 +122,15 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         self._attach_quantized_patches(state)
         self._prepare_streamed_modules(state)
         pin = state.streamer is not None or _may_pin(state.plan.pinned_bytes)
-        with _outside_memory_compiler():
-            opened = state.open(self.model, pin=pin)
+        try:
+            with _outside_memory_compiler():
+                opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
+        except BaseException:
+            # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
+            # load starts over: cores from 0.33 make the interrupt a BaseException, which their own
+            # `except Exception: detach()` around load() does not catch.
+            self.detach()
+            raise
         self.model.model_lowvram = True
         self.model.model_loaded_weight_memory += state.slot_bytes
         if opened:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser_harness import browser, comfy_page  # noqa: F401  (fixtures for the browser tests)
 from comfyui_harness import ComfyServer, installs
 
 # Checks that import ComfyUI run in each ComfyUI's own interpreter (tests/test_comfyui_core.py starts them).

@@ -21,14 +21,14 @@ WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
 SD3_DEPTH = 2
 
 
-def wan_seed() -> dict:
+def wan_seed(layers: int = WAN_LAYERS) -> dict:
     dim = WAN_DIM
     seed = {
         "head.modulation": torch.empty(1, 2, dim),
         "head.head.weight": torch.empty(16 * 4, dim),
         "patch_embedding.weight": torch.empty(dim, 16, 1, 2, 2),
     }
-    for i in range(WAN_LAYERS):
+    for i in range(layers):
         seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(WAN_FFN, dim)
     return seed
 
@@ -147,6 +147,9 @@ def main() -> None:
     save_file(clip, str(models / "text_encoders" / "random_clip_l.safetensors"))
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
+    # One transformer block in its list: a lone block, which DisTorch must still find and stream.
+    save_file(random_state_dict(wan_seed(layers=1), "WAN21_T2V", seed=5),
+              str(models / "diffusion_models" / "tiny_wan21_1block.safetensors"))
     sd3 = random_state_dict(sd3_seed(), "SD3", seed=2)
     save_file(sd3, str(models / "diffusion_models" / "tiny_sd3.safetensors"))
     taesd3 = tiny_vae(seed=5, latent_channels=16)
