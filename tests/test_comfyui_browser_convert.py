@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 pytest.importorskip("browser_harness", reason="tests/browser_harness.py (the browser test harness) is not here")
-from browser_harness import browser, comfy_page  # noqa: E402, F401  (pytest fixtures)
 from test_comfyui_multigpu import CORE_FILES, SEPARATE, multigpu_files, run_ok, sd3_prompt  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
@@ -55,7 +54,7 @@ def open_canvas_menu_and_pick(page, entry: str) -> None:
     page.page.locator(".litecontextmenu .litemenu-entry", has_text=entry).first.click()
 
 
-def test_canvas_menu_converts_multigpu_loaders_and_the_result_runs(comfy_page, server):  # noqa: F811
+def test_canvas_menu_converts_multigpu_loaders_and_the_result_runs(comfy_page, server):
     prompt = sd3_prompt(multigpu_files(0.0), *SEPARATE)
     prompt["15"]["inputs"]["filename"] = "browser_converted"
     comfy_page.load_api_workflow(prompt)

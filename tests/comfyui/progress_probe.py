@@ -71,6 +71,11 @@ def main() -> None:
         get_progress_state().update_progress(node_id, value, total)
 
     comfy.utils.set_progress_bar_global_hook(hook)
+    # Cores from 0.3.6x send only the first and last update of a fast bar; a tiny model stages in microseconds,
+    # where a real one takes seconds per block. Unthrottled, every staged block reaches the hook as it would then.
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            setattr(comfy.utils, name, 0)
     settings = DisTorchSettings("cpu", args.virtual_vram_gb, "cpu")
     expected = forward(comfy.sd.load_diffusion_model(str(Path(args.models) / "diffusion_models" / WAN)))
     report = {}
