@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser_harness import browser, comfy_page  # noqa: F401  (fixtures for the browser tests)
 from comfyui_harness import ComfyServer, installs
+
+# Checks that import ComfyUI run in each ComfyUI's own interpreter (tests/test_comfyui_core.py starts them).
+collect_ignore = ["comfyui/inside"]
 
 
 def pytest_collection_modifyitems(config, items):
