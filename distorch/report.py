@@ -188,11 +188,16 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         "rest_bytes": plan.rest_bytes,
         "dtype": {"source": plan.dtype_source, "bytes": {str(k): int(v) for k, v in plan.dtype_bytes.items()},
                   "note": dtype_note(plan)},
-        "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device} for b in plan.blocks],
+        "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device,
+                    "reason": getattr(b, "reason", "")} for b in plan.blocks],
         "tiers": [{"tier": r.tier, "device": r.device, "role": r.role, "blocks": r.blocks, "bytes": r.nbytes}
                   for r in tier_rows(plan)],
         "totals": asdict(plan_totals(plan)),
         "warnings": list(plan.warnings),
+        # The ledger's view when the plan was made: what the other DisTorch models hold, what core pinned.
+        "ledger": {"others": [_holding_text(h) for h in getattr(plan, "others", ())],
+                   "pinned_elsewhere": int(getattr(plan, "pinned_elsewhere", 0)),
+                   "ram_added": int(getattr(plan, "ram_added", 0))},
     }
 
 

@@ -16,6 +16,7 @@ from distorch import CpuCopyEngine, Tier
 from distorch.ledger import Holding, Ledger
 from distorch.memory import RAM_RESERVE_FIXED, RAM_RESERVE_SHARE, DeviceMemory, MemoryInventory
 from distorch.pages import MappingTable
+from distorch.report import plan_to_dict
 from distorch.toy import make_toy_dit
 from distorch.units import GIB
 
@@ -61,6 +62,10 @@ def test_a_second_plan_sees_the_first_reservation_before_it_stages(gguf_file):
     report = plan_b.report()
     assert "other DisTorch models: ToyDiT (reserved: pageable" in report
     assert "disk: " in report and "RAM short" in report
+    ledger_view = plan_to_dict(plan_b)["ledger"]  # what the node's plan view gets
+    assert ledger_view["others"] == [report.split("other DisTorch models: ")[1].split(";")[0]]
+    assert ledger_view["ram_added"] == plan_b.ram_added
+    assert any("RAM short" in b["reason"] for b in plan_to_dict(plan_b)["blocks"] if b["tier"] == "disk")
 
 
 def test_a_staged_model_is_no_longer_pending_and_closing_releases_it(gguf_file):
