@@ -129,9 +129,10 @@ class Plan:
     prefetch: int
     requested_offload: int
     warnings: tuple[str, ...] = ()
-    others: tuple[Holding, ...] = ()  # what the other DisTorch models held or reserved when this was planned
+    # What the machine looked like when this was planned; two plans that place every block alike are equal.
+    others: tuple[Holding, ...] = field(default=(), compare=False)  # other DisTorch models' holdings/reservations
     ram_added: int = 0  # RAM this placement adds to what the model's weights already take
-    pinned_elsewhere: int = 0  # RAM the host program (ComfyUI) had pinned itself
+    pinned_elsewhere: int = field(default=0, compare=False)  # RAM the host program (ComfyUI) had pinned itself
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # as in ModelSizes: what the sizes count
     dtype_source: str = ""
 
