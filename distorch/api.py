@@ -2,11 +2,14 @@
 
 import logging
 import re
+import weakref
 
 import torch
 from torch import nn
 
-from .blocks import TensorCluster, discover
+from .blocks import TensorCluster, cluster_tensors, device_name, discover, live_bytes, point_into
+from .ledger import LEDGER, Ledger
+from .pages import MappingTable, release_file_pages, trim_heap
 from .planner import Plan, PlanError
 from .streamer import BlockStreamer, StoragePlacement, StreamStats
 
@@ -16,32 +19,57 @@ _HANDLE_ATTRIBUTE = "_distorch_stream"
 
 
 class ResidentPlacement:
-    """Moves the resident weights (rest + resident blocks) to the compute device, tied tensors once."""
+    """Moves the resident weights (rest + resident blocks) to the compute device, tied tensors once.
 
-    def __init__(self, clusters: list[TensorCluster], device: torch.device):
+    One copy: each cluster's original memory is released as it moves (file pages dropped, heap trimmed);
+    `undo` copies the weights back to the devices they came from. Owns the moved copies (`_homes`).
+    """
+
+    def __init__(self, model: nn.Module, clusters: list[TensorCluster], device: torch.device):
         self.device = device
-        self._moved = [c for c in clusters if c.device != device]
-        self._copies: list[torch.Tensor] = []  # each moved cluster's bytes on the compute device
+        target = device_name(device)
+        self._moved = [(c, cluster_tensors(model, c)) for c in clusters if c.device != target]
+        self._homes: list[torch.Tensor] = []  # each moved cluster's bytes on the compute device
 
     def apply(self) -> None:
-        self._copies = [cluster.source().to(self.device) for cluster in self._moved]
-        for cluster, flat in zip(self._moved, self._copies):
-            cluster.point_into(flat)
+        mappings = MappingTable.read()
+        for cluster, tensors in self._moved:
+            source = live_bytes(cluster, tensors)
+            mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes) if source.device.type == "cpu" \
+                else None
+            address = source.data_ptr()
+            home = source.to(self.device)
+            del source
+            point_into(cluster, tensors, home)
+            self._homes.append(home)
+            if mapping is not None:
+                release_file_pages(address, cluster.nbytes, mapping)
+        if self._moved:
+            trim_heap()
 
     def undo(self) -> None:
-        for cluster, flat in zip(self._moved, self._copies):
-            cluster.point_into(flat.to(cluster.device))
-        self._copies = []
+        for (cluster, tensors), home in zip(self._moved, self._homes):
+            point_into(cluster, tensors, home.to(torch.device(cluster.device)))
+        self._homes = []
 
 
 class StreamHandle:
-    """A model being streamed; `close()` restores every tensor to its original device."""
+    """A model being streamed; `close()` restores every tensor to its original device.
 
-    def __init__(self, model: nn.Module, plan: Plan, streamer: BlockStreamer, resident: ResidentPlacement):
-        self.model = model
+    The model keeps the handle (so a second `stream` is refused); the handle reaches the model by weakref.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, streamer: BlockStreamer, resident: ResidentPlacement,
+                 ledger: Ledger):
+        self._model = weakref.ref(model)
         self.plan = plan
         self.streamer = streamer
         self._resident = resident
+        self._ledger = ledger
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model()
 
     def stats(self) -> StreamStats:
         return self.streamer.stats()
@@ -49,8 +77,11 @@ class StreamHandle:
     def close(self) -> None:
         self.streamer.close()
         self._resident.undo()
-        if getattr(self.model, _HANDLE_ATTRIBUTE, None) is self:
-            delattr(self.model, _HANDLE_ATTRIBUTE)
+        model = self._model()
+        if model is not None:
+            self._ledger.release(model)
+            if getattr(model, _HANDLE_ATTRIBUTE, None) is self:
+                delattr(model, _HANDLE_ATTRIBUTE)
 
     def __enter__(self) -> "StreamHandle":
         return self
@@ -59,7 +90,8 @@ class StreamHandle:
         self.close()
 
 
-def stream(model: nn.Module, plan: Plan, *, prefetch: int = 2, debug: bool = False, engine=None) -> StreamHandle:
+def stream(model: nn.Module, plan: Plan, *, prefetch: int = 2, debug: bool = False, engine=None,
+           ledger: Ledger | None = None) -> StreamHandle:
     """Places `model` by `plan`: resident weights on the compute device, streamed blocks copied in per forward.
 
     Args:
@@ -69,6 +101,7 @@ def stream(model: nn.Module, plan: Plan, *, prefetch: int = 2, debug: bool = Fal
             at once (1 = no overlap between consecutive streamed blocks; resident blocks still hide copies).
         debug: poison released slots with NaN bytes so a missing wait shows up as a wrong output.
         engine: copy engine override (tests pass `CpuCopyEngine(deferred=True)`).
+        ledger: where the placement is recorded while the handle is open (default: the process-wide ledger).
 
     Returns:
         A handle; while it is open, the model's forward gives the same result as before. `close()` undoes it.
@@ -85,21 +118,27 @@ def stream(model: nn.Module, plan: Plan, *, prefetch: int = 2, debug: bool = Fal
     _check_plan_matches(plan, layout)
     streamed_names = plan.streamed
     streamed = [b for b in layout.blocks if b.name in streamed_names]
-    storage = {b.name: StoragePlacement(b.device, b.pinned) for b in plan.blocks if b.streamed}
+    storage = {b.name: StoragePlacement(b.device, b.pinned, b.disk) for b in plan.blocks if b.streamed}
+    _check_disk_blocks(plan, layout)
     resident_clusters = list(layout.rest) + [c for b in layout.blocks if b.name not in streamed_names
                                              for c in b.clusters]
     if prefetch > plan.prefetch and streamed:
         logger.warning("distorch: prefetch %d exceeds the plan's %d slots; VRAM use is above the plan",
                        prefetch, plan.prefetch)
-    resident = ResidentPlacement(resident_clusters, device)
+    ledger = LEDGER if ledger is None else ledger
+    account = ledger.reserve(model, plan.holding())
+    resident = ResidentPlacement(model, resident_clusters, device)
     resident.apply()
-    streamer = BlockStreamer(model, streamed, storage, device, prefetch=prefetch, debug=debug, engine=engine)
+    streamer = BlockStreamer(model, streamed, storage, device, prefetch=prefetch, debug=debug, engine=engine,
+                             account=account)
     try:
         streamer.open()
     except BaseException:
+        streamer.close()
         resident.undo()
+        ledger.release(model)
         raise
-    handle = StreamHandle(model, plan, streamer, resident)
+    handle = StreamHandle(model, plan, streamer, resident, ledger)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     return handle
 
@@ -113,6 +152,14 @@ def _check_device_available(plan: Plan) -> None:
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             available = torch.cuda.device_count() if torch.cuda.is_available() else 0
             raise RuntimeError(f"distorch: the plan uses {device} but this machine has {available} CUDA device(s)")
+
+
+def _check_disk_blocks(plan: Plan, layout) -> None:
+    """A disk-tier block is streamed from the file mapping it lies in; it must still lie there."""
+    moved = [b.name for b in plan.blocks if b.disk and not layout.block(b.name).file_backed]
+    if moved:
+        raise ValueError(f"the plan streams {moved[:3]} from the model file, but their weights are no longer in "
+                         "a file mapping; plan it again")
 
 
 def _check_plan_matches(plan: Plan, layout) -> None:

@@ -9,6 +9,10 @@ Lists nested inside a block belong to that block. Everything outside the blocks 
 Sizes are measured on storage, not on tensor shapes: a quantized GGUF tensor counts its bytes, and
 tensors that share memory (tied weights, views) are grouped into one `TensorCluster` that is counted
 and moved once. A cluster used by two blocks, or by a block and the rest, stays resident.
+
+A layout describes weights (names, offsets, sizes, dtypes, strides) and never holds their storage: the
+bytes are wherever the model's tensors point now (`live_bytes`), so staging a block into a buffer and
+re-pointing its tensors leaves nothing that keeps the original memory alive.
 """
 
 from collections import defaultdict
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from .lone_blocks import accepted_lone_blocks
+from .pages import MappingTable
 from .units import dtype_label
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
@@ -26,10 +31,10 @@ _BARE_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # exact types:
 
 @dataclass(frozen=True)
 class TensorView:
-    """How one parameter or buffer sits inside its cluster; enough to rebuild it on any buffer."""
+    """How one parameter or buffer sits inside its cluster: its names and layout, never its bytes."""
 
-    tensor: torch.Tensor
-    offset: int
+    names: tuple[str, ...]  # every dotted name the tensor has in the model (a tie gives several)
+    offset: int  # bytes from the start of the cluster
     dtype: torch.dtype
     size: torch.Size
     stride: tuple[int, ...]
@@ -38,44 +43,47 @@ class TensorView:
         """This tensor's dtype, size and strides as a view of the uint8 buffer `flat`, `byte_offset` bytes in."""
         start = flat.storage_offset() + byte_offset
         typed = torch.empty(0, dtype=self.dtype, device=flat.device)
-        return typed.set_(flat.untyped_storage(), start // self.tensor.element_size(), self.size, self.stride)
+        return typed.set_(flat.untyped_storage(), start // self.dtype.itemsize, self.size, self.stride)
 
 
 @dataclass(frozen=True)
 class TensorCluster:
-    """A byte range of one storage holding one tensor, or several that overlap (ties, views)."""
+    """A byte range holding one tensor, or several that overlap (ties, views): described, not held.
 
-    storage: torch.UntypedStorage
-    start: int
+    The bytes are wherever the member tensors point now (`live_bytes`); `device` and `file_backed` say where
+    they were when the model was discovered, so that `close()` can put them back there.
+    """
+
+    device: str  # "cpu" or "cuda:N" at discovery
     nbytes: int
-    views: tuple[TensorView, ...]
+    views: tuple[TensorView, ...]  # the first one starts the range (offset 0)
     owners: frozenset[str | None]
-
-    @property
-    def device(self) -> torch.device:
-        return self.storage.device
-
-    def point_into(self, flat: torch.Tensor, byte_offset: int = 0) -> None:
-        """Re-points every member tensor into `flat` (a copy of this cluster's bytes at `byte_offset`)."""
-        for view in self.views:
-            view.tensor.data = view.rebuild_on(flat, byte_offset + view.offset)
-
-    def source(self) -> torch.Tensor:
-        """The cluster's bytes as a flat uint8 tensor over the original storage (no copy)."""
-        flat = torch.empty(0, dtype=torch.uint8, device=self.device)
-        return flat.set_(self.storage, self.start, (self.nbytes,), (1,))
+    file_backed: bool = False  # the bytes lay in a mapping of a regular file (pages.MappingTable)
 
 
 @dataclass(frozen=True)
 class Block:
-    """One repeated block: its dotted name, module, weight bytes and exclusive clusters."""
+    """One repeated block: its dotted name, weight bytes and exclusive clusters."""
 
     name: str
-    module: nn.Module
     order: int
     nbytes: int
     clusters: tuple[TensorCluster, ...]
     root: str
+
+    @property
+    def file_backed(self) -> bool:
+        """All its bytes lie in a file mapping: it can stay there and be streamed from the file (disk tier)."""
+        return bool(self.clusters) and all(c.file_backed for c in self.clusters)
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes in ordinary (anonymous) RAM: staging them into RAM moves them and adds nothing."""
+        return sum(c.nbytes for c in self.clusters if c.device == "cpu" and not c.file_backed)
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(c.nbytes for c in self.clusters if c.file_backed)
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,48 @@ class ModelLayout:
     def bytes_on(self, device: str) -> int:
         """Bytes of the model's weights currently stored on `device` (e.g. already loaded there)."""
         clusters = [c for b in self.blocks for c in b.clusters] + list(self.rest)
-        return sum(c.nbytes for c in clusters if device_name(c.device) == device)
+        return sum(c.nbytes for c in clusters if c.device == device)
+
+
+def tensor_at(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called `name` (dotted, relative to `module`)."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    tensor = owner._parameters.get(attribute)
+    if tensor is None:
+        tensor = owner._buffers.get(attribute)
+    if tensor is None:
+        raise RuntimeError(f"distorch: the model has no weight {name!r} any more; plan it again")
+    return tensor
+
+
+def cluster_tensors(module: nn.Module, cluster: TensorCluster, prefix: str = "") -> list[torch.Tensor]:
+    """The live tensor of each view of `cluster`, looked up by name below `module` (names minus `prefix`)."""
+    return [tensor_at(module, view.names[0][len(prefix):]) for view in cluster.views]
+
+
+def live_bytes(cluster: TensorCluster, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The cluster's bytes where its tensors point now, as a flat uint8 view (no copy).
+
+    Raises RuntimeError when the tensors no longer sit together as discovered (something re-pointed one).
+    """
+    anchor = tensors[0]
+    storage = anchor.untyped_storage()
+    start = anchor.storage_offset() * anchor.element_size() - cluster.views[0].offset
+    for view, tensor in zip(cluster.views, tensors):
+        moved = tensor.untyped_storage().data_ptr() != storage.data_ptr() or \
+            tensor.storage_offset() * tensor.element_size() - view.offset != start
+        if moved:
+            raise RuntimeError(f"distorch: weight {view.names[0]!r} was moved apart from the weights it shares "
+                               "memory with since the model was planned; plan it again")
+    flat = torch.empty(0, dtype=torch.uint8, device=anchor.device)
+    return flat.set_(storage, start, (cluster.nbytes,), (1,))
+
+
+def point_into(cluster: TensorCluster, tensors: list[torch.Tensor], flat: torch.Tensor, byte_offset: int = 0) -> None:
+    """Re-points every member tensor into `flat` (a copy of the cluster's bytes at `byte_offset`)."""
+    for view, tensor in zip(cluster.views, tensors):
+        tensor.data = view.rebuild_on(flat, byte_offset + view.offset)
 
 
 def discover(model: nn.Module) -> ModelLayout:
@@ -128,9 +177,9 @@ def discover(model: nn.Module) -> ModelLayout:
         else:
             rest.append(cluster)
     blocks = tuple(
-        Block(name, module, order, sum(c.nbytes for c in by_owner[name]), tuple(by_owner[name]),
-              _root_of(block_modules[name][1], roots))
-        for order, (name, (module, _)) in enumerate(block_modules.items())
+        Block(name, order, sum(c.nbytes for c in by_owner[name]), tuple(by_owner[name]),
+              _root_of(parent, roots))
+        for order, (name, (_, parent)) in enumerate(block_modules.items())
     )
     return ModelLayout(blocks, tuple(rest))
 
@@ -242,26 +291,26 @@ def _named_tensors(model: nn.Module):
 def _clusters(model: nn.Module, block_names: list[str]) -> list[TensorCluster]:
     """Groups every parameter and buffer by overlapping byte ranges of the same storage."""
     blocks = set(block_names)
-    tensors: dict[int, tuple[torch.Tensor, set]] = {}
+    tensors: dict[int, tuple[torch.Tensor, list[str], set]] = {}
     for name, tensor in _named_tensors(model):
         if tensor is None or tensor.device.type == "meta":
             continue
-        entry = tensors.setdefault(id(tensor), (tensor, set()))
-        entry[1].add(_owner(name, blocks))
+        entry = tensors.setdefault(id(tensor), (tensor, [], set()))
+        entry[1].append(name)
+        entry[2].add(_owner(name, blocks))
     by_storage = defaultdict(list)
     clusters = []
-    for tensor, owners in tensors.values():
-        span = _Span(*_span(tensor), tensor, owners)
+    mappings = MappingTable.read()
+    for tensor, names, owners in tensors.values():
+        span = _Span(*_span(tensor), tensor, tuple(names), owners)
         if span.start == span.end:
             # Empty tensors have no bytes to stream; they stay with the resident rest.
-            clusters.append(_make_cluster([span], tensor.untyped_storage(), force_resident=True))
+            clusters.append(_make_cluster([span], 0, mappings, force_resident=True))
             continue
-        storage = tensor.untyped_storage()
-        by_storage[(str(tensor.device), storage.data_ptr())].append((span, storage))
-    for members in by_storage.values():
-        storage = members[0][1]
-        for group in _overlapping_groups([span for span, _ in members]):
-            clusters.append(_make_cluster(group, storage))
+        by_storage[(str(tensor.device), tensor.untyped_storage().data_ptr())].append(span)
+    for (_, address), spans in by_storage.items():
+        for group in _overlapping_groups(spans):
+            clusters.append(_make_cluster(group, address, mappings))
     return clusters
 
 
@@ -270,6 +319,7 @@ class _Span:
     start: int
     end: int
     tensor: torch.Tensor
+    names: tuple[str, ...]
     owners: set
 
 
@@ -286,19 +336,22 @@ def _overlapping_groups(spans: list[_Span]) -> list[list[_Span]]:
     return groups
 
 
-def _make_cluster(group: list[_Span], storage: torch.UntypedStorage, force_resident: bool = False) -> TensorCluster:
+def _make_cluster(group: list[_Span], storage_address: int, mappings: MappingTable,
+                  force_resident: bool = False) -> TensorCluster:
     start = group[0].start
     end = max(s.end for s in group)
     views = tuple(
-        TensorView(s.tensor, s.start - start, s.tensor.dtype, s.tensor.size(), tuple(s.tensor.stride()))
+        TensorView(s.names, s.start - start, s.tensor.dtype, s.tensor.size(), tuple(s.tensor.stride()))
         for s in group
     )
     owners = frozenset().union(*(s.owners for s in group))
-    misaligned = any(v.offset % v.tensor.element_size() for v in views)
+    misaligned = any(v.offset % v.dtype.itemsize for v in views)
     if force_resident or misaligned:
         # A misaligned member cannot be rebuilt as a typed view in another buffer: keep it resident.
         owners = owners | {None}
-    return TensorCluster(storage, start, end - start, views, owners)
+    device = device_name(group[0].tensor.device)
+    file_backed = device == "cpu" and mappings.file_mapping(storage_address + start, end - start) is not None
+    return TensorCluster(device, end - start, views, owners, file_backed)
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:

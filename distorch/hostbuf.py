@@ -1,11 +1,15 @@
 """Flat per-block buffers: where streamed weights live between forwards.
 
-Host buffers are plain allocations page-locked in place with cudaHostRegister. `torch.empty(...,
-pin_memory=True)` would go through the caching host allocator, which rounds every request up to a
-power of two (a 0.7 GB block would pin 1 GB; research/prefetch.md pitfall 5).
+Host buffers are anonymous memory mappings of their own, page-locked in place with cudaHostRegister
+after they are filled. Their own mapping gives each buffer whole pages, so two registrations never share a
+page, and its memory goes back to the OS the moment the last view of it is freed (no heap to trim).
+`torch.empty(..., pin_memory=True)` would go through the caching host allocator, which rounds every
+request up to a power of two (a 0.7 GB block would pin 1 GB; research/prefetch.md pitfall 5), and pinning
+before filling would fault in the whole buffer while the source weights are still alive.
 """
 
 import logging
+import mmap
 import weakref
 
 import torch
@@ -23,19 +27,34 @@ def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
 
 
 class FlatBuffer:
-    """One flat uint8 allocation on a device, optionally page-locked; `release()` unpins it."""
+    """One flat uint8 allocation on a device; host buffers can be page-locked once filled (`pin`).
+
+    The buffer's memory is freed when the last tensor viewing it is freed; `release()` only unpins, so views
+    handed to a model (after `close()`) stay valid.
+    """
 
     def __init__(self, nbytes: int, device: torch.device | str, pin: bool = False):
-        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self.pinned = bool(pin and nbytes and self.tensor.device.type == "cpu" and _register(self.tensor))
-        # Unpin when the buffer is dropped without release() (e.g. ComfyUI deletes a staged model). The
-        # finalizer holds the storage so it is unregistered before the memory can be freed.
-        self._finalizer = weakref.finalize(self, _unregister_storage, self.tensor.untyped_storage()) if self.pinned \
-            else None
+        device = torch.device(device)
+        self.tensor = _anonymous_mapping(nbytes) if device.type == "cpu" else \
+            torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.pinned = False
+        self._finalizer: weakref.finalize | None = None
+        if pin:  # pinning now faults in every page; buffers filled later are pinned after filling (`pin()`)
+            self.pin()
 
     @property
     def nbytes(self) -> int:
         return self.tensor.numel()
+
+    def pin(self) -> bool:
+        """Page-locks a host buffer (pages already filled stay where they are). Returns whether it is pinned."""
+        if self.pinned or not self.nbytes or self.tensor.device.type != "cpu" or not _register(self.tensor):
+            return self.pinned
+        self.pinned = True
+        # Unpin when the buffer is dropped without release() (e.g. ComfyUI deletes a staged model). The
+        # finalizer holds the storage so it is unregistered before the memory can be unmapped.
+        self._finalizer = weakref.finalize(self, _unregister_storage, self.tensor.untyped_storage())
+        return True
 
     def release(self) -> None:
         """Unpins the memory; the bytes stay valid for views still pointing into them."""
@@ -43,6 +62,15 @@ class FlatBuffer:
             self._finalizer()
             self._finalizer = None
         self.pinned = False
+
+
+def _anonymous_mapping(nbytes: int) -> torch.Tensor:
+    """`nbytes` of zero-filled, page-aligned RAM that is faulted in only as it is written."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes)
+    # The tensor holds the mapping: it is unmapped when the last view of the tensor is freed.
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _register(tensor: torch.Tensor) -> bool:

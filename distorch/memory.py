@@ -49,10 +49,15 @@ class DeviceMemory:
 
 @dataclass(frozen=True)
 class MemoryInventory:
-    """Memory of every device the planner may use, plus the safe pinned-RAM budget."""
+    """Memory of every device the planner may use, plus the pinned-RAM budget and what others pinned of it.
+
+    DisTorch models share `pinned_budget` through the ledger; `pinned_elsewhere` is what the host program
+    (ComfyUI's own offloaded weights, on cores that report it) already page-locked.
+    """
 
     devices: Mapping[str, DeviceMemory] = field(default_factory=dict)
     pinned_budget: int = 0
+    pinned_elsewhere: int = 0
 
     def get(self, device: str) -> DeviceMemory:
         try:

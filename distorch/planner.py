@@ -1,10 +1,16 @@
 """Decides, block by block, where each repeated block of a model lives.
 
-Tiers: the compute GPU (resident), a donor GPU (kept in its VRAM, streamed to the compute GPU) and
-pinned RAM (streamed). Streamed blocks are spread among resident ones rather than taken as a
+Tiers: the compute GPU (resident), a donor GPU (kept in its VRAM, streamed to the compute GPU), pinned
+RAM, pageable RAM once the shared pinned budget is used up, and the disk (a block left in the model
+file's mapping) when RAM itself is short. Streamed blocks are spread among resident ones rather than taken as a
 contiguous tail: while a resident block computes, the copy engine fetches the next streamed one, so
 with copy time > compute time per block an interleaved plan reaches max(compute, transfer) per pass
 where a tail plan stalls on every tail block (research/prefetch.md §4.2).
+
+RAM is counted as staging uses it: a streamed block already in ordinary RAM is moved into its staging
+buffer, so it adds nothing; a block in a file mapping or on a GPU adds its bytes. What other DisTorch
+models reserved and have not allocated yet comes from the ledger (ledger.py), as does the pinned RAM
+they hold.
 
 Everything here is pure arithmetic on block sizes and free memory, so it is deterministic and runs
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
@@ -13,10 +19,11 @@ without a GPU; `ModelSizes` can come from a live model or from a file header (th
 import dataclasses
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .allocation import AllocationMode, AllocationSpec, is_device_name, parse_allocation
+from .ledger import LEDGER, Holding, Ledger
 from .memory import MemoryInventory
 from .report import format_report
 from .units import format_gb, gb_to_bytes
@@ -36,12 +43,19 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """What the planner needs to know about a model: block sizes in execution order and the rest."""
+    """What the planner needs to know about a model: block sizes in execution order and the rest.
+
+    `bytes_on` says where the weights are now (device -> bytes). Per block, `in_ram` counts bytes in
+    ordinary RAM (staging them into RAM moves them) and `in_file` bytes in a file mapping (a block wholly
+    there may stay on the disk tier). Sizes from a file header leave both empty: every staged byte is new.
+    """
 
     name: str
     blocks: tuple[tuple[str, int], ...]
     rest_bytes: int
     bytes_on: Mapping[str, int] = field(default_factory=dict)
+    in_ram: Mapping[str, int] = field(default_factory=dict)
+    in_file: Mapping[str, int] = field(default_factory=dict)
     # The weight formats these sizes count (dtype label -> bytes) and where they were read: "file" (a
     # header: the file's dtype) or "model" (a live model: the dtype the loader built, e.g. fp8 from bf16).
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -57,12 +71,18 @@ class ModelSizes:
 
     @classmethod
     def from_layout(cls, name: str, layout: "ModelLayout") -> "ModelSizes":
-        from .blocks import device_name
-
-        devices = {device_name(c.device) for b in layout.blocks for c in b.clusters}
-        devices |= {device_name(c.device) for c in layout.rest}
+        devices = {c.device for b in layout.blocks for c in b.clusters} | {c.device for c in layout.rest}
         return cls(name, tuple((b.name, b.nbytes) for b in layout.blocks), layout.rest_bytes,
-                   {d: layout.bytes_on(d) for d in devices})
+                   {d: layout.bytes_on(d) for d in devices},
+                   {b.name: b.ram_bytes for b in layout.blocks if b.ram_bytes},
+                   {b.name: b.file_bytes for b in layout.blocks if b.file_bytes})
+
+    def file_backed(self, name: str, nbytes: int) -> bool:
+        return nbytes > 0 and self.in_file.get(name, 0) == nbytes
+
+    def on_host(self, name: str) -> int:
+        """Bytes of block `name` already in host memory (RAM or a file mapping)."""
+        return self.in_ram.get(name, 0) + self.in_file.get(name, 0)
 
 
 class Tier(str, enum.Enum):
@@ -84,6 +104,8 @@ class BlockPlacement:
     device: str
     streamed: bool
     pinned: bool = False
+    disk: bool = False  # left in the model file's mapping and streamed from there
+    reason: str = ""  # why the block got its tier, for the report
 
     @property
     def tier(self) -> Tier:
@@ -91,6 +113,8 @@ class BlockPlacement:
             return Tier.RESIDENT
         if self.device != "cpu":
             return Tier.DONOR
+        if self.disk:
+            return Tier.DISK
         return Tier.PINNED if self.pinned else Tier.PAGEABLE
 
 
@@ -105,6 +129,10 @@ class Plan:
     prefetch: int
     requested_offload: int
     warnings: tuple[str, ...] = ()
+    # What the machine looked like when this was planned; two plans that place every block alike are equal.
+    others: tuple[Holding, ...] = field(default=(), compare=False)  # other DisTorch models' holdings/reservations
+    ram_added: int = 0  # RAM this placement adds to what the model's weights already take
+    pinned_elsewhere: int = field(default=0, compare=False)  # RAM the host program (ComfyUI) had pinned itself
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # as in ModelSizes: what the sizes count
     dtype_source: str = ""
 
@@ -141,14 +169,31 @@ class Plan:
     def pinned_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks if b.pinned)
 
+    @property
+    def disk_bytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks if b.tier is Tier.DISK)
+
+    def holding(self, staged: bool = False) -> Holding:
+        """This placement as a ledger entry."""
+        donors: dict[str, int] = {}
+        for block in self.blocks:
+            if block.tier is Tier.DONOR:
+                donors[block.device] = donors.get(block.device, 0) + block.nbytes
+        pageable = sum(b.nbytes for b in self.blocks if b.tier is Tier.PAGEABLE)
+        return Holding(self.model_name, self.pinned_bytes, pageable, self.disk_bytes, tuple(sorted(donors.items())),
+                       self.ram_added, staged)
+
     def report(self) -> str:
         return format_report(self)
 
 
 def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
          expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-         prefetch: int = 2) -> Plan:
+         prefetch: int = 2, ledger: Ledger | None = None) -> Plan:
     """Plans which blocks of `model` stay on `compute_device` and which are streamed from where.
+
+    The plan is reserved in the ledger under `model` (replacing its earlier plan) until the model is
+    freed, so later plans of other models leave room for it.
 
     Args:
         model: any torch model; its repeated blocks are found by `distorch.blocks.discover`.
@@ -159,6 +204,7 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
         expert_mode_allocations: ComfyUI-MultiGPU expert string; when non-empty it replaces the two above.
         memory: free bytes per device (plus an optional "pinned" budget), or an inventory; probed when None.
         prefetch: streaming slots (blocks in flight) the plan reserves on the compute device.
+        ledger: where models' memory is recorded; the process-wide `distorch.ledger.LEDGER` by default.
 
     Raises:
         PlanError: when the placement does not fit the free memory, or the devices are unusable.
@@ -170,17 +216,23 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
     """
     from .blocks import bytes_by_dtype, discover
 
+    ledger = LEDGER if ledger is None else ledger
     sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
     sizes = dataclasses.replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
-    return plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
-                      donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                      memory=memory, prefetch=prefetch)
+    result = plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
+                        donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
+                        memory=memory, prefetch=prefetch, others=ledger.others(model))
+    ledger.reserve(model, result.holding())
+    return result
 
 
 def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
                expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-               prefetch: int = 2) -> Plan:
-    """`plan` on block sizes alone (from a live model or from a file header)."""
+               prefetch: int = 2, others: tuple[Holding, ...] | None = None) -> Plan:
+    """`plan` on block sizes alone (from a live model or from a file header); reserves nothing.
+
+    `others`: the memory other models hold or reserved (default: every entry of the process-wide ledger).
+    """
     compute_device = _check_device(compute_device, "compute_device")
     if prefetch < 1:
         raise PlanError(f"prefetch must be at least 1, got {prefetch}")
@@ -191,12 +243,15 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
         offload, tiers = _expert_targets(sizes, compute_device, parse_allocation(expert), inventory)
     else:
         offload, tiers = _normal_targets(sizes, compute_device, virtual_vram_gb, donor_device)
+    others = LEDGER.holdings() if others is None else tuple(others)
     warnings = _offload_warnings(sizes, offload)
     streamed = choose_streamed([n for _, n in sizes.blocks], offload)
-    placements = _assign_storage(sizes, compute_device, streamed, tiers, inventory)
+    host = _HostRoom.of(sizes, compute_device, streamed, prefetch, inventory, others)
+    placements = _assign_storage(sizes, compute_device, streamed, tiers, inventory, host)
     result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings),
+                  others, host.added(placements), inventory.pinned_elsewhere,
                   dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source)
-    _check_capacity(result, sizes, inventory)
+    _check_capacity(result, sizes, inventory, host)
     return result
 
 
@@ -320,38 +375,123 @@ def _offload_warnings(sizes: ModelSizes, offload: int) -> list[str]:
     return []
 
 
-def _assign_storage(sizes, compute, streamed, tiers, inventory) -> tuple[BlockPlacement, ...]:
-    """Spreads the streamed blocks over the storage tiers (by error diffusion, within each tier's room)."""
+@dataclass(frozen=True)
+class _HostRoom:
+    """Host RAM and pinned RAM as this placement would use them, after what other models hold or reserved."""
+
+    usable: int  # free RAM minus the safety reserve and other models' reservations not allocated yet
+    moved: int  # streamed bytes already in ordinary RAM: staging moves them, adding nothing
+    spillable: int  # streamed bytes in a file mapping, which may stay there (disk tier) if RAM is short
+    compute_extra: int  # compute on the CPU: the slots plus resident weights not in host memory yet
+    pinned_budget: int  # the shared page-locking budget (0 when computing on the CPU)
+    pinned_elsewhere: int  # of it, pinned by the host program (ComfyUI)
+    pinned_by_others: int  # of it, held or reserved by other DisTorch models
+    others: tuple[Holding, ...]  # the ledger's entries for the other models
+
+    @classmethod
+    def of(cls, sizes: ModelSizes, compute: str, streamed: list[int], prefetch: int, inventory: MemoryInventory,
+           others: tuple[Holding, ...]) -> "_HostRoom":
+        blocks = [sizes.blocks[i] for i in streamed]
+        extra = 0
+        if compute == "cpu":
+            slots = prefetch * max((n for _, n in blocks), default=0)
+            resident = sizes.total_bytes - sum(n for _, n in blocks)
+            resident_on_host = max(0, sizes.bytes_on.get("cpu", 0) - sum(sizes.on_host(name) for name, _ in blocks))
+            extra = slots + max(0, resident - resident_on_host)
+        usable = inventory_device(inventory, "cpu").usable if "cpu" in inventory.devices else 0
+        return cls(usable=max(0, usable - sum(h.pending_ram for h in others)),
+                   moved=sum(sizes.in_ram.get(name, 0) for name, _ in blocks),
+                   spillable=sum(n for name, n in blocks if sizes.file_backed(name, n)),
+                   compute_extra=extra,
+                   pinned_budget=inventory.pinned_budget if compute != "cpu" else 0,
+                   pinned_elsewhere=inventory.pinned_elsewhere,
+                   pinned_by_others=sum(h.pinned for h in others),
+                   others=others)
+
+    @property
+    def pinned_left(self) -> int:
+        return max(0, self.pinned_budget - self.pinned_elsewhere - self.pinned_by_others)
+
+    @property
+    def tier_room(self) -> int:
+        """Streamed bytes the RAM tier can take: blocks that move within RAM or may stay in their file count free."""
+        return max(0, self.usable + self.moved + self.spillable - self.compute_extra)
+
+    def added(self, placements) -> int:
+        """RAM the placement adds beyond what the model's weights already take."""
+        staged = sum(b.nbytes for b in placements if b.streamed and b.device == "cpu" and not b.disk)
+        return max(0, staged - self.moved + self.compute_extra)
+
+
+def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom) -> tuple[BlockPlacement, ...]:
+    """Spreads the streamed blocks over the storage tiers (by error diffusion, within each tier's room), leaves
+    file-backed blocks on the disk tier while RAM is short, and page-locks RAM blocks within the pinned budget."""
     streamed_bytes = sum(sizes.blocks[i][1] for i in streamed)
     largest = max((sizes.blocks[i][1] for i in streamed), default=0)
-    room = _tier_rooms(tiers, sizes, inventory, largest)
+    room = _tier_rooms(tiers, sizes, inventory, largest, host)
     if streamed_bytes > sum(room.values()):
         raise PlanError(
             f"{format_gb(streamed_bytes)} of streamed blocks need room on {', '.join(room)} but only "
-            f"{format_gb(sum(room.values()))} is usable there (free memory minus the safety reserve); "
-            "lower virtual_vram_gb or choose another donor_device")
+            f"{format_gb(sum(room.values()))} is usable there (free memory minus the safety reserve and what "
+            "other DisTorch models reserved); lower virtual_vram_gb or choose another donor_device")
     planned = _planned_amounts(tiers, room, streamed_bytes)
     assigned = {t.device: 0 for t in tiers}
-    pinned_left = inventory.pinned_budget if compute != "cpu" else 0
-    streamed_set, placements, done = set(streamed), [], 0
-    for index, (name, nbytes) in enumerate(sizes.blocks):
-        if index not in streamed_set:
-            placements.append(BlockPlacement(name, nbytes, compute, streamed=False))
-            continue
-        device = _pick_tier(tiers, planned, assigned, room, nbytes, done, name)
-        assigned[device] += nbytes
+    devices, done = {}, 0
+    for index in streamed:
+        name, nbytes = sizes.blocks[index]
+        devices[index] = _pick_tier(tiers, planned, assigned, room, nbytes, done, name)
+        assigned[devices[index]] += nbytes
         done += nbytes
-        pinned = device == "cpu" and compute != "cpu" and nbytes <= pinned_left
+    on_disk = _disk_blocks(sizes, devices, host)
+    placements, pinned_left = [], host.pinned_left
+    for index, (name, nbytes) in enumerate(sizes.blocks):
+        if index not in devices:
+            placements.append(BlockPlacement(name, nbytes, compute, streamed=False,
+                                             reason="not needed to reach the requested offload"))
+            continue
+        device, disk = devices[index], index in on_disk
+        pinned = device == "cpu" and not disk and nbytes <= pinned_left and compute != "cpu"
         pinned_left -= nbytes if pinned else 0
-        placements.append(BlockPlacement(name, nbytes, device, streamed=True, pinned=pinned))
+        block = BlockPlacement(name, nbytes, device, streamed=True, pinned=pinned, disk=disk)
+        placements.append(replace(block, reason=_reason(block, compute, tiers, host)))
     return tuple(placements)
 
 
-def _tier_rooms(tiers, sizes: ModelSizes, inventory: MemoryInventory, largest_block: int) -> dict[str, int]:
+def _disk_blocks(sizes: ModelSizes, devices: dict[int, str], host: _HostRoom) -> set[int]:
+    """Blocks that stay in their file mapping because staging all RAM-tier blocks would not fit, spread evenly."""
+    in_ram = [i for i, device in devices.items() if device == "cpu"]
+    staged = sum(sizes.blocks[i][1] for i in in_ram)
+    shortfall = max(0, staged - host.moved + host.compute_extra) - host.usable
+    candidates = [i for i in in_ram if sizes.file_backed(*sizes.blocks[i])]
+    if shortfall <= 0 or not candidates:
+        return set()
+    picked = choose_streamed([sizes.blocks[i][1] for i in candidates], shortfall)
+    return {candidates[j] for j in picked}
+
+
+def _reason(block: BlockPlacement, compute: str, tiers, host: _HostRoom) -> str:
+    if block.tier is Tier.DONOR:
+        return f"donor GPU {block.device} has room"
+    spilled = next((f"beyond donor GPU {t.device}'s share; " for t in tiers if t.device != "cpu"), "")
+    if block.tier is Tier.DISK:
+        return (f"{spilled}RAM short: {format_gb(host.usable)} usable after the safety reserve and other "
+                "models' reservations; streamed from the model file")
+    if block.tier is Tier.PINNED:
+        return f"{spilled}within the pinned budget"
+    if compute == "cpu":
+        return "compute on the CPU: copies stay in RAM, nothing to pin"
+    return (f"{spilled}pinned budget used up ({format_gb(host.pinned_budget)}: "
+            f"{format_gb(host.pinned_by_others)} other DisTorch models, {format_gb(host.pinned_elsewhere)} ComfyUI)")
+
+
+def _tier_rooms(tiers, sizes: ModelSizes, inventory: MemoryInventory, largest_block: int,
+                host: _HostRoom) -> dict[str, int]:
     rooms = {}
     for tier in tiers:
-        mem = inventory_device(inventory, tier.device)
-        rooms[tier.device] = mem.usable + sizes.bytes_on.get(tier.device, 0)
+        if tier.device == "cpu":
+            rooms["cpu"] = host.tier_room
+        else:
+            rooms[tier.device] = _device_room(tier.device, sizes, inventory, host)
     bounded = [t for t in tiers if t.quota is not None]
     for tier in bounded:
         quota = tier.quota
@@ -360,6 +500,12 @@ def _tier_rooms(tiers, sizes: ModelSizes, inventory: MemoryInventory, largest_bl
             quota += largest_block
         rooms[tier.device] = min(rooms[tier.device], quota)
     return rooms
+
+
+def _device_room(device: str, sizes: ModelSizes, inventory: MemoryInventory, host: _HostRoom) -> int:
+    """A GPU's usable memory, plus the model's weights already there, minus other models' pending reservations."""
+    pending = sum(h.pending_on(device) for h in host.others)
+    return inventory_device(inventory, device).usable + sizes.bytes_on.get(device, 0) - pending
 
 
 def _planned_amounts(tiers, room, total) -> dict[str, int]:
@@ -382,16 +528,22 @@ def _pick_tier(tiers, planned, assigned, room, nbytes, done, name) -> str:
     return max(fitting, key=lambda d: (planned[d] * progress - assigned[d], -fitting.index(d)))
 
 
-def _check_capacity(result: Plan, sizes: ModelSizes, inventory: MemoryInventory) -> None:
-    needed = {result.compute_device: result.compute_bytes}
+def _check_capacity(result: Plan, sizes: ModelSizes, inventory: MemoryInventory, host: _HostRoom) -> None:
+    needed: dict[str, int] = {}
+    if result.compute_device != "cpu":
+        needed[result.compute_device] = result.compute_bytes
     for block in result.blocks:
-        if block.streamed:
+        if block.streamed and block.device != "cpu":
             needed[block.device] = needed.get(block.device, 0) + block.nbytes
     for device, nbytes in needed.items():
-        mem = inventory_device(inventory, device)
-        room = mem.usable + sizes.bytes_on.get(device, 0)
+        room = _device_room(device, sizes, inventory, host)
         if nbytes > room:
             raise PlanError(_capacity_message(result, device, nbytes, room))
+    if result.ram_added > host.usable:
+        raise PlanError(f"{result.model_name} needs {format_gb(result.ram_added)} more RAM (staged blocks not "
+                        f"in RAM yet{', streaming slots, resident weights' if result.compute_device == 'cpu' else ''})"
+                        f" but only {format_gb(host.usable)} is usable (free memory minus the safety reserve and "
+                        "what other DisTorch models reserved); lower virtual_vram_gb or free RAM")
 
 
 def _capacity_message(result: Plan, device: str, nbytes: int, room: int) -> str:

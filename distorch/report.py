@@ -115,10 +115,41 @@ def format_report(plan) -> str:
     for row in tier_rows(plan):
         moved = format_gb(row.moved_off) if row.moved_off else "-"
         lines.append(f"  {row.device:<8} {row.role:<29} {row.blocks:>6} {format_gb(row.nbytes):>10} {moved:>10}")
+    lines.extend(_reason_lines(plan))
     if plan.streamed:
         lines.extend(_streaming_lines(plan, totals))
+    lines.append(_ledger_line(plan))
     lines.extend(f"  warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
+
+
+def _reason_lines(plan) -> list[str]:
+    """Why the streamed blocks got their tiers: one line per (tier, reason), with the block count."""
+    counts: dict[tuple[str, str], int] = {}
+    for block in plan.blocks:
+        if block.streamed and block.reason:
+            key = (block.tier.value, block.reason)
+            counts[key] = counts.get(key, 0) + 1
+    return [f"  {tier}: {n} block{'s' if n > 1 else ''}, {reason}" for (tier, reason), n in counts.items()]
+
+
+def _ledger_line(plan) -> str:
+    """What the other DisTorch models held or reserved when the plan was made (the ledger's view)."""
+    held = "; ".join(_holding_text(h) for h in plan.others) or "none"
+    text = f"  other DisTorch models: {held}"
+    if plan.pinned_elsewhere:
+        text += f"; ComfyUI pinned {format_gb(plan.pinned_elsewhere)}"
+    if plan.ram_added:
+        text += f"; this plan adds {format_gb(plan.ram_added)} of RAM"
+    return text
+
+
+def _holding_text(holding) -> str:
+    parts = [f"{label} {format_gb(n)}" for label, n in (("pinned", holding.pinned), ("pageable", holding.pageable),
+                                                        ("disk", holding.disk)) if n]
+    parts += [f"{device} {format_gb(n)}" for device, n in holding.donor]
+    state = "staged" if holding.staged else "reserved"
+    return f"{holding.label} ({state}: {', '.join(parts) or 'nothing off the GPU'})"
 
 
 def _streaming_lines(plan, totals: PlanTotals) -> list[str]:
@@ -157,11 +188,16 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         "rest_bytes": plan.rest_bytes,
         "dtype": {"source": plan.dtype_source, "bytes": {str(k): int(v) for k, v in plan.dtype_bytes.items()},
                   "note": dtype_note(plan)},
-        "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device} for b in plan.blocks],
+        "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device,
+                    "reason": getattr(b, "reason", "")} for b in plan.blocks],
         "tiers": [{"tier": r.tier, "device": r.device, "role": r.role, "blocks": r.blocks, "bytes": r.nbytes}
                   for r in tier_rows(plan)],
         "totals": asdict(plan_totals(plan)),
         "warnings": list(plan.warnings),
+        # The ledger's view when the plan was made: what the other DisTorch models hold, what core pinned.
+        "ledger": {"others": [_holding_text(h) for h in getattr(plan, "others", ())],
+                   "pinned_elsewhere": int(getattr(plan, "pinned_elsewhere", 0)),
+                   "ram_added": int(getattr(plan, "ram_added", 0))},
     }
 
 

@@ -1,7 +1,13 @@
 """The block streamer: copies each streamed block into a compute-device slot just before its forward.
 
-Per streamed block, one flat buffer on its storage device (pinned RAM or a donor GPU) holds all its
-weights; the block's parameters and buffers are re-pointed into it, so host RAM is not doubled.
+Per streamed block, one flat buffer on its storage device (pinned or pageable RAM, or a donor GPU)
+holds all its weights. Staging copies the block into it and re-points the block's parameters and
+buffers there, block by block: nothing of ours keeps the original memory, so it is freed as each block
+is staged and a streamed byte lives in one place (peak: the model plus one block). A block on the disk
+tier is not copied at all: it stays in the model file's mapping and is copied from there into its slot.
+The streamer holds no reference to the model: hooks reach it through a weakref, so dropping the model
+frees the streamer and its pinned memory without waiting for the garbage collector.
+
 A fixed number of slots (flat buffers on the compute device, each the size of the largest streamed
 block) is allocated once. Per slot, two events carry the ordering:
 
@@ -16,9 +22,11 @@ order is loaded synchronously on demand and counted; it is never computed on the
 Passes that alternate (CFG with skip-layer guidance) are predicted from the period of recent passes.
 """
 
+import functools
 import logging
 import sys
-from collections import defaultdict, deque
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,9 +34,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import Block, TensorCluster
+from .blocks import Block, TensorCluster, cluster_tensors, live_bytes
 from .engine import CpuCopyEngine, CudaCopyEngine
 from .hostbuf import FlatBuffer, align_up
+from .ledger import Account
+from .pages import MappingTable, release_file_pages, trim_heap
 from .units import GIB
 
 logger = logging.getLogger("distorch.streamer")
@@ -55,10 +65,12 @@ class StreamStats:
 
 @dataclass(frozen=True)
 class StoragePlacement:
-    """Where a streamed block's flat buffer lives and whether it is page-locked."""
+    """Where a streamed block's bytes live between forwards: a flat buffer on `device` (page-locked or not),
+    or, with `disk`, the model file's mapping they already lie in."""
 
     device: str
     pinned: bool = False
+    disk: bool = False
 
 
 @dataclass(eq=False)
@@ -80,7 +92,7 @@ class _Pass:
     """The module whose forward is one pass over a group of blocks, and the order learned for it."""
 
     name: str
-    module: nn.Module
+    module: weakref.ref  # the module (often the model itself): a weakref, so the streamer never keeps it alive
     schedule: list[int]  # streamed block calls predicted for the running (or next) pass
     seen: list[int] = field(default_factory=list)  # calls observed in the running pass
     history: deque = field(default_factory=lambda: deque(maxlen=8))  # call sequences of recent complete passes
@@ -90,28 +102,74 @@ class _Pass:
 
 
 class _StreamedBlock:
-    """One streamed block: its flat storage buffer and the views of its tensors on each buffer."""
+    """One streamed block: where its bytes live between forwards, and the views of its tensors on each buffer.
 
-    def __init__(self, index: int, block: Block, storage: StoragePlacement):
+    Owns its staging buffer (`buffer`): the block's tensors view it while staged; `unstage` hands the views
+    back to the model (CPU) or copies them to the weights' original device, and the buffer's memory is freed
+    when the last view of it goes.
+    """
+
+    def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module):
         self.index = index
         self.name = block.name
-        self.module = block.module
-        self.storage = storage
+        self.module = weakref.ref(module)  # the block's module; the model owns it
+        self.placement = placement
         self.clusters = block.clusters
         self.offsets = _cluster_offsets(block.clusters)
         self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
-        self.tensors = [view.tensor for cluster in block.clusters for view in cluster.views]
-        self.host: torch.Tensor | None = None  # this block's slice of a staging arena
+        self.buffer: FlatBuffer | None = None  # the staging buffer (RAM or donor GPU), None on the disk tier
+        self.homes: list[torch.Tensor] = []  # per cluster, its bytes between forwards (empty: not staged)
+        self.tensors: list[list[torch.Tensor]] = []  # per cluster, the model's tensors of its views
         self.host_views: list[torch.Tensor] = []
         self.slot_views: dict[int, list[torch.Tensor]] = {}
 
-    def stage(self, host: torch.Tensor) -> None:
-        """Copies the block's weights into `host` (its slice of a flat buffer) and points its tensors there."""
-        self.host = host
-        for cluster, offset in zip(self.clusters, self.offsets):
-            host[offset:offset + cluster.nbytes].copy_(cluster.source())
-        self.host_views = self.views_on(host)
-        self.point_to(self.host_views)
+    @property
+    def host(self) -> torch.Tensor | None:
+        """The flat staging buffer, or None when unstaged or on the disk tier."""
+        return self.buffer.tensor if self.buffer is not None else None
+
+    @property
+    def is_staged(self) -> bool:
+        return bool(self.homes) or self.buffer is not None
+
+    def stage(self, buffer: FlatBuffer, mappings: MappingTable) -> int:
+        """Copies the block into `buffer` and points its tensors there, releasing the originals.
+
+        Returns the bytes that came from ordinary RAM (now free for the heap to give back).
+        """
+        self.tensors = self._resolve()
+        flat, from_ram, file_ranges = buffer.tensor, 0, []
+        for cluster, tensors, offset in zip(self.clusters, self.tensors, self.offsets):
+            source = live_bytes(cluster, tensors)
+            flat[offset:offset + cluster.nbytes].copy_(source)
+            if source.device.type == "cpu":
+                mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes)
+                if mapping is None:
+                    from_ram += cluster.nbytes
+                else:
+                    file_ranges.append((source.data_ptr(), cluster.nbytes, mapping))
+            del source  # the last reference of ours to the original memory
+        self.buffer = buffer
+        self.homes = [flat[offset:offset + c.nbytes] for c, offset in zip(self.clusters, self.offsets)]
+        self.host_views = self._views_on_homes()
+        self.point_to(self.host_views)  # the original storages lose the model's references here
+        for address, nbytes, mapping in file_ranges:
+            release_file_pages(address, nbytes, mapping)
+        return from_ram
+
+    def stay_on_disk(self) -> None:
+        """Leaves the block where it is, in the model file's mapping; each load copies from there."""
+        self.tensors = self._resolve()
+        self.homes = [live_bytes(cluster, tensors) for cluster, tensors in zip(self.clusters, self.tensors)]
+        self.host_views = self._views_on_homes()
+
+    def copies(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) pairs that load this block into `slot`: one for a staged block, one per cluster
+        (in its place in the file) on the disk tier."""
+        if self.buffer is not None:
+            return [(slot[:self.nbytes], self.buffer.tensor[:self.nbytes])]
+        return [(slot[offset:offset + c.nbytes], home) for c, offset, home in zip(self.clusters, self.offsets,
+                                                                                   self.homes)]
 
     def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -121,42 +179,62 @@ class _StreamedBlock:
         ]
 
     def point_to(self, views: list[torch.Tensor]) -> None:
-        for tensor, view in zip(self.tensors, views):
+        for tensor, view in zip((t for tensors in self.tensors for t in tensors), views):
             tensor.data = view
 
     def unstage(self) -> None:
-        """Moves the weights back to the devices they came from (CPU weights keep their host views)."""
-        for cluster, offset in zip(self.clusters, self.offsets):
-            if cluster.device != self.host.device:
-                cluster.point_into(self.host[offset:offset + cluster.nbytes].to(cluster.device))
-        self.host = None
-        self.host_views = []
+        """Gives the weights back to the model on the devices they came from: CPU weights keep their views of
+        the (unpinned) buffer, others are copied back; disk-tier weights never left their file."""
+        if self.buffer is not None:
+            self.buffer.release()
+            for cluster, tensors, home in zip(self.clusters, self.tensors, self.homes):
+                if torch.device(cluster.device) != home.device:
+                    restored = home.to(cluster.device)
+                    for view, tensor in zip(cluster.views, tensors):
+                        tensor.data = view.rebuild_on(restored, view.offset)
+        self.buffer = None
+        self.homes, self.tensors, self.host_views = [], [], []
         self.slot_views.clear()
+
+    def _resolve(self) -> list[list[torch.Tensor]]:
+        module = self.module()
+        if module is None:
+            raise RuntimeError(f"distorch: block {self.name!r} is gone; the model was freed")
+        return [cluster_tensors(module, cluster, prefix=f"{self.name}.") for cluster in self.clusters]
+
+    def _views_on_homes(self) -> list[torch.Tensor]:
+        return [view.rebuild_on(home, view.offset) for cluster, home in zip(self.clusters, self.homes)
+                for view in cluster.views]
 
 
 class BlockStreamer:
     """Streams a set of blocks of `model` through `prefetch` slots on `compute_device`.
 
-    Use `open()` / `close()` (or `distorch.stream`, which also places the resident weights).
+    Use `open()` / `close()` (or `distorch.stream`, which also places the resident weights). The streamer
+    keeps no reference to `model` (only weakrefs to its block modules), so the model can be freed while the
+    streamer is attached to it; `account` is the model's ledger entry, marked staged with what was allocated.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[Block], storage: Mapping[str, StoragePlacement],
-                 compute_device: str | torch.device, *, prefetch: int = 2, debug: bool = False, engine=None):
+                 compute_device: str | torch.device, *, prefetch: int = 2, debug: bool = False, engine=None,
+                 account: Account | None = None):
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        self.model = model
         self.device = torch.device(compute_device)
         self.prefetch = prefetch
         self.debug = debug  # poison released slots so a missing wait reads NaN
         self.engine = engine or _default_engine(self.device)
-        self._blocks = [_StreamedBlock(i, b, storage[b.name]) for i, b in enumerate(blocks)]
+        self._blocks = [_StreamedBlock(i, b, storage[b.name], model.get_submodule(b.name))
+                        for i, b in enumerate(blocks)]
         self._passes = _make_passes(model, blocks)
         self._pass_of = {i: p for p in self._passes for i in p.schedule}
-        self._arenas: list[FlatBuffer] = []  # staging buffers holding the streamed blocks between forwards
+        self._account = account  # the model's ledger entry, or None
         self._slots: list[_Slot] = []
         self._where: dict[int, int] = {}  # streamed block -> slot index holding (or receiving) it
         self._current: _Pass | None = None  # pass whose schedule predicts the next calls
         self._hooks: list = []
+        # Hooks hold only a weakref to the streamer; if it is dropped while attached, its hooks go with it.
+        weakref.finalize(self, _remove_hooks, self._hooks)
         self._tick = 0
         self._stats = StreamStats()
         self._open = False
@@ -211,7 +289,7 @@ class BlockStreamer:
             self._hooks.clear()
             self.engine.synchronize()
             for block in self._blocks:
-                if block.host is not None:
+                if block.is_staged:
                     block.point_to(block.host_views)
                 block.slot_views.clear()
             self._slots.clear()
@@ -221,84 +299,98 @@ class BlockStreamer:
             self._open = False
         if unstage:
             for block in self._blocks:
-                if block.host is not None:
+                if block.is_staged:
                     block.unstage()
-            for arena in self._arenas:
-                arena.release()
-            self._arenas.clear()
+            if self._account is not None:
+                self._account.update(staged=False)
 
     # -- staging -----------------------------------------------------------------------------------
 
-    def _stage_all(self, progress: StagingProgress | None = None) -> None:
-        """One arena per storage (pinned RAM, pageable RAM, each donor GPU) holds every block stored there.
+    @property
+    def _arenas(self) -> list[FlatBuffer]:
+        """The staging buffers (one per staged block)."""
+        return [b.buffer for b in self._blocks if b.buffer is not None]
 
-        A single allocation is registered (pinned) once, and no two registrations can share a page.
+    def _stage_all(self, progress: StagingProgress | None = None) -> None:
+        """Stages every block not staged yet, one at a time, each into a buffer of its own.
+
+        Block by block, so the original memory of one block is freed before the next buffer is filled (peak:
+        the model plus one block). Blocks bound for a donor GPU go first: their RAM frees room for the rest.
+        Host buffers are page-locked after they are filled, never before (pinning faults in every page).
         """
-        groups: dict[StoragePlacement, list[_StreamedBlock]] = defaultdict(list)
-        for block in self._blocks:
-            if block.host is None:
-                groups[block.storage].append(block)
-        total = sum(b.nbytes for members in groups.values() for b in members)
+        pending = sorted((b for b in self._blocks if not b.is_staged), key=lambda b: b.placement.device == "cpu")
+        mappings = MappingTable.read() if pending else None
+        total = sum(b.nbytes for b in pending)
         done = 0
         if progress is not None and total:
             progress(0, total)
+        pin = True  # until a registration fails: then the rest stays pageable without a warning per block
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
                   disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
-            for storage, members in groups.items():
-                offsets = _arena_offsets([b.nbytes for b in members])
-                arena = FlatBuffer(offsets[-1], storage.device, pin=storage.pinned)
-                self._arenas.append(arena)
-                for block, start in zip(members, offsets):
-                    block.stage(arena.tensor[start:start + block.nbytes])
-                    done += block.nbytes
-                    bar.update(block.nbytes)
-                    if progress is not None:
-                        progress(done, total)
+            for block in pending:
+                if block.placement.disk:
+                    block.stay_on_disk()
+                else:
+                    buffer = FlatBuffer(block.nbytes, block.placement.device)
+                    if block.stage(buffer, mappings):
+                        trim_heap()  # the freed sources go back to the OS now, not at the end
+                    if block.placement.pinned and pin:
+                        pin = buffer.pin()
+                done += block.nbytes
+                bar.update(block.nbytes)
+                if progress is not None:
+                    progress(done, total)
         # Every donor holding a staged block, also those staged by an earlier open() that `progress` cancelled.
-        donors = {torch.device(b.storage.device) for b in self._blocks if b.host is not None and
-                  b.storage.device != "cpu"}
+        donors = {torch.device(b.placement.device) for b in self._blocks
+                  if b.is_staged and b.placement.device != "cpu"}
         for device in donors:
             # Staging writes to a donor GPU run on its default stream (and from pageable memory may still be in
             # flight when cudaMemcpy returns); the copy stream must not read them before they land.
             torch.cuda.synchronize(device)
+        if pending and self._account is not None:
+            self._account.update(staged=True, **self._held())
+
+    def _held(self) -> dict:
+        """What the staged blocks actually hold, by the ledger's fields."""
+        held = {"pinned": 0, "pageable": 0, "disk": 0}
+        donors: dict[str, int] = {}
+        for block in self._blocks:
+            if block.buffer is None:
+                held["disk"] += block.nbytes if block.is_staged else 0
+            elif block.buffer.tensor.device.type == "cpu":
+                held["pinned" if block.buffer.pinned else "pageable"] += block.nbytes
+            else:
+                donors[block.placement.device] = donors.get(block.placement.device, 0) + block.nbytes
+        return {**held, "donor": tuple(sorted(donors.items()))}
 
     def _install_hooks(self) -> None:
         for block in self._blocks:
-            self._hooks.append(block.module.register_forward_pre_hook(self._make_pre_hook(block.index)))
-            self._hooks.append(block.module.register_forward_hook(self._make_post_hook(block.index), always_call=True))
+            module = block.module()
+            if module is None:
+                raise RuntimeError(f"distorch: block {block.name!r} is gone; the model was freed")
+            self._hooks.append(module.register_forward_pre_hook(self._make_pre_hook(block.index)))
+            self._hooks.append(module.register_forward_hook(self._make_post_hook(block.index), always_call=True))
         for streaming_pass in self._passes:
-            module = streaming_pass.module
+            module = streaming_pass.module()
+            if module is None:
+                continue
             self._hooks.append(module.register_forward_pre_hook(self._make_pass_begin(streaming_pass)))
             self._hooks.append(module.register_forward_hook(self._make_pass_end(streaming_pass), always_call=True))
 
-    def _make_pre_hook(self, index: int):
-        @torch.compiler.disable
-        def pre_hook(module, args):
-            self._acquire(index, _module_call_frame())
+    # Hooks live in the model's modules and reach the streamer through a weakref: a strong one would make
+    # module -> hook -> streamer -> module a cycle that only the garbage collector frees (with the pinned RAM).
 
-        return pre_hook
+    def _make_pre_hook(self, index: int):
+        return functools.partial(_pre_hook, weakref.ref(self), index)
 
     def _make_post_hook(self, index: int):
-        @torch.compiler.disable
-        def post_hook(module, args, output):
-            self._release(index)
-
-        return post_hook
+        return functools.partial(_post_hook, weakref.ref(self), index)
 
     def _make_pass_begin(self, streaming_pass: _Pass):
-        @torch.compiler.disable
-        def begin(module, args):
-            self._begin_pass(streaming_pass, _module_call_frame())
-
-        return begin
+        return functools.partial(_pass_begin, weakref.ref(self), streaming_pass)
 
     def _make_pass_end(self, streaming_pass: _Pass):
-        @torch.compiler.disable
-        def end(module, args, output):
-            # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
-            self._end_pass(streaming_pass, completed=output is not None)
-
-        return end
+        return functools.partial(_pass_end, weakref.ref(self), streaming_pass)
 
     # -- passes and schedule -------------------------------------------------------------------------
 
@@ -457,7 +549,8 @@ class BlockStreamer:
         block = self._blocks[index]
         slot.block = index
         self._where[index] = slot_index
-        self.engine.copy(slot.buffer[:block.nbytes], block.host, after=slot.free, ready=slot.ready)
+        for destination, source in block.copies(slot.buffer):
+            self.engine.copy(destination, source, after=slot.free, ready=slot.ready)
         self._stats.copies += 1
         self._stats.bytes_copied += block.nbytes
 
@@ -471,6 +564,36 @@ class BlockStreamer:
         if slot_index not in block.slot_views:
             block.slot_views[slot_index] = block.views_on(self._slots[slot_index].buffer)
         return block.slot_views[slot_index]
+
+
+# The hook bodies, compiler-disabled once at import: the first `torch.compiler.disable` imports torch._dynamo,
+# and that import leaves the frames on the stack in a reference cycle; at import time they hold no model.
+
+@torch.compiler.disable
+def _pre_hook(streamer: weakref.ref, index: int, module, args) -> None:
+    streamer()._acquire(index, _module_call_frame())
+
+
+@torch.compiler.disable
+def _post_hook(streamer: weakref.ref, index: int, module, args, output) -> None:
+    streamer()._release(index)
+
+
+@torch.compiler.disable
+def _pass_begin(streamer: weakref.ref, streaming_pass: _Pass, module, args) -> None:
+    streamer()._begin_pass(streaming_pass, _module_call_frame())
+
+
+@torch.compiler.disable
+def _pass_end(streamer: weakref.ref, streaming_pass: _Pass, module, args, output) -> None:
+    # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
+    streamer()._end_pass(streaming_pass, completed=output is not None)
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 _MODULE_CALL_CODE = nn.Module._call_impl.__code__
@@ -528,18 +651,10 @@ def _make_passes(model: nn.Module, blocks: Sequence[Block]) -> list[_Pass]:
     passes: dict[str, _Pass] = {}
     for index, block in enumerate(blocks):
         if block.root not in passes:
-            passes[block.root] = _Pass(block.root, model.get_submodule(block.root), [])
+            passes[block.root] = _Pass(block.root, weakref.ref(model.get_submodule(block.root)), [])
         # Until a pass has been observed, predict registration order: most models run their blocks so.
         passes[block.root].schedule.append(index)
     return list(passes.values())
-
-
-def _arena_offsets(sizes: list[int]) -> list[int]:
-    """Start of each block in an arena, plus the arena size as the last entry."""
-    offsets = [0]
-    for nbytes in sizes:
-        offsets.append(offsets[-1] + align_up(nbytes))
-    return offsets
 
 
 def _cluster_offsets(clusters: Sequence[TensorCluster]) -> list[int]:

@@ -147,7 +147,8 @@ def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:
         total = int(mm.get_total_memory(torch.device(compute)))
         devices[compute] = DeviceMemory(compute, max(0, total - int(mm.minimum_inference_memory()) - _headroom()),
                                         total)
-    return MemoryInventory(devices, _pinned_budget(devices["cpu"].total))
+    budget, pinned_by_core = _pinned_budget(devices["cpu"].total)
+    return MemoryInventory(devices, budget, pinned_elsewhere=pinned_by_core)
 
 
 def _headroom() -> int:
@@ -156,12 +157,16 @@ def _headroom() -> int:
     return int(gigabytes * 1024**3)
 
 
-def _pinned_budget(ram_total: int) -> int:
+def _pinned_budget(ram_total: int) -> tuple[int, int]:
+    """The pinned-RAM budget DisTorch models share with ComfyUI, and what ComfyUI pinned of it.
+
+    Newer cores pin their own offloaded weights under MAX_PINNED_MEMORY and count them in TOTAL_PINNED_MEMORY;
+    the ledger subtracts what other DisTorch models pinned.
+    """
     budget = safe_pinned_bytes(ram_total, 0)
     if getattr(getattr(mm, "args", None), "disable_pinned_memory", False):
-        return 0
+        return 0, 0
     limit = getattr(mm, "MAX_PINNED_MEMORY", None)
-    if limit is not None:
-        # Newer cores pin their own offloaded weights under this cap; stay within what is left of it.
-        budget = min(budget, max(0, int(limit - getattr(mm, "TOTAL_PINNED_MEMORY", 0))))
-    return budget
+    if limit is None:
+        return budget, 0
+    return min(budget, max(0, int(limit))), max(0, int(getattr(mm, "TOTAL_PINNED_MEMORY", 0)))

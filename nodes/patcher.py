@@ -56,6 +56,9 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         adopted = cls.__new__(cls)
         adopted.__dict__.update(vars(patcher))
         adopted.load_device = load_device
+        # Core may already track the patcher it built (CLIP init loads it when its device is the load device);
+        # as our parent, like a core clone's, it lives as long as we do, so core never sees it die before the model.
+        adopted.parent = patcher
         if factory is not None:
             adopted.cached_patcher_init = factory
         adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY,

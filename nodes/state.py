@@ -2,7 +2,10 @@
 
 It lives on the torch module ComfyUI wraps (BaseModel, a CLIP's cond_stage_model, a VAE's
 first_stage_model), so every ModelPatcher clone of that model shares it and nothing is stored on a
-class. No ComfyUI import: the patcher in `patcher.py` calls into this.
+class. The state owns its streamer and holds no reference back to the model (the streamer reaches the
+model's modules by weakref), so the model is freed by reference counting, with its staged and pinned
+memory and its ledger entry, the moment ComfyUI drops it. No ComfyUI import: the patcher in
+`patcher.py` calls into this.
 """
 
 import logging
@@ -11,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from ..distorch import BlockStreamer, MemoryInventory, Plan, discover, plan
+from ..distorch.ledger import LEDGER
 from ..distorch.streamer import StagingProgress, StoragePlacement
 from .settings import DisTorchSettings
 
@@ -37,7 +41,7 @@ class DisTorchState:
     @classmethod
     def attach(cls, model: nn.Module, settings: DisTorchSettings, inventory: MemoryInventory,
                prefetch: int = 2) -> "DisTorchState":
-        """Plans `model` for `settings` and stores the state on it."""
+        """Plans `model` for `settings` (reserving it in the ledger) and stores the state on it."""
         model_plan = plan(model, compute_device=settings.compute_device, virtual_vram_gb=settings.virtual_vram_gb,
                           donor_device=settings.donor_device, expert_mode_allocations=settings.expert_mode_allocations,
                           memory=inventory, prefetch=prefetch)
@@ -102,9 +106,11 @@ class DisTorchState:
                                "re-run the loader node")
         blocks = [b for b in layout.blocks if b.name in self.plan.streamed]
         storage: Mapping[str, StoragePlacement] = {
-            b.name: StoragePlacement(b.device, b.pinned and pin) for b in self.plan.blocks if b.streamed
+            b.name: StoragePlacement(b.device, b.pinned and pin, b.disk) for b in self.plan.blocks if b.streamed
         }
-        return BlockStreamer(model, blocks, storage, self.plan.compute_device, prefetch=self.plan.prefetch)
+        account = LEDGER.account(model) or LEDGER.reserve(model, self.plan.holding())
+        return BlockStreamer(model, blocks, storage, self.plan.compute_device, prefetch=self.plan.prefetch,
+                             account=account)
 
 
 def _entry_name(entry: tuple) -> str:

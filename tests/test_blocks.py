@@ -1,9 +1,11 @@
 """Block discovery on the structures real diffusion models and text encoders use."""
 
+import pytest
 import torch
 from torch import nn
 
 from distorch import discover
+from distorch.blocks import cluster_tensors, live_bytes
 from distorch.toy import make_toy_dit
 
 
@@ -97,10 +99,10 @@ def test_tied_weights_stay_with_the_rest():
     model = make_toy_dit(dim=32, depth=3, heads=2)
     model.blocks[0].qkv.weight = model.blocks[1].qkv.weight
     layout = discover(model)
-    tied_ptr = model.blocks[1].qkv.weight.untyped_storage().data_ptr()
-    in_blocks = {c.storage.data_ptr() for b in layout.blocks for c in b.clusters}
-    assert tied_ptr not in in_blocks
-    assert tied_ptr in {c.storage.data_ptr() for c in layout.rest}
+    in_blocks = {name for b in layout.blocks for c in b.clusters for v in c.views for name in v.names}
+    tied = next(v for c in layout.rest for v in c.views if "blocks.1.qkv.weight" in v.names)
+    assert set(tied.names) == {"blocks.0.qkv.weight", "blocks.1.qkv.weight"}, "one view, every name of the tie"
+    assert not in_blocks & set(tied.names)
 
 
 def test_views_of_one_storage_form_one_cluster():
@@ -125,3 +127,17 @@ def test_tensors_in_one_big_storage_are_separate_clusters():
     layout = discover(model)
     assert len(layout.blocks) == 2
     assert all(b.nbytes == layout.blocks[0].nbytes > 0 for b in layout.blocks)
+
+
+def test_layouts_hold_names_and_find_the_bytes_where_the_tensors_are():
+    """Issue #8: a layout that held storages kept every source alive; it holds names and locates bytes live."""
+    model = make_toy_dit(dim=32, depth=2, heads=2)
+    block = model.blocks[0]
+    block.register_buffer("qkv_view", block.qkv.weight.data[8:16], persistent=False)
+    cluster = next(c for c in discover(model).block("blocks.0").clusters if len(c.views) > 1)
+    assert all(not isinstance(v, torch.Tensor) for view in cluster.views for v in vars(view).values())
+    flat = live_bytes(cluster, cluster_tensors(model, cluster))
+    assert flat.data_ptr() == block.qkv.weight.data_ptr() and flat.numel() == cluster.nbytes
+    block.qkv_view = block.qkv_view.clone()  # the view now lives apart from the weight it shared memory with
+    with pytest.raises(RuntimeError, match="'blocks.0.qkv_view' was moved apart"):
+        live_bytes(cluster, cluster_tensors(model, cluster))

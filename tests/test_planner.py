@@ -127,10 +127,39 @@ def test_ram_too_small_for_streamed_blocks():
         plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=10, memory=memory)
 
 
-def test_weights_already_on_a_device_count_as_room():
-    sizes = ModelSizes("M", tuple((f"blocks.{i}", BLOCK) for i in range(10)), 0, {"cpu": 10 * BLOCK})
-    result = plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=5, memory={"cuda:0": 80 * GIB, "cpu": 2 * GIB})
+def test_streamed_blocks_already_in_ram_are_moved_not_counted_twice():
+    """One-copy staging moves a block that is in ordinary RAM into its buffer: it needs no free RAM."""
+    blocks = tuple((f"blocks.{i}", BLOCK) for i in range(10))
+    sizes = ModelSizes("M", blocks, 0, {"cpu": 10 * BLOCK}, in_ram={name: BLOCK for name, _ in blocks})
+    result = plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=5, memory={"cuda:0": 80 * GIB, "cpu": 2 * GIB},
+                        others=())
     assert result.streamed_bytes >= 5 * GIB
+    assert result.ram_added == 0 and "adds" not in result.report()
+
+
+@pytest.mark.parametrize("where", ["resident RAM", "file mapping", "compute GPU"])
+def test_only_bytes_that_move_within_ram_count_as_room(where):
+    """Regression (issue #8): the planner counted all the model's RAM as room for its staging buffers, so a plan
+    that "fitted" could run out of memory. Resident weights that leave RAM later, blocks in a file mapping (staged
+    into new RAM) and blocks on a GPU are not room; 10 streamed blocks need their bytes of free RAM."""
+    blocks = tuple((f"blocks.{i}", BLOCK) for i in range(20))
+    streamed = {f"blocks.{i}" for i in choose_streamed([BLOCK] * 20, 10 * BLOCK)}
+    if where == "resident RAM":  # RAM holds the resident half only
+        resident = {n: BLOCK for n, _ in blocks if n not in streamed}
+        sizes = ModelSizes("M", blocks, 0, {"cpu": 10 * BLOCK}, in_ram=resident)
+    elif where == "file mapping":
+        sizes = ModelSizes("M", blocks, 0, {"cpu": 20 * BLOCK}, in_file={n: BLOCK for n, _ in blocks})
+    else:
+        sizes = ModelSizes("M", blocks, 0, {"cuda:0": 20 * BLOCK})
+    memory = {"cuda:0": 80 * GIB, "cpu": 6 * GIB}  # 4.4 GiB usable: room for 6 of the 10 streamed blocks
+    if where == "file mapping":  # RAM short: the file-backed blocks stay in their file instead of failing
+        result = plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=10 * BLOCK / GIB, memory=memory,
+                            others=())
+        assert result.streamed == streamed and result.disk_bytes > 0
+        assert result.ram_added <= DeviceMemory("cpu", 6 * GIB, 6 * GIB).usable
+        return
+    with pytest.raises(PlanError, match="need room on cpu but only"):
+        plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=10 * BLOCK / GIB, memory=memory, others=())
 
 
 def test_pinned_budget_overflow_is_pageable():

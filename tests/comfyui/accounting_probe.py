@@ -92,7 +92,7 @@ def main() -> None:
     mm.unload_all_models()
     report["loaded_after_unload"] = patcher.loaded_size()
     report["open_after_unload"] = state.streamer.is_open
-    report["staged_after_unload"] = all(b.host is not None for b in state.streamer._blocks)
+    report["staged_after_unload"] = all(b.is_staged for b in state.streamer._blocks)
 
     mm.load_models_gpu([patcher])
     report["loaded_after_reload"] = patcher.loaded_size()

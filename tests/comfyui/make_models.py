@@ -18,18 +18,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
+# A Wan 2.1 of ~290 MB in RAM (float32 under --cpu), for the memory tests: large enough that a second copy of
+# half its blocks stands out of the server's RSS noise, small enough for CI.
+MEDIUM_WAN_DIM, MEDIUM_WAN_LAYERS, MEDIUM_WAN_FFN = 512, 16, 2048
 SD3_DEPTH = 2
 
 
-def wan_seed(layers: int = WAN_LAYERS) -> dict:
-    dim = WAN_DIM
+def wan_seed(dim: int = WAN_DIM, layers: int = WAN_LAYERS, ffn: int = WAN_FFN) -> dict:
     seed = {
         "head.modulation": torch.empty(1, 2, dim),
         "head.head.weight": torch.empty(16 * 4, dim),
         "patch_embedding.weight": torch.empty(dim, 16, 1, 2, 2),
     }
     for i in range(layers):
-        seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(WAN_FFN, dim)
+        seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(ffn, dim)
     return seed
 
 
@@ -147,11 +149,14 @@ def main() -> None:
     save_file(clip, str(models / "text_encoders" / "random_clip_l.safetensors"))
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
+    sd3 = random_state_dict(sd3_seed(), "SD3", seed=2)
+    save_file(sd3, str(models / "diffusion_models" / "tiny_sd3.safetensors"))
+    medium = random_state_dict(wan_seed(MEDIUM_WAN_DIM, MEDIUM_WAN_LAYERS, MEDIUM_WAN_FFN), "WAN21_T2V", seed=5)
+    save_file(medium, str(models / "diffusion_models" / "medium_wan21.safetensors"))
+    del medium
     # One transformer block in its list: a lone block, which DisTorch must still find and stream.
     save_file(random_state_dict(wan_seed(layers=1), "WAN21_T2V", seed=5),
               str(models / "diffusion_models" / "tiny_wan21_1block.safetensors"))
-    sd3 = random_state_dict(sd3_seed(), "SD3", seed=2)
-    save_file(sd3, str(models / "diffusion_models" / "tiny_sd3.safetensors"))
     taesd3 = tiny_vae(seed=5, latent_channels=16)
     save_file(taesd3, str(models / "vae" / "tiny_taesd3.safetensors"))
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)

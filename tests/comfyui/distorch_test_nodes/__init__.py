@@ -1,6 +1,9 @@
 """Test-only ComfyUI nodes for the integration tests (loaded into a throwaway custom_nodes folder)."""
 
+import ctypes
+import gc
 import os
+import sys
 
 import torch
 
@@ -67,6 +70,32 @@ class DisTorchTestSaveConditioning:
         return {}
 
 
+class DisTorchTestProcessRSS:
+    """Reports the server's resident memory (bytes) once `samples` exist, after a full garbage collection and
+    glibc's malloc_trim, so freed memory is not counted. Runs every time (never cached)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "measure"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, samples):
+        return float("nan")
+
+    def measure(self, samples):
+        import psutil
+
+        gc.collect()
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).malloc_trim(0)
+        return {"ui": {"rss": [psutil.Process().memory_info().rss]}}
+
+
 def _save(tensors: dict, filename: str) -> None:
     import folder_paths
     from safetensors.torch import save_file
@@ -78,4 +107,5 @@ def _save(tensors: dict, filename: str) -> None:
 
 NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroConditioning,
                        "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor,
-                       "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning}
+                       "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning,
+                       "DisTorchTestProcessRSS": DisTorchTestProcessRSS}

@@ -153,7 +153,8 @@ def test_slots_and_staging_are_allocated_outside_the_memory_compiler_recording(m
 def test_pinning_honours_core_flags_and_budget(monkeypatch):
     may_pin = distorch_patcher._may_pin
     if not hasattr(mm, "MAX_PINNED_MEMORY"):  # 0.3.64 pins nothing itself: the plan's budget is the only limit
-        assert may_pin(1 << 30) and loading._pinned_budget(64 << 30) > 0
+        budget, pinned_by_core = loading._pinned_budget(64 << 30)
+        assert may_pin(1 << 30) and budget > 0 and pinned_by_core == 0
         return
     asked = []
     monkeypatch.setattr(mm, "ensure_pin_registerable", lambda size, *a, **k: asked.append(size), raising=False)
@@ -161,12 +162,12 @@ def test_pinning_honours_core_flags_and_budget(monkeypatch):
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 6 << 30)
     assert may_pin(1 << 30) and asked == [1 << 30]
     assert not may_pin(3 << 30), "beyond what core's pinned budget has left"
-    assert loading._pinned_budget(64 << 30) == 2 << 30
+    assert loading._pinned_budget(64 << 30) == (8 << 30, 6 << 30), "the shared cap, and core's part of it"
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)  # --disable-pinned-memory, or a GPU core does not pin on
-    assert not may_pin(1) and loading._pinned_budget(64 << 30) == 0
+    assert not may_pin(1) and loading._pinned_budget(64 << 30)[0] == 0
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 8 << 30)
     monkeypatch.setattr(mm.args, "disable_pinned_memory", True, raising=False)
-    assert not may_pin(1) and loading._pinned_budget(64 << 30) == 0
+    assert not may_pin(1) and loading._pinned_budget(64 << 30) == (0, 0)
 
 
 def test_vram_headroom_is_left_free_by_the_plan(monkeypatch):
