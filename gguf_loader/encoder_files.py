@@ -65,8 +65,9 @@ def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) 
         return _entry("spiece_model", sentencepiece_model(metadata, source))
     if architecture in GEMMA_ARCHITECTURES:
         if model != "llama":
-            raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {model!r}; ComfyUI's Gemma encoders tokenize "
-                            "with SentencePiece, which needs a 'llama' (SentencePiece) vocabulary in the file")
+            found = "missing" if model is None else f"{model!r}"
+            raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {found}; ComfyUI's Gemma encoders tokenize with "
+                            "SentencePiece, which needs the file's 'llama' (SentencePiece) vocabulary")
         return _entry("spiece_model", sentencepiece_model(metadata, source))
     if architecture in TEKKEN_ARCHITECTURES:
         return _entry("tekken_model", tekken_model(metadata, source))

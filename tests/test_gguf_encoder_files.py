@@ -52,7 +52,7 @@ def test_gemma_with_a_byte_level_vocabulary_is_a_clear_error():
     """Without tokenizer.model llama.cpp writes Gemma's vocabulary as gpt2; ComfyUI's Gemma tokenizer would fail
     later with 'invalid tokenizer'."""
     metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]}
-    with pytest.raises(GGUFError, match=r"^gemma\.gguf: tokenizer\.ggml\.model is 'gpt2'; ComfyUI's Gemma"):
+    with pytest.raises(GGUFError, match=r"^gemma\.gguf: tokenizer\.ggml\.model is 'gpt2'; ComfyUI's Gemma encoders"):
         tokenizer_entries(metadata, "gemma3", "gemma.gguf")
 
 
