@@ -5,11 +5,12 @@ ComfyUI's encoder for that family reads from the state dict, rebuilt from the fi
 
 | architecture          | tokenizer in the file        | entry          | ComfyUI encoder                       |
 |-----------------------|------------------------------|----------------|---------------------------------------|
-| t5, t5encoder (UMT5)  | "t5" (SentencePiece unigram) | `spiece_model` | UMT5-XXL (Wan), UMT5-base (ACE)       |
+| t5, t5encoder (*)     | "t5" (SentencePiece unigram) | `spiece_model` | UMT5-XXL (Wan), UMT5-base (ACE)       |
 | gemma, gemma2, gemma3 | "llama" (SentencePiece BPE)  | `spiece_model` | Gemma 2/3 (Lumina 2, NewBie, LTX-2)   |
 | llama, mistral3       | "gpt2", pre-tokenizer tekken | `tekken_model` | Mistral-Small-3 (Flux.2), Ministral-3 |
 
-Other families (T5-XXL with 32,128 tokens, Llama 3, Qwen) use the tokenizers ComfyUI ships.
+(*) unless the vocabulary is T5's own 32,128 pieces. Those, and the other families (Llama 3, Qwen), use the
+tokenizers ComfyUI ships; a T5-base file given `spiece_model` would also be taken for ACE's UMT5-base.
 
 A llama.cpp vision projector ("mmproj") file is not a text encoder of its own: its Qwen2.5-VL vision
 tower becomes the `visual.*` weights of the Qwen2.5-VL text encoder it is paired with, which is how
@@ -30,7 +31,7 @@ from .tekken import tekken_model
 from .text_encoders import T5_ARCHITECTURES, map_text_encoder, map_vision_tower
 from .tokenizer import sentencepiece_model
 
-# ComfyUI ships the T5 tokenizer (32,128 pieces) for Flux, SD3, LTX-Video and others.
+# ComfyUI ships T5's tokenizer (32,128 pieces) for Flux, SD3, LTX-Video, Stable Audio and others.
 BUNDLED_T5_VOCAB = 32128
 GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 TEKKEN_ARCHITECTURES = frozenset({"llama", "mistral3"})
@@ -61,7 +62,8 @@ def text_encoder_state_dict(gguf_file: GGUFFile) -> dict:
 def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) -> dict[str, torch.Tensor]:
     """The tokenizer state-dict entries (uint8 tensors) ComfyUI's encoder for `architecture` reads."""
     model = metadata.get(Keys.Tokenizer.MODEL)
-    if architecture in T5_ARCHITECTURES and len(metadata.get(Keys.Tokenizer.LIST) or ()) > BUNDLED_T5_VOCAB:
+    tokens = metadata.get(Keys.Tokenizer.LIST)
+    if architecture in T5_ARCHITECTURES and tokens is not None and len(tokens) != BUNDLED_T5_VOCAB:
         return _entry("spiece_model", sentencepiece_model(metadata, source))
     if architecture in GEMMA_ARCHITECTURES:
         if model != "llama":

@@ -44,9 +44,15 @@ def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings) -> 
     return adopted, plan_model(adopted.model, settings, unet_name)
 
 
-def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings) -> tuple[comfy.sd.CLIP, str]:
+def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings,
+              model_options: dict | None = None) -> tuple[comfy.sd.CLIP, str]:
+    """Text encoders from `clip_names` (a Qwen2.5-VL mmproj .gguf joins the text encoder beside it) as one CLIP.
+
+    `model_options` are extra core model options (e.g. `<encoder>_model_config` overrides) under DisTorch's own.
+    """
     paths = [full_path("text_encoders", name) for name in clip_names]
     model_options = {
+        **(model_options or {}),
         "load_device": torch.device(settings.compute_device),
         "offload_device": mm.text_encoder_offload_device(),
         # Build on the offload device: a text encoder larger than the GPU must never be loaded whole.

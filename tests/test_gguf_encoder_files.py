@@ -31,9 +31,11 @@ def unigram_vocabulary(size: int) -> dict:
 
 
 def test_umt5_gets_a_sentencepiece_model_and_t5xxl_uses_comfyuis_own():
-    """ComfyUI ships T5's 32,128-piece tokenizer (Flux, SD3, LTX-Video); only larger vocabularies (UMT5) must
-    travel with the weights as `spiece_model`."""
+    """ComfyUI ships T5's 32,128-piece tokenizer (Flux, SD3, LTX-Video; Stable Audio's T5-base, which a
+    `spiece_model` would turn into ACE's UMT5-base); any other vocabulary (UMT5) travels as `spiece_model`."""
     assert tokenizer_entries(unigram_vocabulary(32128), "t5encoder", "t5xxl.gguf") == {}
+    assert tokenizer_entries({}, "t5encoder", "no-tokenizer.gguf") == {}
+    assert set(tokenizer_entries(unigram_vocabulary(600), "t5encoder", "small.gguf")) == {"spiece_model"}
     entries = tokenizer_entries(unigram_vocabulary(32129), "t5", "umt5.gguf")
     assert set(entries) == {"spiece_model"} and entries["spiece_model"].dtype == torch.uint8
     sp = spm.SentencePieceProcessor(model_proto=entries["spiece_model"].numpy().tobytes())

@@ -284,3 +284,23 @@ def write_tokenizer_gguf(path, metadata: dict, architecture: str = "t5") -> None
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_comfy_tokenizers(folder) -> None:
+    """The tokenizers of tests/comfyui/make_text_encoders.py: GGUF metadata as llama.cpp writes it and the original
+    as ComfyUI reads it from a state dict (`spiece_model` / `tekken_model`), one JSON per vocabulary."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    umt5 = train_sentencepiece("unigram", byte_fallback=True)
+    gemma = train_sentencepiece("bpe", byte_fallback=True, normalization="identity", gemma_layout=True)
+    tekken = tekken_json(learn_tekken_ranks())
+    artifacts = {
+        "umt5": (t5_metadata(umt5, umt5.get_piece_size() + 8), umt5.serialized_model_proto(), "spiece_model"),
+        "gemma": (gemma_metadata(gemma, gemma.get_piece_size() + 8), gemma.serialized_model_proto(), "spiece_model"),
+        "tekken": (tekken_metadata(tekken), tekken, "tekken_model"),
+    }
+    for name, (metadata, original, entry) in artifacts.items():
+        document = {"metadata": metadata, "original": original.hex(), "entry": entry}
+        (folder / f"{name}.json").write_text(json.dumps(document))
