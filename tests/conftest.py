@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfyui_harness import ComfyServer, installs
+from reference_pack import reference_tarball, unpack_reference
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,9 +52,17 @@ def comfy_install(request):
 
 
 @pytest.fixture(scope="session")
-def server(comfy_install, tmp_path_factory):
-    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes; one per install, shared by all tests."""
-    instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install)
+def reference_gguf_pack(tmp_path_factory):
+    """city96/ComfyUI-GGUF unpacked from the shared folder (None without one), for cross-checks."""
+    return unpack_reference(tmp_path_factory.mktemp("reference")) if reference_tarball() else None
+
+
+@pytest.fixture(scope="session")
+def server(comfy_install, tmp_path_factory, reference_gguf_pack):
+    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes (and ComfyUI-GGUF beside it when the
+    shared folder has it, as a reference); one per install, shared by all tests."""
+    extra = (reference_gguf_pack,) if reference_gguf_pack else ()
+    instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install, extra)
     instance.prepare()
     instance.start()
     yield instance

@@ -2,7 +2,7 @@
 
 Files are written here the way llama.cpp writes each family (its names, Q/K permutation, Gemma's 1 + w
 norms, split vision Q/K/V), small, in F32/F16/Q8_0. The reference (unpacked at run time from the shared
-folder, see reference_pack.py) loads them inside a real ComfyUI interpreter (tests/comfyui/run_reference.py);
+folder by reference_pack.py) loads them inside a real ComfyUI interpreter (tests/comfyui/run_reference.py);
 its state dicts (every tensor dequantized to float32 with float32 math) and tokenizers are compared with ours:
 same keys, same shapes, bit-identical values, same token ids. Where we differ on purpose, the test states the
 difference and checks that ours is the correct one (docs/gguf_text_encoders.md lists them).
@@ -17,7 +17,6 @@ import pytest
 import tokenizer_fixtures as fx
 import torch
 from comfyui_harness import REPO
-from reference_pack import reference_tarball, unpack_reference
 from safetensors.torch import load_file
 
 from gguf_loader import (
@@ -178,11 +177,11 @@ class ReferenceRun:
 
 
 @pytest.fixture(scope="module")
-def reference(comfy_install, tmp_path_factory) -> ReferenceRun:
-    if reference_tarball() is None:
+def reference(comfy_install, reference_gguf_pack, tmp_path_factory) -> ReferenceRun:
+    if reference_gguf_pack is None:
         pytest.skip("no ComfyUI-GGUF snapshot in ../shared/reference")
     work = tmp_path_factory.mktemp(f"reference-{comfy_install.version}")
-    pack = unpack_reference(work / "pack")
+    pack = reference_gguf_pack
     files = work / "text_encoders"
     files.mkdir()
     plan = [_write_state_dict_case(case, files) for case in STATE_DICT_CASES]

@@ -50,15 +50,16 @@ def encoders(server, tmp_path_factory) -> dict:
 
 
 def conditioning(server, loader: str, files: list[str], family: dict, name: str, virtual_vram_gb: float = 0.0,
-                 image: bool = False) -> dict:
+                 image: bool = False) -> tuple[dict, str]:
+    """The saved conditioning tensors and the loader's report (DisTorch's plan table, or "core")."""
     load = {"class_type": "DisTorchTestCLIPWithConfig", "inputs": {
         "loader": loader, "clip_names": ",".join(files), "type": family["type"],
         "model_options": json.dumps(family["model_options"]), "virtual_vram_gb": virtual_vram_gb}}
     encode = ({"class_type": "DisTorchTestEncodeWithImage", "inputs": {"clip": ["1", 0], "text": PROMPT, "size": 56}}
               if image else {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": PROMPT}})
-    run_ok(server, {"1": load, "2": encode, "9": {"class_type": "DisTorchTestSaveConditioning",
-                                                  "inputs": {"conditioning": ["2", 0], "filename": name}}})
-    return load_file(str(server.base / "output" / f"{name}.safetensors"))
+    result = run_ok(server, {"1": load, "2": encode, "9": {"class_type": "DisTorchTestSaveConditioning",
+                                                           "inputs": {"conditioning": ["2", 0], "filename": name}}})
+    return load_file(str(server.base / "output" / f"{name}.safetensors")), result.body["outputs"]["1"]["text"][0]
 
 
 def assert_identical(core: dict, ours: dict) -> None:
@@ -73,9 +74,9 @@ def test_conditioning_from_gguf_equals_core_on_the_same_weights(server, encoders
     entry = encoders[family]
     if "unsupported" in entry:
         pytest.skip(entry["unsupported"])
-    core = conditioning(server, "core", entry["core"], entry, f"te_core_{family}")
-    ours = conditioning(server, "distorch", entry["gguf"], entry, f"te_ours_{family}")
-    assert core["context"].abs().sum() > 0
+    core, _ = conditioning(server, "core", entry["core"], entry, f"te_core_{family}")
+    ours, plan = conditioning(server, "distorch", entry["gguf"], entry, f"te_ours_{family}")
+    assert core["context"].abs().sum() > 0 and "DisTorch plan" in plan
     assert_identical(core, ours)
 
 
@@ -84,6 +85,139 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
     entry = encoders["gemma2"]
     if "unsupported" in entry:
         pytest.skip(entry["unsupported"])
-    resident = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_resident")
-    streamed = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_streamed", virtual_vram_gb=0.001)
+    resident, plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_resident")
+    streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_streamed",
+                                           virtual_vram_gb=0.001)
+    assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
     assert_identical(resident, streamed)
+
+
+def free_server_memory(server) -> None:
+    """Drops the models the last prompts loaded (ComfyUI keeps a prompt's outputs until the next one runs)."""
+    server.post("/free", {"unload_models": True, "free_memory": True})
+
+
+def need_free_ram(gigabytes: float) -> None:
+    import psutil
+
+    available = psutil.virtual_memory().available / 2 ** 30
+    if available < gigabytes:
+        pytest.skip(f"needs {gigabytes} GB of free RAM, {available:.1f} GB available")
+
+
+@pytest.mark.slow
+def test_qwen_image_edit_encoder_from_gguf_and_mmproj_equals_core(server, tmp_path_factory):
+    """Qwen-Image-Edit: a Qwen2.5-VL GGUF with its mmproj loaded as the second file reaches ComfyUI's vision tower
+    (fixed at its real size: 670M parameters, F16) and conditions a prompt with an image exactly like core's
+    loader on the same weights in one safetensors file. About 2.7 GB of files, 4 GB of RAM."""
+    need_free_ram(8)
+    entry = make_encoders(server, tmp_path_factory, ["qwen25vl"])["qwen25vl"]
+    if "unsupported" in entry:
+        pytest.skip(entry["unsupported"])
+    try:
+        core, _ = conditioning(server, "core", entry["core"], entry, "te_core_qwen", image=True)
+        ours, _ = conditioning(server, "distorch", entry["gguf"], entry, "te_ours_qwen", image=True)
+        text_only, _ = conditioning(server, "distorch", entry["gguf"], entry, "te_ours_qwen_text")
+    finally:
+        free_server_memory(server)
+        for name in entry["core"] + entry["gguf"]:
+            (server.base / "models" / "text_encoders" / name).unlink(missing_ok=True)
+    assert_identical(core, ours)
+    assert ours["context"].shape[1] > text_only["context"].shape[1]  # the image's tokens came from the vision tower
+
+
+# -- full-size T5-XXL / UMT5-XXL against ComfyUI-GGUF --------------------------------------------------------------
+
+T5_XXL = dict(blocks=24, width=4096, heads=64, head_dim=64, ffn=10240)
+# Random blocks with scales that give weights of std ~0.015, as a trained T5's: Q8_0 d * q (q ~ +-73 rms);
+# Q4_K d * scale * q - dmin * min with 6-bit scale/min and 4-bit q (dmin = 7.5 d centres the values).
+SCALES = {"Q8_0": (2e-4,), "Q4_K": (6e-5, 4.5e-4)}
+EMBEDDING_SCALE = (5e-3,)
+
+
+def scaled_blocks(qtype: str, count: int, seed: int, scales: tuple) -> torch.Tensor:
+    from gguf_loader.samples import random_blocks
+
+    blocks = random_blocks(qtype, count, seed=seed)
+    for offset, value in zip((0, 2), scales):
+        blocks[:, offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8).numpy()
+    return torch.from_numpy(blocks)
+
+
+def write_full_size_t5(path, umt5: bool, tokenizer: dict | None) -> None:
+    """A T5-XXL (or UMT5-XXL: relative bias in every block, 256,384-token vocabulary) encoder as llama.cpp names
+    it, Q4_K and Q8_0 blocks drawn at write time one tensor at a time."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from gguf_loader import GGUFFileWriter
+
+    writer = GGUFFileWriter(path, architecture="t5encoder")
+    for key, value in (tokenizer or {}).items():
+        writer.add_metadata(key, value)
+    width, ffn, vocab = T5_XXL["width"], T5_XXL["ffn"], 256384 if umt5 else 32128
+    seed = iter(range(10_000))
+
+    def quantized(name, rows, cols, qtype, scales=None):
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+        count, this_seed = rows * cols // block, next(seed)
+        writer.add_tensor(name, lambda: scaled_blocks(qtype, count, this_seed, scales or SCALES[qtype]), qtype,
+                          shape=(rows, cols))
+
+    quantized("token_embd.weight", vocab, width, "Q8_0", EMBEDDING_SCALE)
+    writer.add_tensor("enc.output_norm.weight", torch.ones(width))
+    for i in range(T5_XXL["blocks"]):
+        for part in "qkv":
+            quantized(f"enc.blk.{i}.attn_{part}.weight", width, width, "Q4_K")
+        quantized(f"enc.blk.{i}.attn_o.weight", width, width, "Q8_0")
+        quantized(f"enc.blk.{i}.ffn_gate.weight", ffn, width, "Q4_K")
+        quantized(f"enc.blk.{i}.ffn_up.weight", ffn, width, "Q4_K")
+        quantized(f"enc.blk.{i}.ffn_down.weight", width, ffn, "Q4_K")
+        writer.add_tensor(f"enc.blk.{i}.attn_norm.weight", torch.ones(width))
+        writer.add_tensor(f"enc.blk.{i}.ffn_norm.weight", torch.ones(width))
+        if i == 0 or umt5:
+            generator = torch.Generator().manual_seed(i)
+            writer.add_tensor(f"enc.blk.{i}.attn_rel_b.weight", torch.randn(32, T5_XXL["heads"], generator=generator))
+    writer.write()
+
+
+def encode_prompt(server, loader: dict, name: str) -> torch.Tensor:
+    encode = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": FULL_PROMPT}}
+    save = {"class_type": "DisTorchTestSaveConditioning", "inputs": {"conditioning": ["2", 0], "filename": name}}
+    run_ok(server, {"1": loader, "2": encode, "9": save}, timeout=1800)
+    return load_file(str(server.base / "output" / f"{name}.safetensors"))["context"]
+
+
+FULL_PROMPT = "a corgi runs along a beach at sunset"  # ASCII: the reference drops UMT5's normalization table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["t5xxl", "umt5xxl"])
+def test_full_size_t5_encoders_match_the_reference_node(server, model):
+    """Full-size random Q4_K/Q8_0 T5-XXL (SD3/Flux/LTX-Video) and UMT5-XXL (Wan, tokenizer rebuilt from the file):
+    our loader and ComfyUI-GGUF's CLIPLoaderGGUF give the same conditioning, up to the reference's float16
+    dequantization arithmetic. Files of 3.0 / 4.0 GB, written and deleted by the test."""
+    if "CLIPLoaderGGUF" not in server.get("/object_info"):
+        pytest.skip("ComfyUI-GGUF is not installed in this server (no ../shared/reference)")
+    need_free_ram(10)
+    umt5 = model == "umt5xxl"
+    name = f"full_{model}-Q4_K_M.gguf"
+    path = server.base / "models" / "text_encoders" / name
+    tokenizer = None
+    if umt5:
+        sp = fx.train_sentencepiece("unigram", byte_fallback=True)
+        tokenizer = fx.t5_metadata(sp, 256384)
+    write_full_size_t5(path, umt5, tokenizer)
+    clip_type = "wan" if umt5 else "sd3"
+    try:
+        ours = encode_prompt(server, {"class_type": "DisTorchCLIPLoader", "inputs": {
+            "clip_name": name, "type": clip_type, "compute_device": "cpu", "virtual_vram_gb": 0.0,
+            "donor_device": "cpu", "expert_mode_allocations": ""}}, f"full_ours_{model}")
+        free_server_memory(server)
+        theirs = encode_prompt(server, {"class_type": "CLIPLoaderGGUF", "inputs": {
+            "clip_name": name, "type": clip_type}}, f"full_reference_{model}")
+    finally:
+        free_server_memory(server)
+        path.unlink(missing_ok=True)
+    assert ours.shape == theirs.shape == (1, 512 if umt5 else 77, T5_XXL["width"])
+    relative = float((ours - theirs).norm() / theirs.norm())
+    assert torch.isfinite(ours).all() and relative < 2e-2, relative

@@ -97,11 +97,12 @@ class DisTorchTestCLIPWithConfig:
         if loader == "core":
             paths = [folder_paths.get_full_path_or_raise("text_encoders", name) for name in names]
             embeddings = folder_paths.get_folder_paths("embeddings")
-            return (comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embeddings,
-                                       clip_type=getattr(comfy.sd.CLIPType, type.upper()), model_options=options),)
+            clip = comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embeddings,
+                                      clip_type=getattr(comfy.sd.CLIPType, type.upper()), model_options=options)
+            return {"ui": {"text": ["core"]}, "result": (clip,)}
         settings = _pack_module("nodes.settings").DisTorchSettings("cpu", virtual_vram_gb, "cpu", "")
-        clip, _ = _pack_module("nodes.loading").load_clip(names, type, settings, model_options=options)
-        return (clip,)
+        clip, report = _pack_module("nodes.loading").load_clip(names, type, settings, model_options=options)
+        return {"ui": {"text": [report]}, "result": (clip,)}
 
 
 class DisTorchTestEncodeWithImage:
