@@ -90,7 +90,7 @@ def t5_case(name: str, architecture: str, gated: bool, bias_every_block: bool) -
 def llama_case(name: str, architecture: str, heads: int, kv_heads: int, head_dim: int, seed: int = 100) -> Case:
     """Q/K stored F16 (exact values) permuted as llama.cpp does for "llama"; one Q8_0 V and FFN."""
     q, k = randn(heads * head_dim, HIDDEN, seed=seed), randn(kv_heads * head_dim, HIDDEN, seed=seed + 1)
-    permuted = architecture == "llama"
+    permuted = architecture in ("llama", "mistral3")
     tensors = {
         "token_embd.weight": randn(VOCAB, HIDDEN, seed=seed + 2),
         "output_norm.weight": 1 + randn(HIDDEN, seed=seed + 3),
@@ -111,14 +111,14 @@ def llama_case(name: str, architecture: str, heads: int, kv_heads: int, head_dim
         tensors.update({"blk.0.attn_q_norm.weight": 1 + randn(head_dim, seed=seed + 14),
                         "blk.0.attn_k_norm.weight": 1 + randn(head_dim, seed=seed + 15)})
     metadata = {f"{architecture}.attention.head_count": heads, f"{architecture}.attention.head_count_kv": kv_heads}
-    if architecture == "gemma3":
+    if architecture in ("gemma2", "gemma3"):
         tensors.update({"blk.0.post_attention_norm.weight": 1 + randn(HIDDEN, seed=seed + 16),
                         "blk.0.post_ffw_norm.weight": 1 + randn(HIDDEN, seed=seed + 17)})
         metadata.update(GEMMA_VOCABULARY)
     qtypes = {"blk.0.attn_v.weight": "Q8_0", "blk.0.ffn_gate.weight": "Q8_0", "blk.0.ffn_down.weight": "Q8_0"}
     truth = {"model.layers.0.self_attn.q_proj.weight": q.half().float(),
              "model.layers.0.self_attn.k_proj.weight": k.half().float()}
-    if architecture == "gemma3":  # llama.cpp stores Gemma's norms as 1 + w; ComfyUI adds the 1 itself
+    if architecture in ("gemma2", "gemma3"):  # llama.cpp stores Gemma's norms as 1 + w; ComfyUI adds the 1 itself
         truth["model.layers.0.post_feedforward_layernorm.weight"] = tensors["blk.0.post_ffw_norm.weight"] - 1
     return Case(name, architecture, tensors, qtypes, metadata, truth)
 
@@ -158,6 +158,8 @@ STATE_DICT_CASES = [
     llama_case("qwen3vl", "qwen3vl", heads=4, kv_heads=2, head_dim=16),
     llama_case("qwen2", "qwen2", heads=4, kv_heads=2, head_dim=16),
     llama_case("gemma3", "gemma3", heads=4, kv_heads=2, head_dim=16),
+    llama_case("gemma2", "gemma2", heads=4, kv_heads=2, head_dim=16),
+    llama_case("mistral3", "mistral3", heads=8, kv_heads=2, head_dim=8),
     llama_case("Qwen2.5-VL-7B-Instruct-Q8_0", "qwen2vl", heads=4, kv_heads=2, head_dim=16),
     llama_case("Qwen2.5-VL-3B-Q4_K_M", "qwen2vl", heads=4, kv_heads=2, head_dim=16),
 ]
@@ -296,7 +298,7 @@ def test_llama_head_counts_come_from_the_file(reference):
         assert not torch.equal(reference_sd[key], case.truth[key]), key
 
 
-@pytest.mark.parametrize("name", ["gemma3", "qwen2"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "qwen2", "mistral3"])
 def test_architectures_the_reference_rejects(reference, name):
     """Difference: the reference accepts only t5, t5encoder, llama, qwen2vl, qwen3, qwen3vl text encoders."""
     assert "Unexpected text model architecture type" in reference.report[name]["error"]
