@@ -73,8 +73,9 @@ def comfy_state_shapes(family: dict, vocab: int | None) -> tuple[dict, dict]:
     else:
         model_class = getattr(comfy.text_encoders.llama, family["cls"])
         model = model_class(dict(overrides), torch.float32, "meta", comfy.ops.manual_cast)
+    # Vision towers: Gemma 3's SigLIP is unused by text prompts; Qwen2.5-VL's goes to the mmproj file.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
-              if not k.startswith(("vision_model.", "multi_modal_projector."))}  # Gemma 3's own SigLIP: unused
+              if not k.startswith(("vision_model.", "multi_modal_projector.", "visual."))}
     return shapes, overrides
 
 
