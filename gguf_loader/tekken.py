@@ -95,18 +95,21 @@ def _check_unique(vocab: Vocabulary, entries: list[dict], specials: int) -> None
 
 
 def _token_bytes(token: str) -> bytes | None:
-    decoder = _byte_decoder()
+    """The bytes a GPT-2 byte-level token spells, or None when it has characters outside that alphabet."""
     try:
-        return bytes(decoder[char] for char in token)
-    except KeyError:
+        return token.translate(_byte_translation()).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's reversible byte <-> printable character table, inverted (character -> byte)."""
+def _byte_translation() -> dict[int, str]:
+    """GPT-2's reversible byte <-> printable character table, inverted (character -> the byte as a latin-1
+    character). Characters below 256 outside the alphabet map to a character latin-1 cannot encode, so no
+    character passes through unchanged and is mistaken for its own byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     shifted = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    table = {b: chr(b) for b in printable}
+    table.update({256 + n: chr(b) for n, b in enumerate(shifted)})
+    table.update({code: "\uffff" for code in range(256) if code not in printable})
     return table

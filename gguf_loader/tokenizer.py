@@ -78,11 +78,9 @@ def sentencepiece_model(metadata: Mapping, source: str = "tokenizer") -> bytes |
     specials = {name: special_token_id(metadata, key, vocab) for name, key in _SPECIAL_KEYS.items()}
     texts, types = _pieces(vocab, model_type, specials)
     _check_pieces(texts, types, vocab.source)
-    pieces = b"".join(_message(_MODEL_PIECES, _string(_PIECE_TEXT, text) + _float(_PIECE_SCORE, score) +
-                               _varint_field(_PIECE_TYPE, kind))
-                      for text, score, kind in zip(texts, vocab.scores, types))
     trainer = _trainer_spec(model_type, texts, types, specials)
-    return pieces + _message(_MODEL_TRAINER, trainer) + _message(_MODEL_NORMALIZER, _normalizer_spec(metadata, source))
+    return _pieces_message(texts, vocab.scores, types) + _message(_MODEL_TRAINER, trainer) + \
+        _message(_MODEL_NORMALIZER, _normalizer_spec(metadata, source))
 
 
 def _pieces(vocab: Vocabulary, model_type: int, specials: dict[str, int | None]) -> tuple[list[str], list[int]]:
@@ -179,7 +177,24 @@ def _charsmap(metadata: Mapping, source: str) -> bytes:
 
 # -- protobuf wire format -----------------------------------------------------------------------------
 
+def _pieces_message(texts: list[str], scores: tuple[float, ...], types: list[int]) -> bytes:
+    """Every `pieces` entry of the ModelProto; the hot loop of 250k-token vocabularies, so keys are constants,
+    scores are packed at once and types (1..6) are one-byte varints."""
+    text_key, score_key, type_key, piece_key = (_key(_PIECE_TEXT, 2), _key(_PIECE_SCORE, 5), _key(_PIECE_TYPE, 0),
+                                                _key(_MODEL_PIECES, 2))
+    packed = struct.pack(f"<{len(scores)}f", *scores)
+    out = []
+    for index, (text, kind) in enumerate(zip(texts, types)):
+        raw = text.encode("utf-8")
+        body = b"".join((text_key, _varint(len(raw)), raw, score_key, packed[4 * index:4 * index + 4], type_key,
+                         bytes((kind,))))
+        out.append(piece_key + _varint(len(body)) + body)
+    return b"".join(out)
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return bytes((value,))
     value &= (1 << 64) - 1  # negative int32/int64 values are written as 64-bit two's complement
     out = bytearray()
     while True:
@@ -195,10 +210,6 @@ def _key(field: int, wire_type: int) -> bytes:
 
 def _varint_field(field: int, value: int) -> bytes:
     return _key(field, 0) + _varint(value)
-
-
-def _float(field: int, value: float) -> bytes:
-    return _key(field, 5) + struct.pack("<f", value)
 
 
 def _bytes(field: int, value: bytes) -> bytes:

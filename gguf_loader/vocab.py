@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 from gguf import Keys, TokenType
 
 from .errors import GGUFError
@@ -61,7 +62,7 @@ def read_vocabulary(metadata: Mapping, source: str, with_scores: bool) -> Vocabu
     tokens = metadata.get(Keys.Tokenizer.LIST)
     if not isinstance(tokens, list) or not tokens:
         raise tokenizer_error(source, Keys.Tokenizer.LIST, f"missing or not a non-empty array (got {echo(tokens)})")
-    bad = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
+    bad = None if all(type(t) is str for t in tokens) else next(i for i, t in enumerate(tokens) if type(t) is not str)
     if bad is not None:
         raise tokenizer_error(source, f"{Keys.Tokenizer.LIST}[{bad}]", f"not a string: {echo(tokens[bad])}")
     scores = _scores(metadata, source, len(tokens), with_scores)
@@ -78,10 +79,18 @@ def _scores(metadata: Mapping, source: str, count: int, required: bool) -> tuple
         raise tokenizer_error(source, key, f"missing or not an array (got {echo(scores)}); SentencePiece "
                                            "vocabularies need one score per token")
     _check_length(source, key, len(scores), count)
-    bad = next((i for i, s in enumerate(scores) if not _is_float32(s)), None)
+    bad = None if _all_float32(scores) else next(i for i, s in enumerate(scores) if not _is_float32(s))
     if bad is not None:
         raise tokenizer_error(source, f"{key}[{bad}]", f"not a finite float32: {echo(scores[bad])}")
     return tuple(float(s) for s in scores)
+
+
+def _all_float32(values: list) -> bool:
+    """The fast path of 250k-score arrays: all Python floats (what the reader returns), finite, in float32 range."""
+    if not all(type(v) is float for v in values):
+        return False
+    array = np.asarray(values, dtype=np.float64)
+    return bool(np.isfinite(array).all() and (np.abs(array) <= _FLOAT32_MAX).all())
 
 
 def _is_float32(value: object) -> bool:
@@ -97,7 +106,8 @@ def _types(metadata: Mapping, source: str, count: int) -> tuple[int, ...]:
     if not isinstance(types, list):
         raise tokenizer_error(source, key, f"not an array (got {echo(types)})")
     _check_length(source, key, len(types), count)
-    bad = next((i for i, t in enumerate(types) if isinstance(t, bool) or t not in VALID_TYPES), None)
+    valid = all(type(t) is int for t in types) and set(types) <= VALID_TYPES
+    bad = None if valid else next(i for i, t in enumerate(types) if type(t) is not int or t not in VALID_TYPES)
     if bad is not None:
         raise tokenizer_error(source, f"{key}[{bad}]", f"{echo(types[bad])} is not a token type "
                                                        f"({min(VALID_TYPES)}..{max(VALID_TYPES)})")

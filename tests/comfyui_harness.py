@@ -90,10 +90,12 @@ class Result:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, install: ComfyInstall, extra_custom_nodes: tuple[Path, ...] = ()):
+    def __init__(self, base: Path, install: ComfyInstall, extra_custom_nodes: tuple[Path, ...] = (),
+                 extra_args: tuple[str, ...] = ()):
         self.base = base
         self.install = install
         self.extra_custom_nodes = extra_custom_nodes  # other packs to install beside ours (reference packs)
+        self.extra_args = extra_args  # more ComfyUI command-line flags
         self.comfyui = install.path
         self.python = install.python
         self.port = _free_port()
@@ -121,7 +123,7 @@ class ComfyServer:
                    "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                    "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
                    "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME, "distorch_test_nodes",
-                   *(pack.name for pack in self.extra_custom_nodes)]
+                   *(pack.name for pack in self.extra_custom_nodes), *self.extra_args]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240

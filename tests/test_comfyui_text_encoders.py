@@ -94,7 +94,12 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
 
 def free_server_memory(server) -> None:
     """Drops the models the last prompts loaded (ComfyUI keeps a prompt's outputs until the next one runs)."""
-    server.post("/free", {"unload_models": True, "free_memory": True})
+    import urllib.request
+
+    request = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True,
+                                                                            "free_memory": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=60).close()
 
 
 def need_free_ram(gigabytes: float) -> None:
@@ -190,15 +195,33 @@ def encode_prompt(server, loader: dict, name: str) -> torch.Tensor:
 FULL_PROMPT = "a corgi runs along a beach at sunset"  # ASCII: the reference drops UMT5's normalization table
 
 
+@pytest.fixture(scope="module")
+def full_size_server(comfy_install, reference_gguf_pack, tmp_path_factory):
+    """A server of its own for the full-size encoders: it computes text encoders in float32 (`--fp32-text-enc`;
+    on a CPU ComfyUI otherwise runs them in float16, which CPUs compute many times slower) and its memory goes
+    when it stops. Only on the newest ComfyUI: the loaders compared do not change between versions."""
+    from comfyui_harness import ComfyServer, installs
+
+    if reference_gguf_pack is None:
+        pytest.skip("no ComfyUI-GGUF snapshot in ../shared/reference")
+    if comfy_install != installs()[-1]:
+        pytest.skip("the full-size comparison runs on the newest ComfyUI install only")
+    need_free_ram(10)
+    instance = ComfyServer(tmp_path_factory.mktemp(f"full-size-{comfy_install.version}"), comfy_install,
+                           (reference_gguf_pack,), ("--fp32-text-enc",))
+    instance.prepare()
+    instance.start()
+    yield instance
+    instance.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["t5xxl", "umt5xxl"])
-def test_full_size_t5_encoders_match_the_reference_node(server, model):
-    """Full-size random Q4_K/Q8_0 T5-XXL (SD3/Flux/LTX-Video) and UMT5-XXL (Wan, tokenizer rebuilt from the file):
-    our loader and ComfyUI-GGUF's CLIPLoaderGGUF give the same conditioning, up to the reference's float16
+def test_full_size_t5_encoders_match_the_reference_node(full_size_server, model):
+    """Full-size random Q4_K/Q8_0 T5-XXL (SD3, Flux, LTX-Video) and UMT5-XXL (Wan, tokenizer rebuilt from the
+    file): our loader and ComfyUI-GGUF's CLIPLoaderGGUF give the same conditioning, up to the reference's float16
     dequantization arithmetic. Files of 3.0 / 4.0 GB, written and deleted by the test."""
-    if "CLIPLoaderGGUF" not in server.get("/object_info"):
-        pytest.skip("ComfyUI-GGUF is not installed in this server (no ../shared/reference)")
-    need_free_ram(10)
+    server = full_size_server
     umt5 = model == "umt5xxl"
     name = f"full_{model}-Q4_K_M.gguf"
     path = server.base / "models" / "text_encoders" / name
