@@ -126,6 +126,22 @@ class DisTorchTestEncodeWithImage:
         return (clip.encode_from_tokens_scheduled(tokens),)
 
 
+class DisTorchTestConsumeModel:
+    """An output node that only needs a MODEL, so a loader runs in a prompt without sampling."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "consume"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def consume(self, model):
+        return {}
+
+
 def _pack_module(name: str):
     """A module of the DisTorch pack as ComfyUI imported it (its package name is the custom node's path)."""
     import nodes
@@ -148,4 +164,5 @@ NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroCondition
                        "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor,
                        "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning,
                        "DisTorchTestCLIPWithConfig": DisTorchTestCLIPWithConfig,
-                       "DisTorchTestEncodeWithImage": DisTorchTestEncodeWithImage}
+                       "DisTorchTestEncodeWithImage": DisTorchTestEncodeWithImage,
+                       "DisTorchTestConsumeModel": DisTorchTestConsumeModel}
