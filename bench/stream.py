@@ -209,13 +209,14 @@ def parse_args(argv=None):
     parser.add_argument("--prefetch", nargs="+", type=int, default=[2])
     parser.add_argument("--placements", nargs="+", default=["interleave"], choices=["interleave", "tail"])
     parser.add_argument("--repeats", type=int, default=5 if cuda else 3)
+    parser.add_argument("--h2d-mib", type=int, default=512, help="size of the copy that measures H2D bandwidth")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    h2d = measure_h2d(device)
+    h2d = measure_h2d(device, args.h2d_mib * MIB)
     print(f"# {platform.node()} {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}"
           f", torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, H2D {h2d:.1f} GB/s")
     rows, resident = [], {}

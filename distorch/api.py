@@ -1,12 +1,13 @@
 """`distorch.stream`: applies a plan to a live model and gives back a handle that undoes it."""
 
 import logging
+import re
 
 import torch
 from torch import nn
 
 from .blocks import TensorCluster, discover
-from .planner import Plan
+from .planner import Plan, PlanError
 from .streamer import BlockStreamer, StoragePlacement, StreamStats
 
 logger = logging.getLogger("distorch.api")
@@ -118,7 +119,18 @@ def _check_plan_matches(plan: Plan, layout) -> None:
     found = {b.name: b.nbytes for b in layout.blocks}
     planned = {b.name: b.nbytes for b in plan.blocks}
     if found != planned:
-        missing = sorted(set(planned) - set(found))[:3]
-        changed = sorted(n for n in set(planned) & set(found) if planned[n] != found[n])[:3]
-        raise ValueError(f"the plan does not match this model (blocks missing: {missing or 'none'}, "
-                         f"sizes changed: {changed or 'none'}); plan it again")
+        missing = _first_names(set(planned) - set(found))
+        extra = _first_names(set(found) - set(planned))
+        changed = _first_names(n for n in set(planned) & set(found) if planned[n] != found[n])
+        raise PlanError(f"the plan ({len(planned)} blocks) does not match this model ({len(found)} blocks): "
+                         f"blocks missing: {missing}, not in the plan: {extra}, sizes changed: {changed}; "
+                         f"plan it again")
+
+
+def _first_names(names, shown: int = 3) -> str:
+    """'blocks.8, blocks.9 and 3 more' ('none' when empty): a long list of names must not flood the message."""
+    ordered = sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+    if not ordered:
+        return "none"
+    listed = ", ".join(ordered[:shown])
+    return listed if len(ordered) <= shown else f"{listed} and {len(ordered) - shown} more"

@@ -2,8 +2,9 @@
 
 A block is a child of a ModuleList/Sequential whose children repeat (two or more non-leaf modules of
 one class holding weights): `blocks`, `double_blocks`/`single_blocks`, `joint_blocks`,
-`transformer_blocks`, a text encoder's `encoder.layers`/`encoder.block`. Lists nested inside a block
-belong to that block. Everything outside the blocks is the resident "rest".
+`transformer_blocks`, a text encoder's `encoder.layers`/`encoder.block`. A list holding a single
+module (a 1+1-block Flux) is a block list too when that module is as heavy as a block (lone_blocks.py).
+Lists nested inside a block belong to that block. Everything outside the blocks is the resident "rest".
 
 Sizes are measured on storage, not on tensor shapes: a quantized GGUF tensor counts its bytes, and
 tensors that share memory (tied weights, views) are grouped into one `TensorCluster` that is counted
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .lone_blocks import accepted_lone_blocks
+from .units import dtype_label
+
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
+_BARE_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # exact types: subclasses are real modules
 
 
 @dataclass(frozen=True)
@@ -132,19 +137,67 @@ def discover(model: nn.Module) -> ModelLayout:
 
 def find_block_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """Block name → (module, name of the module that owns its list), in registration order."""
+    repeated = _repeated_lists(model)
+    lone = _lone_candidates(model, repeated)
+    repeated_bytes = [_module_bytes(child) for container in repeated.values()
+                      for _, child in _weighted_children(container)]
+    accepted = accepted_lone_blocks({block: _module_bytes(child) for block, (_, child) in lone.items()},
+                                    repeated_bytes, _module_bytes(model))
+    lists = dict(repeated)
+    lists.update((list_name, container) for block, (list_name, container) in lone.items() if block in accepted)
     found: dict[str, tuple[nn.Module, str]] = {}
-    inside_block: list[str] = []
+    for name, _ in model.named_modules():
+        if name in lists:
+            for child_name, child in _weighted_children(lists[name]):
+                found[f"{name}.{child_name}" if name else child_name] = (child, name.rpartition(".")[0])
+    return found
+
+
+def _repeated_lists(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost containers whose children repeat (lists nested in their blocks belong to those blocks)."""
+    lists: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside_block):
+        if any(_is_within(name, outer) for outer in lists):
             continue
         if isinstance(module, _CONTAINERS) and _is_repeated(module):
-            parent = name.rpartition(".")[0]
-            for child_name, child in module.named_children():
-                if _holds_weights(child):
-                    block_name = f"{name}.{child_name}" if name else child_name
-                    found[block_name] = (child, parent)
-            inside_block.append(f"{name}." if name else "")
+            lists[name] = module
+    return lists
+
+
+def _lone_candidates(model: nn.Module, repeated: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module]]:
+    """Lists holding exactly one module that is neither a plain layer nor a bare container, outside the
+    repeated lists and holding none of them; the outermost of nested ones. Block name → (list name, list)."""
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, _CONTAINERS):
+            continue
+        if any(_is_within(name, r) or _is_within(r, name) for r in repeated):
+            continue  # inside a repeated list, or holding one: its blocks are the repeated ones
+        if any(_is_within(name, block) for block in found):
+            continue  # inside an outer lone block
+        children = _weighted_children(module)
+        if len(children) != 1:
+            continue
+        child_name, child = children[0]
+        if type(child) in _BARE_CONTAINERS or not any(True for _ in child.children()):
+            continue
+        found[f"{name}.{child_name}" if name else child_name] = (name, module)
     return found
+
+
+def _is_within(name: str, outer: str) -> bool:
+    """`name` is `outer` or a module inside it ('' is the model itself)."""
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
+def _weighted_children(container: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, c) for n, c in container.named_children() if _holds_weights(c)]
+
+
+def _module_bytes(module: nn.Module) -> int:
+    """Weight bytes of a module, each tensor once (an estimate for the lone-block rule, not for planning)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _is_repeated(container: nn.Module) -> bool:
@@ -256,6 +309,17 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
         return start, start
     extent = 1 + sum((n - 1) * s for n, s in zip(tensor.size(), tensor.stride()))
     return start, start + extent * itemsize
+
+
+def bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes per weight format ('bf16', 'Q8_0', ...) of the model's parameters and buffers, each tensor once."""
+    totals: dict[str, int] = defaultdict(int)
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    for tensor in tensors.values():
+        # Quantized GGUF tensors are uint8 storage; their subclass names the real format.
+        label = dtype_label(getattr(tensor, "qtype_name", None) or str(tensor.dtype))
+        totals[label] += tensor.numel() * tensor.element_size()
+    return dict(totals)
 
 
 def device_name(device: torch.device) -> str:

@@ -1,24 +1,30 @@
-"""`python -m distorch plan|demo`: will it fit, and the pack working in one command.
+"""`python -m distorch plan|demo|convert`: will it fit, the pack working in one command, and old workflows moved over.
 
     python -m distorch plan flux1-dev-Q8_0.gguf --vram-gb 12
     python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 16 --virtual-vram-gb 14 --json
     python -m distorch demo
+    python -m distorch convert multigpu_workflow.json -o distorch_workflow.json
 """
 
 import argparse
 import json
 import sys
 
+from .allocation import is_device_name
+from .compat import Machine
+from .convert import ConvertError, convert_workflow
 from .headers import read_model_sizes
 from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
 from .planner import Plan, PlanError, plan_sizes
-from .report import tier_rows
+from .report import dtype_note, plan_totals, tier_rows
 from .units import GIB
 
 # Practical pinned host-to-device rates (research/prefetch.md §3.2: ~22-26 GB/s Gen4, ~45-55 GB/s Gen5).
 PCIE_RATES_GBPS = {"PCIe 4.0 x16": 24.0, "PCIe 5.0 x16": 50.0}
 DEFAULT_ACTIVATION_RESERVE_GB = 2.0
+MAX_WORKFLOW_BYTES = 64 * 2**20  # far above any real workflow; refuses to parse a model file by mistake
 PROPOSAL_STEP_GB = 0.1
+MAX_PROPOSALS = 2000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m distorch", description="DisTorch virtual VRAM: plan and demo.")
+    parser = _Parser(prog="python -m distorch", description="DisTorch virtual VRAM: plan, demo and convert.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     plan = commands.add_parser("plan", help="plan a model file for a card (reads only the file header)")
     plan.add_argument("model_file")
@@ -54,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=None)
     demo.add_argument("--dim", type=int, default=None)
     demo.add_argument("--depth", type=int, default=None)
+    convert = commands.add_parser("convert", help="rewrite a workflow's MultiGPU / GGUF / core loaders as DisTorch "
+                                                  "nodes (UI or API format)")
+    convert.add_argument("workflow", help="workflow JSON file")
+    convert.add_argument("-o", "--output", help="where to write the converted workflow (default: stdout)")
+    convert.add_argument("--compute-device", default="cuda:0",
+                         help="compute device for loaders that name none (core, ComfyUI-GGUF; default cuda:0)")
+    convert.add_argument("--gpus", type=int, default=1,
+                         help="GPUs of the machine that runs it, for DisTorch v1's use_other_vram (default 1)")
+    convert.add_argument("--keep-core", action="store_true", help="leave core's loader nodes as they are")
     return parser
 
 
@@ -63,6 +78,8 @@ def main(argv=None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
+    if args.command == "convert":
+        return run_convert(args)
     try:
         return run_plan(args)
     except (OSError, ValueError) as error:
@@ -86,6 +103,39 @@ def run_plan(args) -> int:
     return 0
 
 
+def run_convert(args) -> int:
+    compute = args.compute_device.strip().lower()
+    if not is_device_name(compute):
+        return _fail(f"--compute-device {args.compute_device!r} is not 'cpu' or 'cuda:N'")
+    if not 0 <= args.gpus <= 64:
+        return _fail(f"--gpus must be between 0 and 64, got {args.gpus}")
+    try:
+        workflow = _read_workflow(args.workflow)
+        machine = Machine(default_device=compute, gpus=tuple(f"cuda:{i}" for i in range(args.gpus)))
+        result = convert_workflow(workflow, machine, include_core=not args.keep_core)
+        text = json.dumps(result.workflow, indent=2, ensure_ascii=False) + "\n"
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:
+            sys.stdout.write(text)
+    except (OSError, ConvertError) as error:
+        return _fail(str(error))
+    print(result.report(), file=sys.stdout if args.output else sys.stderr)
+    return 0
+
+
+def _read_workflow(path: str):
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_WORKFLOW_BYTES + 1)
+    if len(data) > MAX_WORKFLOW_BYTES:
+        raise ConvertError(f"{path}: larger than {MAX_WORKFLOW_BYTES} bytes, not a workflow")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ConvertError(f"{path}: not JSON ({str(error)[:80]})") from None
+
+
 def propose_virtual_vram(sizes, args, inventory) -> float:
     """The smallest virtual VRAM whose plan fits the compute device, in 0.1 GB steps (finer for tiny blocks)."""
     step = proposal_step_gb(sizes)
@@ -103,13 +153,15 @@ def propose_virtual_vram(sizes, args, inventory) -> float:
 
 def proposal_step_gb(sizes) -> float:
     smallest_block = min((n for _, n in sizes.blocks if n), default=GIB)
-    return min(PROPOSAL_STEP_GB, smallest_block / GIB)
+    # At most MAX_PROPOSALS plans: 1-byte blocks beside gigabytes of other weights made this run for hours.
+    return max(min(PROPOSAL_STEP_GB, smallest_block / GIB), sizes.total_bytes / GIB / MAX_PROPOSALS)
 
 
 def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,
               reserve_gb: float) -> dict:
     compute = inventory.get(plan.compute_device)
-    per_forward = plan.streamed_bytes
+    totals = plan_totals(plan)
+    per_forward = totals.per_pass_bytes
     return {
         "file": path,
         "model": plan.model_name,
@@ -120,17 +172,19 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
         "virtual_vram_gb": virtual_vram,
         "proposed": proposed,
         "activation_reserve_gb": reserve_gb,
+        "dtype": {"source": plan.dtype_source, "note": dtype_note(plan),
+                  "gb": {name: _gb(n) for name, n in plan.dtype_bytes.items()}},
         "tiers": [
-            {"device": r.device, "role": r.role, "blocks": r.blocks, "gb": _gb(r.nbytes),
-             "vram_freed_gb": _gb(r.vram_freed)}
+            {"device": r.device, "tier": r.tier, "role": r.role, "blocks": r.blocks, "gb": _gb(r.nbytes),
+             "moved_off_gb": _gb(r.moved_off)}
             for r in tier_rows(plan)
         ],
-        "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(plan.prefetch * plan.slot_bytes),
-                    "total": _gb(plan.compute_bytes), "usable": _gb(compute.usable)},
-        "vram_freed_gb": _gb(plan.streamed_bytes),
-        "pinned_ram_gb": _gb(plan.pinned_bytes),
-        "pageable_ram_gb": _gb(sum(b.nbytes for b in plan.blocks if b.streamed and b.device == "cpu"
-                                   and not b.pinned)),
+        "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(totals.slots_bytes),
+                    "total": _gb(totals.compute_bytes), "usable": _gb(compute.usable)},
+        "moved_off_gb": _gb(totals.moved_off_bytes),
+        "vram_freed_gb": _gb(totals.vram_freed_bytes),
+        "pinned_ram_gb": _gb(totals.pinned_bytes),
+        "pageable_ram_gb": _gb(totals.pageable_bytes),
         "transfer": {
             "per_forward_gb": _gb(per_forward),
             "per_step_with_cfg_gb": _gb(2 * per_forward),
@@ -148,8 +202,7 @@ def format_summary(plan: Plan, summary: dict) -> str:
         lines.append(f"  proposed virtual_vram_gb = {summary['virtual_vram_gb']:.2f}: the smallest value that fits "
                      f"{plan.compute_device} with {summary['activation_reserve_gb']:.1f} GB kept for activations")
     pageable = f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""
-    lines.append(f"  VRAM freed: {summary['vram_freed_gb']:.2f} GB; "
-                 f"pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
+    lines.append(f"  pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
     transfer = summary["transfer"]
     estimates = ", ".join(f"{t:.2f} s on {name}" for name, t in transfer["seconds_per_forward"].items())
     lines.append(f"  transfer per forward: {transfer['per_forward_gb']:.2f} GB ({estimates}); "

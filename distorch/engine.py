@@ -1,11 +1,12 @@
 """Copy engines: the streams and events the streamer orders its copies with.
 
 The streamer speaks to one small interface: `copy` (enqueue on the copy stream after an event,
-then record an event), `compute_wait` / `compute_record` (on the compute stream), `poison` and
-`synchronize`. `CudaCopyEngine` maps it onto a side CUDA stream; `CpuCopyEngine` runs the same
-protocol between CPU buffers so CI exercises the streamer without a GPU. In deferred mode it runs
-each copy only when a consumer waits for it, so a missing wait leaves the slot's old (poisoned)
-bytes in place and shows up as a wrong output instead of passing by luck.
+then record an event), `compute_wait` / `compute_record` (on the compute stream), `mark_reading`,
+`poison` and `synchronize`. `CudaCopyEngine` maps it onto a side CUDA stream; `CpuCopyEngine` runs
+the same protocol between CPU buffers so CI exercises the streamer without a GPU. It models both
+streams lagging the host, as on a GPU: the kernels of a forward count as running until a wait
+orders something after them, so a copy that skips the wait on a slot's `free` event, or a forward
+that skips the wait on its `ready` event, raises instead of passing by luck.
 """
 
 from collections import deque
@@ -71,7 +72,7 @@ class CudaCopyEngine:
 class CpuEvent:
     """A CUDA-like event: a wait covers the records enqueued before it."""
 
-    enqueued: int = 0  # records issued (copy records are queued, compute records complete at once)
+    enqueued: int = 0  # records issued on either stream
     completed: int = 0  # records that have run
 
 
@@ -80,23 +81,39 @@ class _CpuCopy:
     dst: torch.Tensor
     src: torch.Tensor
     after: CpuEvent
-    after_target: int
+    after_target: int  # `after.enqueued` when the copy was issued: the wait covers only earlier records
     ready: CpuEvent
 
 
 @dataclass(eq=False)
-class CpuCopyEngine:
-    """The streamer's copy protocol between CPU buffers, with an optional deferred copy queue.
+class _CpuRead:
+    """Compute work reading a byte range: from the forward's start until the compute stream passes `until`."""
 
-    Compute on the CPU is synchronous, so compute records complete immediately. Copies go into a
-    FIFO "copy stream": eagerly they run as soon as their `after` event allows, deferred they run
-    only when something waits for their `ready` event (or on `synchronize`). The engine also checks
-    that no copy lands in a buffer that a running forward is reading.
+    start: int
+    end: int
+    until: int | None = None  # compute-stream position that ends the read; None while the forward runs
+
+
+@dataclass(eq=False)
+class CpuCopyEngine:
+    """The streamer's copy protocol between CPU buffers, with both streams lagging the host.
+
+    The CPU computes synchronously, but the engine keeps the GPU's timing model: a compute record
+    (a slot's `free` event) is queued and completes only when something waits for it (a copy
+    ordered after it, or `synchronize`), so the kernels that read a slot count as still running
+    until then. A copy that lands in such a slot without waiting for its `free` event raises, as
+    does a forward that starts reading a slot whose copy is still queued (no wait on `ready`).
+    Copies go into a FIFO "copy stream": eagerly they run when issued, deferred they run only when
+    something waits for their `ready` event (or on `synchronize`), so a missing wait also leaves
+    the slot's poisoned bytes in place.
     """
 
     deferred: bool = False
-    _queue: deque = field(default_factory=deque)
-    _in_use: dict = field(default_factory=dict)  # data_ptr of a slot buffer -> forwards reading it
+    _copies: deque = field(default_factory=deque)  # copy stream: issued, not yet run
+    _compute: deque = field(default_factory=deque)  # compute stream: records issued, not yet completed
+    _compute_issued: int = 0
+    _compute_done: int = 0
+    _reads: list = field(default_factory=list)  # _CpuRead of slot buffers by compute work not yet completed
 
     device = torch.device("cpu")
 
@@ -105,46 +122,88 @@ class CpuCopyEngine:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, *, after: CpuEvent, ready: CpuEvent) -> None:
         ready.enqueued += 1
-        self._queue.append(_CpuCopy(dst, src, after, after.enqueued, ready))
+        self._copies.append(_CpuCopy(dst, src, after, after.enqueued, ready))
         if not self.deferred:
-            self._run_queue()
+            self._run_copies()
 
     def compute_wait(self, event: CpuEvent) -> None:
         target = event.enqueued
         while event.completed < target:
-            if not self._queue or not self._run_next():
-                raise RuntimeError("distorch: deadlock, waiting for a copy that waits for compute not yet issued")
+            if self._copies:
+                self._run_next_copy()
+            else:
+                self._complete_compute(event, target)
 
     def compute_record(self, event: CpuEvent) -> None:
         event.enqueued += 1
-        event.completed = event.enqueued
-        if not self.deferred:
-            self._run_queue()
+        self._compute_issued += 1
+        self._compute.append(event)
 
     def poison(self, buffer: torch.Tensor) -> None:
         buffer.fill_(POISON_BYTE)
 
     def synchronize(self) -> None:
-        self._run_queue()
-        if self._queue:
-            raise RuntimeError("distorch: copies left waiting for compute that was never recorded")
+        self._run_copies()
+        while self._compute:
+            self._complete_next_compute()
+        self._reads = [r for r in self._reads if r.until is None]
 
     def mark_reading(self, buffer: torch.Tensor, delta: int) -> None:
-        """The streamer reports forwards starting (+1) and ending (-1) on a slot buffer."""
-        key = buffer.data_ptr()
-        self._in_use[key] = self._in_use.get(key, 0) + delta
+        """The streamer reports a forward starting (+1) or ending (-1) on a slot buffer.
 
-    def _run_queue(self) -> None:
-        while self._queue and self._run_next():
-            pass
+        The end is where the host stops issuing kernels; on the compute stream the read lasts until
+        the next compute record completes.
+        """
+        start, end = _byte_range(buffer)
+        if delta > 0:
+            if any(_overlaps(start, end, *_byte_range(op.dst)) for op in self._copies):
+                raise RuntimeError("distorch: a forward read a slot before its copy landed (no wait on the slot's "
+                                   "ready event)")
+            self._reads.append(_CpuRead(start, end))
+            return
+        running = [r for r in self._reads if r.until is None and (r.start, r.end) == (start, end)]
+        if running:
+            running[-1].until = self._compute_issued + 1
 
-    def _run_next(self) -> bool:
-        op = self._queue[0]
-        if op.after.completed < op.after_target:
-            return False
-        if self._in_use.get(op.dst.data_ptr(), 0) > 0:
-            raise RuntimeError("distorch: a copy overwrote a slot while a forward was reading it")
-        self._queue.popleft()
+    def _run_copies(self) -> None:
+        while self._copies:
+            self._run_next_copy()
+
+    def _run_next_copy(self) -> None:
+        op = self._copies[0]
+        # The copy stream waits for `after`: the compute stream runs on until it is recorded.
+        self._complete_compute(op.after, op.after_target)
+        self._check_no_reader(op.dst)
+        self._copies.popleft()
         op.dst.copy_(op.src)
         op.ready.completed += 1
-        return True
+
+    def _complete_compute(self, event: CpuEvent, target: int) -> None:
+        while event.completed < target:
+            if not self._compute:
+                raise RuntimeError("distorch: deadlock, waiting for an event that no stream will record")
+            self._complete_next_compute()
+
+    def _complete_next_compute(self) -> None:
+        self._compute.popleft().completed += 1
+        self._compute_done += 1
+        self._reads = [r for r in self._reads if r.until is None or r.until > self._compute_done]
+
+    def _check_no_reader(self, dst: torch.Tensor) -> None:
+        start, end = _byte_range(dst)
+        for read in self._reads:
+            if not _overlaps(start, end, read.start, read.end):
+                continue
+            if read.until is None:
+                raise RuntimeError("distorch: a copy overwrote a slot while a forward was reading it")
+            raise RuntimeError("distorch: a copy overwrote a slot that queued compute work still reads (the copy "
+                               "is not ordered after the slot's free event)")
+
+
+def _byte_range(tensor: torch.Tensor) -> tuple[int, int]:
+    start = tensor.data_ptr()
+    return start, start + tensor.numel() * tensor.element_size()
+
+
+def _overlaps(start: int, end: int, other_start: int, other_end: int) -> bool:
+    return start < other_end and other_start < end

@@ -2,7 +2,8 @@
 
 Blocks are found from tensor names: `<list>.<N>.<submodule>...` groups with two or more indices
 whose entries have submodules (so a Sequential of plain layers, `time_in.0.weight`, is not a block
-list). Lists nested inside a block belong to that block.
+list). A group with a single index is a block list when that entry is as heavy as a block (the rule
+live discovery uses too: lone_blocks.py). Lists nested inside a block belong to that block.
 """
 
 import json
@@ -12,44 +13,68 @@ import struct
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .echo import echo
+from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
+from .units import dtype_label
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-_SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4,
-    "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1,
+# Bits per element, as the safetensors format defines them (F4 and F6 pack several elements per byte).
+_SAFETENSORS_DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "U16": 16,
+    "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "C64": 64,
 }
+_GGUF_MAGIC = b"GGUF"
+_SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
 _INDEXED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+_MAX_INDEX_DIGITS = 9
 
 
 class HeaderError(ValueError):
     """A model file whose header cannot be read; the message names the file and the problem."""
+
+    __module__ = "distorch.headers"  # the import path users see in ComfyUI's error (not the custom_nodes file path)
 
 
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
     nbytes: int
+    dtype: str = ""  # as distorch.units.dtype_label spells it
 
 
 def read_model_sizes(path: str) -> ModelSizes:
     """Block sizes of a .safetensors or .gguf file, reading only its header.
 
+    A file that starts with the GGUF magic, or is named .gguf, is read as GGUF (a .gguf file with another
+    start is "not a GGUF file"); anything else as safetensors, and a safetensors error on a file not named
+    .safetensors/.sft says that it was read as safetensors because it has no GGUF magic.
+
     Raises:
         FileNotFoundError: the file does not exist.
-        HeaderError: the file is not a readable safetensors/GGUF file.
+        HeaderError: the file is not a readable safetensors/GGUF file (GGUFError for GGUF files).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as handle:
-        magic = handle.read(4)
-    entries = _gguf_entries(path) if magic == b"GGUF" else _safetensors_entries(path)
+        magic = handle.read(len(_GGUF_MAGIC))
+    if magic == _GGUF_MAGIC or path.lower().endswith(".gguf"):
+        entries = _gguf_entries(path)
+    elif path.lower().endswith(_SAFETENSORS_EXTENSIONS):
+        entries = _safetensors_entries(path)
+    else:
+        try:
+            entries = _safetensors_entries(path)
+        except HeaderError as error:
+            raise HeaderError(f"{error} (read as safetensors: the file does not start with the GGUF magic "
+                              f"{_GGUF_MAGIC!r})") from None
     return sizes_from_entries(os.path.basename(path), entries)
 
 
 def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     """Groups tensors into blocks by their names; everything else is the rest."""
-    lists = _block_lists([e.name for e in entries])
+    lists = _block_lists(entries)
     block_bytes: dict[str, int] = {}
     rest = 0
     for entry in entries:
@@ -59,28 +84,58 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
         else:
             block_bytes[block] = block_bytes.get(block, 0) + entry.nbytes
     ordered = sorted(block_bytes.items(), key=lambda item: _block_sort_key(item[0], lists))
-    return ModelSizes(name, tuple(ordered), rest)
+    dtypes: dict[str, int] = defaultdict(int)
+    for entry in entries:
+        dtypes[entry.dtype or "unknown"] += entry.nbytes
+    return ModelSizes(name, tuple(ordered), rest, dtype_bytes=dict(dtypes), dtype_source="file")
 
 
-def _block_lists(names: list[str]) -> list[str]:
+def _block_lists(entries: list[TensorEntry]) -> list[str]:
     indices: dict[str, set[int]] = defaultdict(set)
     nested: dict[str, bool] = defaultdict(bool)
+    bare: dict[str, bool] = defaultdict(bool)  # an entry is itself a list (`label_emb.0.0.weight`)
     first_seen: dict[str, int] = {}
-    for position, name in enumerate(names):
-        for prefix, index, rest in _indexed_parts(name):
+    for position, entry in enumerate(entries):
+        for prefix, index, rest in _indexed_parts(entry.name):
             indices[prefix].add(index)
             nested[prefix] |= "." in rest
+            bare[prefix] |= _is_index(rest.split(".", 1)[0])
             first_seen.setdefault(prefix, position)
-    candidates = [p for p in indices if len(indices[p]) >= 2 and nested[p]]
-    outermost = [p for p in candidates if not any(p.startswith(q + ".") for q in candidates if q != p)]
-    return sorted(outermost, key=lambda p: first_seen[p])
+    repeated = _outermost([p for p in indices if len(indices[p]) >= 2 and nested[p]])
+    lone = [p for p in indices if len(indices[p]) == 1 and nested[p] and not bare[p]
+            and not any(_is_within(p, r) or _is_within(r, p) for r in repeated)]
+    lone = _outermost(lone)
+    sizes = _list_entry_bytes(entries, repeated + lone)
+    accepted = accepted_lone_blocks({p: sum(sizes[p].values()) for p in lone},
+                                    [n for p in repeated for n in sizes[p].values()], sum(e.nbytes for e in entries))
+    return sorted(repeated + [p for p in lone if p in accepted], key=lambda p: first_seen[p])
+
+
+def _outermost(prefixes: list[str]) -> list[str]:
+    return [p for p in prefixes if not any(_is_within(p, q) for q in prefixes if q != p)]
+
+
+def _is_within(name: str, outer: str) -> bool:
+    return name == outer or name.startswith(outer + ".")
+
+
+def _list_entry_bytes(entries: list[TensorEntry], lists: list[str]) -> dict[str, dict[int, int]]:
+    """Per list, the bytes of each of its entries."""
+    sizes: dict[str, dict[int, int]] = {p: defaultdict(int) for p in lists}
+    for entry in entries:
+        for prefix in lists:
+            if entry.name.startswith(prefix + "."):
+                index = entry.name[len(prefix) + 1:].split(".", 1)[0]
+                if _is_index(index):
+                    sizes[prefix][int(index)] += entry.nbytes
+    return sizes
 
 
 def _indexed_parts(name: str):
     """Every `(prefix, index, rest)` split of a dotted name at a numeric component."""
     parts = name.split(".")
     for position, part in enumerate(parts[1:-1], start=1):
-        if part.isdigit():
+        if _is_index(part):
             yield ".".join(parts[:position]), int(part), ".".join(parts[position + 1:])
 
 
@@ -88,9 +143,15 @@ def _block_of(name: str, lists: list[str]) -> str | None:
     for prefix in lists:
         if name.startswith(prefix + "."):
             index = name[len(prefix) + 1:].split(".", 1)[0]
-            if index.isdigit():
+            if _is_index(index):
                 return f"{prefix}.{index}"
     return None
+
+
+def _is_index(part: str) -> bool:
+    """ASCII digits of a plausible list index: str.isdigit() also accepts '²', which int() refuses, and int()
+    refuses more than 4300 digits."""
+    return part.isascii() and part.isdigit() and len(part) <= _MAX_INDEX_DIGITS
 
 
 def _block_sort_key(block: str, lists: list[str]) -> tuple[int, int]:
@@ -105,38 +166,93 @@ def _safetensors_entries(path: str) -> list[TensorEntry]:
         if len(head) < 8:
             raise HeaderError(f"{path}: file is {size} bytes, too short for a safetensors header")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        if length > size - 8:
             raise HeaderError(f"{path}: header length {length} does not fit the file ({size} bytes)")
+        if length > _MAX_SAFETENSORS_HEADER:
+            raise HeaderError(f"{path}: header length {length} is over the {_MAX_SAFETENSORS_HEADER} bytes "
+                              f"(100 MiB) this reader accepts")
         raw = handle.read(length)
+    header = _parse_json(path, raw)
+    data_size = size - 8 - length
+    spans = [_safetensors_span(path, name, info, data_size) for name, info in header.items()
+             if name != "__metadata__"]
+    _check_disjoint(path, spans)
+    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype)) for span in spans]
+
+
+def _parse_json(path: str, raw: bytes) -> dict:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HeaderError(f"{path}: header is not valid JSON ({error})") from None
+    except RecursionError:
+        raise HeaderError(f"{path}: header nests JSON too deeply to be a safetensors header") from None
+    except ValueError as error:  # bad JSON or UTF-8, and integers past Python's 4300-digit limit
+        raise HeaderError(f"{path}: header is not valid JSON ({error})") from None  # the reasons quote no input
     if not isinstance(header, dict):
         raise HeaderError(f"{path}: header is not a JSON object")
-    data_size = size - 8 - length
-    return [_safetensors_entry(path, name, info, data_size) for name, info in header.items() if name != "__metadata__"]
+    return header
 
 
-def _safetensors_entry(path: str, name: str, info, data_size: int) -> TensorEntry:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (TypeError, KeyError, ValueError):
-        raise HeaderError(f"{path}: tensor {name!r} lacks dtype, shape or data_offsets") from None
-    if dtype not in _SAFETENSORS_DTYPE_BYTES:
-        raise HeaderError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
-        raise HeaderError(f"{path}: tensor {name!r}: data_offsets {info['data_offsets']} outside the "
-                          f"{data_size}-byte data section")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HeaderError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    return TensorEntry(name, end - begin)
+@dataclass(frozen=True)
+class _Span:
+    name: str
+    begin: int
+    end: int
+    dtype: str
+
+
+def _safetensors_span(path: str, name: str, info, data_size: int) -> _Span:
+    tensor = f"{path}: tensor {echo(name)}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise HeaderError(f"{tensor} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPE_BITS:
+        raise HeaderError(f"{tensor} has unknown dtype {echo(dtype)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise HeaderError(f"{tensor} has an invalid shape {echo(shape)}: expected a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_size):
+        raise HeaderError(f"{tensor}: data_offsets {echo(offsets)} outside the {data_size}-byte data section")
+    begin, end = offsets
+    elements = _bounded_product(shape, 8 * data_size)
+    bits = None if elements is None else elements * _SAFETENSORS_DTYPE_BITS[dtype]
+    if bits != 8 * (end - begin):
+        needs = "more than the data section holds" if bits is None else \
+            f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+        raise HeaderError(f"{tensor}: data_offsets {echo(offsets)} span {end - begin} bytes, but shape "
+                          f"{echo(shape)} of {dtype} needs {needs}")
+    return _Span(name, begin, end, dtype)
+
+
+def _bounded_product(values: list[int], limit: int) -> int | None:
+    """The product of `values`, or None once it passes `limit` (a 2,000,000-entry shape would otherwise
+    multiply out to a number with millions of digits)."""
+    if 0 in values:
+        return 0
+    product = 1
+    for value in values:
+        product *= value
+        if product > limit:
+            return None
+    return product
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_disjoint(path: str, spans: list[_Span]) -> None:
+    """Two tensors sharing bytes would be counted twice (and are refused by the safetensors library)."""
+    ordered = sorted((s for s in spans if s.end > s.begin), key=lambda s: (s.begin, s.end))
+    for before, after in zip(ordered, ordered[1:]):
+        if after.begin < before.end:
+            raise HeaderError(f"{path}: tensors {echo(before.name)} (bytes {before.begin}-{before.end}) and "
+                              f"{echo(after.name)} (bytes {after.begin}-{after.end}) overlap")
 
 
 def _gguf_entries(path: str) -> list[TensorEntry]:
     read_header = _gguf_header_reader()
     header = read_header(path)
-    return [TensorEntry(info.name, info.nbytes) for info in header.tensor_infos]
+    return [TensorEntry(info.name, info.nbytes, dtype_label(info.type_name)) for info in header.tensor_infos]
 
 
 def _gguf_header_reader():

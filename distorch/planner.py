@@ -10,6 +10,7 @@ Everything here is pure arithmetic on block sizes and free memory, so it is dete
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
 """
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (t
 class PlanError(ValueError):
     """The requested placement cannot be honoured; the message says why and what to change."""
 
+    __module__ = "distorch"  # the import path users see in ComfyUI's error (not the custom_nodes file path)
+
 
 @dataclass(frozen=True)
 class ModelSizes:
@@ -39,6 +42,10 @@ class ModelSizes:
     blocks: tuple[tuple[str, int], ...]
     rest_bytes: int
     bytes_on: Mapping[str, int] = field(default_factory=dict)
+    # The weight formats these sizes count (dtype label -> bytes) and where they were read: "file" (a
+    # header: the file's dtype) or "model" (a live model: the dtype the loader built, e.g. fp8 from bf16).
+    dtype_bytes: Mapping[str, int] = field(default_factory=dict)
+    dtype_source: str = ""
 
     @property
     def block_bytes(self) -> int:
@@ -98,6 +105,8 @@ class Plan:
     prefetch: int
     requested_offload: int
     warnings: tuple[str, ...] = ()
+    dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # as in ModelSizes: what the sizes count
+    dtype_source: str = ""
 
     @property
     def placement(self) -> dict[str, str]:
@@ -159,9 +168,10 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
         >>> p = plan(model, compute_device="cuda:0", virtual_vram_gb=6, memory={"cuda:0": 12 << 30, "cpu": 64 << 30})
         >>> print(p.report())
     """
-    from .blocks import discover
+    from .blocks import bytes_by_dtype, discover
 
     sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
+    sizes = dataclasses.replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
     return plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                       donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
                       memory=memory, prefetch=prefetch)
@@ -184,7 +194,8 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
     warnings = _offload_warnings(sizes, offload)
     streamed = choose_streamed([n for _, n in sizes.blocks], offload)
     placements = _assign_storage(sizes, compute_device, streamed, tiers, inventory)
-    result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings))
+    result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings),
+                  dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source)
     _check_capacity(result, sizes, inventory)
     return result
 
@@ -249,28 +260,51 @@ def _expert_targets(sizes: ModelSizes, compute: str, spec: AllocationSpec, inven
     if compute == "cpu":
         raise PlanError("expert allocations place blocks across devices for a GPU compute device; "
                         "with compute_device 'cpu' use virtual_vram_gb instead")
-    quotas = {e.device: _quota(spec, e.amount, e.device, sizes, inventory) for e in spec.entries}
-    others = [d for d in quotas if d != compute]
-    if quotas.get(compute, 0) is None:
-        resident = max(0, sizes.total_bytes - sum(quotas[d] for d in others if quotas[d] is not None))
-    else:
-        resident = min(sizes.total_bytes, quotas.get(compute, 0))
-    covered = sum(q for q in quotas.values() if q is not None)
-    if spec.rest_device is None and covered < sizes.total_bytes:
+    amounts = _expert_amounts(sizes, spec, inventory)
+    remainder = spec.remainder_device
+    # The remainder device has no cap: what another device has no room for spills there.
+    tiers = [_Tier(d, None if d == remainder else amount) for d, amount in amounts.items() if d != compute]
+    return sizes.total_bytes - amounts.get(compute, 0), tiers
+
+
+def _expert_amounts(sizes: ModelSizes, spec: AllocationSpec, inventory: MemoryInventory) -> dict[str, int]:
+    """Bytes of the model per device: the amounts in the order written, what is left to the remainder device.
+
+    In order, as ComfyUI-MultiGPU fills them: 'cpu,8gb;cuda:0,8gb' on a 10 GB model keeps 2 GB on cuda:0.
+    """
+    if spec.mode is AllocationMode.RATIO:
+        return _ratio_amounts(spec.ratio_shares(), sizes.total_bytes)
+    amounts, left = {}, sizes.total_bytes
+    for entry in spec.entries:
+        take = 0 if entry.is_rest else min(left, _quota(spec, entry.amount, entry.device, inventory))
+        amounts[entry.device] = take
+        left -= take
+    remainder = spec.remainder_device
+    if remainder is not None:
+        amounts[remainder] = amounts.get(remainder, 0) + left
+    elif left > 0:
+        covered = sizes.total_bytes - left
         raise PlanError(
             f"allocation {str(spec)!r} covers {format_gb(covered)} of the model's {format_gb(sizes.total_bytes)}: "
             "give one device '*' to take the rest")
-    tiers = [_Tier(d, quotas[d]) for d in others]
-    return sizes.total_bytes - resident, tiers
+    return amounts
 
 
-def _quota(spec: AllocationSpec, amount, device: str, sizes: ModelSizes, inventory: MemoryInventory) -> int | None:
-    if amount is None:
-        return None
+def _ratio_amounts(shares: dict[str, float], total: int) -> dict[str, int]:
+    # Cumulative rounding, so the amounts add up to the model's bytes exactly.
+    amounts, done, cumulative = {}, 0, 0.0
+    for device, share in shares.items():
+        cumulative += share
+        end = min(total, round(total * cumulative))
+        amounts[device] = end - done
+        done = end
+    amounts[device] += total - done
+    return amounts
+
+
+def _quota(spec: AllocationSpec, amount, device: str, inventory: MemoryInventory) -> int:
     if spec.mode is AllocationMode.BYTES:
         return int(amount)
-    if spec.mode is AllocationMode.RATIO:
-        return int(sizes.total_bytes * amount / 100.0)
     return int(inventory_device(inventory, device).total * amount)
 
 
@@ -329,8 +363,9 @@ def _tier_rooms(tiers, sizes: ModelSizes, inventory: MemoryInventory, largest_bl
 
 
 def _planned_amounts(tiers, room, total) -> dict[str, int]:
+    # Devices with a stated amount first (in order), then the uncapped ones take what is left.
     planned, left = {}, total
-    for tier in tiers:
+    for tier in sorted(tiers, key=lambda t: t.quota is None):
         planned[tier.device] = min(room[tier.device], left)
         left -= planned[tier.device]
     return planned

@@ -1,8 +1,26 @@
-"""Renders a plan as the table users see in the log, on the node and in the CLI."""
+"""Renders a plan for people (the table in the log, on the node and in the CLI) and for the UI (a JSON dict).
 
-from dataclasses import dataclass
+Totals are net: "VRAM freed" is what leaves the compute device minus the streaming slots the moved
+blocks come back through, so a plan that streams too little shows that it costs VRAM. Every rendering
+says which weight format the sizes count: a file's header (the CLI) or the model as loaded (the node),
+which differ when the loader builds another dtype (fp8 from a bf16 file, fp32 on some CPUs).
+"""
 
-from .units import format_gb
+from dataclasses import asdict, dataclass
+
+from .units import describe_dtypes, format_gb
+
+PLAN_DICT_VERSION = 1
+
+# Tier values (distorch.Tier) in the order the table and the UI's legend list them, with their table names.
+TIER_ORDER = ("resident", "pinned_ram", "pageable_ram", "donor_gpu", "disk")
+_ROLES = {
+    "resident": "resident",
+    "pinned_ram": "pinned RAM, streamed",
+    "pageable_ram": "pageable RAM, streamed (slow)",
+    "donor_gpu": "donor GPU, streamed",
+    "disk": "disk, read on demand",
+}
 
 
 @dataclass(frozen=True)
@@ -13,50 +31,154 @@ class TierRow:
     role: str
     blocks: int
     nbytes: int
-    vram_freed: int
+    moved_off: int  # bytes these blocks keep off the compute device (gross: the slots come off once, in the totals)
+    tier: str = ""
+
+
+@dataclass(frozen=True)
+class PlanTotals:
+    """The plan in a few numbers (bytes), as the node's summary, the CLI and the UI show them."""
+
+    model_bytes: int  # all weights: blocks and the rest
+    compute_bytes: int  # weights on the compute device: resident weights plus the streaming slots
+    slots_bytes: int
+    moved_off_bytes: int  # streamed blocks: kept off the compute device between their forwards
+    vram_freed_bytes: int  # net: moved off minus the slots (negative when streaming costs VRAM)
+    ram_bytes: int  # system RAM holding streamed blocks (pinned + pageable)
+    pinned_bytes: int
+    pageable_bytes: int
+    donor_bytes: int  # donor GPUs' VRAM holding streamed blocks
+    disk_bytes: int  # streamed blocks read from the model file on demand
+    per_pass_bytes: int  # copied to the compute device by each forward pass (one per step when CFG is batched)
+
+
+def plan_totals(plan) -> PlanTotals:
+    by_tier = {tier: 0 for tier in TIER_ORDER}
+    for block in plan.blocks:
+        by_tier[_tier(block)] = by_tier.get(_tier(block), 0) + block.nbytes
+    streamed = plan.streamed_bytes
+    slots = plan.prefetch * plan.slot_bytes
+    on_cpu = plan.compute_device == "cpu"
+    return PlanTotals(
+        model_bytes=plan.resident_bytes + streamed,
+        compute_bytes=plan.resident_bytes + slots,
+        slots_bytes=slots,
+        moved_off_bytes=streamed,
+        vram_freed_bytes=0 if on_cpu else streamed - slots,
+        ram_bytes=by_tier["pinned_ram"] + by_tier["pageable_ram"],
+        pinned_bytes=by_tier["pinned_ram"],
+        pageable_bytes=by_tier["pageable_ram"],
+        donor_bytes=by_tier["donor_gpu"],
+        disk_bytes=by_tier["disk"],
+        per_pass_bytes=streamed,
+    )
+
+
+def dtype_note(plan) -> str:
+    """Which weight format the plan's sizes count, and where that was read."""
+    formats = describe_dtypes(dict(plan.dtype_bytes))
+    source = plan.dtype_source
+    if source == "file":
+        return f"sizes in the file's format ({formats}); a loader that builds another dtype changes them"
+    if source == "model":
+        return f"sizes as loaded ({formats})"
+    return f"sizes in {formats}" if formats != "unknown" else ""
 
 
 def tier_rows(plan) -> list[TierRow]:
-    """Per tier: resident (compute), donor GPU, pinned RAM, pageable RAM; empty tiers left out."""
+    """Per tier: resident (compute), donor GPU, pinned RAM, pageable RAM, disk; empty tiers left out."""
     compute = plan.compute_device
-    rows = [TierRow(compute, "resident", sum(not b.streamed for b in plan.blocks), plan.resident_bytes, 0)]
+    rows = [TierRow(compute, "resident", sum(not b.streamed for b in plan.blocks), plan.resident_bytes, 0,
+                    "resident")]
     groups: dict[tuple[str, str], list] = {}
     for block in plan.blocks:
         if block.streamed:
-            groups.setdefault((block.device, _role(block, compute)), []).append(block)
-    for (device, role), blocks in sorted(groups.items(), key=lambda item: _tier_order(item[0])):
+            groups.setdefault((block.device, _tier(block)), []).append(block)
+    for (device, tier), blocks in sorted(groups.items(), key=lambda item: _tier_order(*item[0])):
         nbytes = sum(b.nbytes for b in blocks)
-        rows.append(TierRow(device, role, len(blocks), nbytes, nbytes if compute != "cpu" else 0))
+        rows.append(TierRow(device, _role(tier, compute), len(blocks), nbytes, nbytes if compute != "cpu" else 0,
+                            tier))
     return rows
 
 
 def format_report(plan) -> str:
     compute = plan.compute_device
+    totals = plan_totals(plan)
     lines = [
-        f"DisTorch plan for {plan.model_name}: {format_gb(plan.resident_bytes + plan.streamed_bytes)} "
+        f"DisTorch plan for {plan.model_name}: {format_gb(totals.model_bytes)} "
         f"({len(plan.blocks)} blocks + {format_gb(plan.rest_bytes)} other weights), compute on {compute}",
-        f"  {'device':<8} {'tier':<26} {'blocks':>6} {'weights':>10} {'VRAM freed':>11}",
     ]
+    note = dtype_note(plan)
+    if note:
+        lines.append(f"  {note}")
+    lines.append(f"  {'device':<8} {'tier':<29} {'blocks':>6} {'weights':>10} {'moved off':>10}")
     for row in tier_rows(plan):
-        freed = format_gb(row.vram_freed) if row.vram_freed else "-"
-        lines.append(f"  {row.device:<8} {row.role:<26} {row.blocks:>6} {format_gb(row.nbytes):>10} {freed:>11}")
+        moved = format_gb(row.moved_off) if row.moved_off else "-"
+        lines.append(f"  {row.device:<8} {row.role:<29} {row.blocks:>6} {format_gb(row.nbytes):>10} {moved:>10}")
     if plan.streamed:
-        lines.append(f"  streaming slots on {compute}: {plan.prefetch} x {format_gb(plan.slot_bytes)}; weights on "
-                     f"{compute}: {format_gb(plan.compute_bytes)} of the model's "
-                     f"{format_gb(plan.resident_bytes + plan.streamed_bytes)}")
-        lines.append(f"  per forward pass: {format_gb(plan.streamed_bytes)} copied to {compute}")
+        lines.extend(_streaming_lines(plan, totals))
     lines.extend(f"  warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
 
 
-def _role(block, compute: str) -> str:
-    if compute == "cpu":
+def _streaming_lines(plan, totals: PlanTotals) -> list[str]:
+    compute = plan.compute_device
+    lines = [f"  streaming slots on {compute}: {plan.prefetch} x {format_gb(plan.slot_bytes)}; weights on "
+             f"{compute}: {format_gb(totals.compute_bytes)} of the model's {format_gb(totals.model_bytes)}"]
+    if compute != "cpu":
+        lines.append(f"  VRAM freed: {_signed_gb(totals.vram_freed_bytes)} ({format_gb(totals.moved_off_bytes)} "
+                     f"moved off - {format_gb(totals.slots_bytes)} streaming slots)")
+    ram = "RAM" if compute == "cpu" else "pageable RAM"
+    held = [f"{format_gb(n)} {what}" for n, what in ((totals.pinned_bytes, "pinned RAM"),
+                                                   (totals.pageable_bytes, ram),
+                                                   (totals.donor_bytes, "donor VRAM"),
+                                                   (totals.disk_bytes, "on disk")) if n]
+    lines.append(f"  streamed blocks held in: {', '.join(held)}")
+    lines.append(f"  per forward pass: {format_gb(totals.per_pass_bytes)} copied to {compute}")
+    if compute != "cpu" and totals.vram_freed_bytes <= 0:
+        lines.append(f"  warning: streaming frees no VRAM here: the {plan.prefetch} slots take at least what the "
+                     "streamed blocks free; raise virtual_vram_gb to stream more blocks, or set it to 0")
+    return lines
+
+
+def plan_to_dict(plan, label: str | None = None) -> dict:
+    """The plan as plain JSON data (str, int, list, dict) for the UI and for tools.
+
+    Blocks are in execution order, each with its tier (a distorch.Tier value); the totals are net
+    (PlanTotals). `version` changes when a key changes meaning.
+    """
+    return {
+        "version": PLAN_DICT_VERSION,
+        "model": plan.model_name,
+        "label": label or plan.model_name,
+        "compute_device": plan.compute_device,
+        "prefetch": plan.prefetch,
+        "slot_bytes": plan.slot_bytes,
+        "rest_bytes": plan.rest_bytes,
+        "dtype": {"source": plan.dtype_source, "bytes": {str(k): int(v) for k, v in plan.dtype_bytes.items()},
+                  "note": dtype_note(plan)},
+        "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device} for b in plan.blocks],
+        "tiers": [{"tier": r.tier, "device": r.device, "role": r.role, "blocks": r.blocks, "bytes": r.nbytes}
+                  for r in tier_rows(plan)],
+        "totals": asdict(plan_totals(plan)),
+        "warnings": list(plan.warnings),
+    }
+
+
+def _tier(block) -> str:
+    tier = block.tier
+    return getattr(tier, "value", str(tier))
+
+
+def _role(tier: str, compute: str) -> str:
+    if compute == "cpu" and tier in ("pinned_ram", "pageable_ram"):
         return "RAM, streamed"
-    if block.device != "cpu":
-        return "donor GPU, streamed"
-    return "pinned RAM, streamed" if block.pinned else "pageable RAM, streamed (slow)"
+    return _ROLES.get(tier, f"{tier}, streamed")
 
 
-def _tier_order(key: tuple[str, str]) -> tuple[int, str, str]:
-    device, role = key
-    return (1 if device == "cpu" else 0, device, role)
+def _tier_order(device: str, tier: str) -> tuple[int, str]:
+    return (TIER_ORDER.index(tier) if tier in TIER_ORDER else len(TIER_ORDER), device)
+
+
+def _signed_gb(nbytes: int) -> str:
+    return format_gb(nbytes) if nbytes >= 0 else f"-{format_gb(-nbytes)}"

@@ -17,8 +17,9 @@ Passes that alternate (CFG with skip-layer guidance) are predicted from the peri
 """
 
 import logging
+import sys
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,10 @@ from .units import GIB
 
 logger = logging.getLogger("distorch.streamer")
 
-_PROGRESS_MIN_BYTES = 1 * GIB  # show a progress bar when staging at least this much
+_PROGRESS_MIN_BYTES = 1 * GIB  # show a terminal progress bar when staging at least this much
+
+# progress(done_bytes, total_bytes) while blocks are staged; the node pack drives ComfyUI's progress bar with it.
+StagingProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -63,8 +67,12 @@ class _Slot:
     ready: object  # event recorded on the copy stream after the latest copy into `buffer`
     free: object  # event recorded on the compute stream after the last forward that read `buffer`
     block: int | None = None  # streamed block whose bytes the slot holds or is receiving
-    users: int = 0  # forwards of `block` running on this slot right now
+    readers: list = field(default_factory=list)  # module-call frames of the forwards of `block` running on it
     last_used: int = 0  # tick of the last release, for least-recently-used replacement
+
+    @property
+    def users(self) -> int:
+        return len(self.readers)
 
 
 @dataclass(eq=False)
@@ -78,6 +86,7 @@ class _Pass:
     history: deque = field(default_factory=lambda: deque(maxlen=8))  # call sequences of recent complete passes
     cursor: int = 0  # position in `schedule` of the next expected call
     depth: int = 0  # > 0 while the pass module's forward is running
+    frame: object = None  # module-call frame of the outermost running forward (None when idle or unknown)
 
 
 class _StreamedBlock:
@@ -163,12 +172,19 @@ class BlockStreamer:
     def is_open(self) -> bool:
         return self._open
 
-    def open(self) -> "BlockStreamer":
+    def open(self, progress: StagingProgress | None = None) -> "BlockStreamer":
         """Stages the blocks (unless still staged from an earlier `close(unstage=False)`), allocates the
-        slots and installs the hooks."""
+        slots and installs the hooks.
+
+        Args:
+            progress: called as `progress(done_bytes, total_bytes)` when staging starts and after each staged
+                block (not at all when nothing needs staging). It may raise to cancel, e.g. on a user
+                interrupt: the blocks staged so far stay staged and consistent, the streamer stays closed,
+                and the next `open()` stages the rest.
+        """
         if self._open:
             return self
-        self._stage_all()
+        self._stage_all(progress)
         self._slots = [
             _Slot(torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device),
                   self.engine.new_event(), self.engine.new_event())
@@ -200,6 +216,8 @@ class BlockStreamer:
                 block.slot_views.clear()
             self._slots.clear()
             self._where.clear()
+            for streaming_pass in self._passes:
+                streaming_pass.depth, streaming_pass.frame = 0, None
             self._open = False
         if unstage:
             for block in self._blocks:
@@ -211,7 +229,7 @@ class BlockStreamer:
 
     # -- staging -----------------------------------------------------------------------------------
 
-    def _stage_all(self) -> None:
+    def _stage_all(self, progress: StagingProgress | None = None) -> None:
         """One arena per storage (pinned RAM, pageable RAM, each donor GPU) holds every block stored there.
 
         A single allocation is registered (pinned) once, and no two registrations can share a page.
@@ -221,16 +239,24 @@ class BlockStreamer:
             if block.host is None:
                 groups[block.storage].append(block)
         total = sum(b.nbytes for members in groups.values() for b in members)
+        done = 0
+        if progress is not None and total:
+            progress(0, total)
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
-                  disable=total < _PROGRESS_MIN_BYTES, leave=False) as progress:
+                  disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
             for storage, members in groups.items():
                 offsets = _arena_offsets([b.nbytes for b in members])
                 arena = FlatBuffer(offsets[-1], storage.device, pin=storage.pinned)
                 self._arenas.append(arena)
                 for block, start in zip(members, offsets):
                     block.stage(arena.tensor[start:start + block.nbytes])
-                    progress.update(block.nbytes)
-        donors = {torch.device(s.device) for s in groups if s.device != "cpu"}
+                    done += block.nbytes
+                    bar.update(block.nbytes)
+                    if progress is not None:
+                        progress(done, total)
+        # Every donor holding a staged block, also those staged by an earlier open() that `progress` cancelled.
+        donors = {torch.device(b.storage.device) for b in self._blocks if b.host is not None and
+                  b.storage.device != "cpu"}
         for device in donors:
             # Staging writes to a donor GPU run on its default stream (and from pageable memory may still be in
             # flight when cudaMemcpy returns); the copy stream must not read them before they land.
@@ -248,7 +274,7 @@ class BlockStreamer:
     def _make_pre_hook(self, index: int):
         @torch.compiler.disable
         def pre_hook(module, args):
-            self._acquire(index)
+            self._acquire(index, _module_call_frame())
 
         return pre_hook
 
@@ -262,7 +288,7 @@ class BlockStreamer:
     def _make_pass_begin(self, streaming_pass: _Pass):
         @torch.compiler.disable
         def begin(module, args):
-            self._begin_pass(streaming_pass)
+            self._begin_pass(streaming_pass, _module_call_frame())
 
         return begin
 
@@ -276,10 +302,13 @@ class BlockStreamer:
 
     # -- passes and schedule -------------------------------------------------------------------------
 
-    def _begin_pass(self, streaming_pass: _Pass) -> None:
+    def _begin_pass(self, streaming_pass: _Pass, frame) -> None:
+        if streaming_pass.depth or any(slot.readers for slot in self._slots):
+            self._end_interrupted()
         streaming_pass.depth += 1
         if streaming_pass.depth > 1:
             return
+        streaming_pass.frame = frame
         streaming_pass.seen = []
         streaming_pass.cursor = 0
         self._current = streaming_pass
@@ -290,6 +319,7 @@ class BlockStreamer:
         streaming_pass.depth = max(0, streaming_pass.depth - 1)
         if streaming_pass.depth:
             return
+        streaming_pass.frame = None
         if completed and streaming_pass.seen:
             if streaming_pass.seen != streaming_pass.schedule:
                 self._stats.mispredicted += 1
@@ -300,6 +330,23 @@ class BlockStreamer:
             self._release_all()
         self._current = streaming_pass
         self._refill()  # wrap around: start fetching the first blocks of the next pass now
+
+    def _end_interrupted(self) -> None:
+        """Ends the forwards a BaseException (KeyboardInterrupt, SystemExit) unwound.
+
+        torch runs `always_call` hooks for Exception only, so after Ctrl+C inside a block its slot stayed
+        marked running and its pass stayed open: with prefetch=1 every later forward failed, with more
+        slots one slot was lost for good. A forward is still running exactly when its module-call frame
+        is on the current stack; checked only when a pass starts over state left running, or when no
+        slot is free.
+        """
+        live = _stack_frame_ids()
+        for slot in self._slots:
+            for reader in [r for r in slot.readers if not _is_live(r, live)]:
+                self._release(slot.block, reader)
+        for streaming_pass in self._passes:
+            if streaming_pass.depth and not _is_live(streaming_pass.frame, live):
+                streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
 
     def _track_call(self, index: int) -> None:
         streaming_pass = self._pass_of.get(index)
@@ -334,11 +381,14 @@ class BlockStreamer:
 
     # -- slots ---------------------------------------------------------------------------------------
 
-    def _acquire(self, index: int) -> None:
+    def _acquire(self, index: int, frame) -> None:
         self._track_call(index)
         slot_index = self._where.get(index)
         if slot_index is None:
             slot_index = self._victim(protected=set())
+            if slot_index is None:
+                self._end_interrupted()
+                slot_index = self._victim(protected=set())
             if slot_index is None:
                 raise RuntimeError(f"distorch: block {self._blocks[index].name!r} needs a slot but all "
                                    f"{len(self._slots)} are running blocks; raise prefetch")
@@ -347,7 +397,7 @@ class BlockStreamer:
         else:
             self._stats.hits += 1
         slot = self._slots[slot_index]
-        slot.users += 1
+        slot.readers.append(frame)
         # The forward's kernels must not read the slot before its copy has landed.
         self.engine.compute_wait(slot.ready)
         self.engine.mark_reading(slot.buffer, +1)
@@ -355,12 +405,15 @@ class BlockStreamer:
         block.point_to(self._slot_views(block, slot_index))
         self._refill()
 
-    def _release(self, index: int) -> None:
+    def _release(self, index: int, reader=None) -> None:
         slot_index = self._where.get(index)
         if slot_index is None or self._slots[slot_index].users == 0:
             return  # the pre-hook failed before acquiring; nothing to undo
         slot = self._slots[slot_index]
-        slot.users -= 1
+        if reader is None:
+            slot.readers.pop()  # the innermost forward on this slot is the one ending
+        else:
+            slot.readers.remove(reader)
         self.engine.mark_reading(slot.buffer, -1)
         if slot.users:
             return
@@ -418,6 +471,37 @@ class BlockStreamer:
         if slot_index not in block.slot_views:
             block.slot_views[slot_index] = block.views_on(self._slots[slot_index].buffer)
         return block.slot_views[slot_index]
+
+
+_MODULE_CALL_CODE = nn.Module._call_impl.__code__
+_MAX_HOOK_DEPTH = 16  # frames between a hook and its module call (torch's inner(), compiler.disable wrappers)
+
+
+def _module_call_frame():
+    """The frame of the nn.Module call whose hook runs now: it lives exactly as long as that call.
+
+    None when torch's call machinery is not found (another torch layout): such forwards are always
+    treated as running, the behaviour without interrupt recovery.
+    """
+    frame = sys._getframe(2)
+    for _ in range(_MAX_HOOK_DEPTH):
+        if frame is None or frame.f_code is _MODULE_CALL_CODE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _stack_frame_ids() -> set[int]:
+    frame, ids = sys._getframe(1), set()
+    while frame is not None:
+        ids.add(id(frame))
+        frame = frame.f_back
+    return ids
+
+
+def _is_live(frame, live_ids: set[int]) -> bool:
+    # `frame` is held by the streamer, so no other live object shares its id.
+    return frame is None or id(frame) in live_ids
 
 
 def _default_engine(device: torch.device):

@@ -21,3 +21,35 @@ def format_gb(nbytes: int | float) -> str:
     if 0 < nbytes < 0.01 * GIB:
         return f"{nbytes / MIB:.2f} MB"
     return f"{nbytes / GIB:.2f} GB"
+
+
+# One spelling for a weight format, whichever source names it: a torch dtype ("torch.bfloat16"), a
+# safetensors header ("BF16", "F8_E4M3") or a GGUF tensor type ("BF16", "Q8_0").
+_DTYPE_LABELS = {
+    "float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "half": "fp16", "bfloat16": "bf16",
+    "bf16": "bf16", "float64": "fp64", "f64": "fp64", "float8_e4m3fn": "fp8_e4m3fn", "f8_e4m3": "fp8_e4m3fn",
+    "float8_e5m2": "fp8_e5m2", "f8_e5m2": "fp8_e5m2",
+}
+
+
+def dtype_label(name: str) -> str:
+    """'bf16', 'fp8_e4m3fn', 'Q8_0': the name the plan reports give a weight format."""
+    plain = str(name).removeprefix("torch.")
+    return _DTYPE_LABELS.get(plain.lower(), plain)
+
+
+def describe_dtypes(bytes_by_dtype: dict[str, int], limit: int = 3) -> str:
+    """'bf16', or the largest formats with their share of the bytes: 'Q8_0 92%, fp32 8%'."""
+    total = sum(bytes_by_dtype.values())
+    ranked = sorted(((n, d) for d, n in bytes_by_dtype.items() if n > 0), reverse=True)
+    if not ranked:
+        return "unknown"
+    if len(ranked) == 1:
+        return ranked[0][1]
+    shown = ", ".join(f"{d} {_share(n, total)}" for n, d in ranked[:limit])
+    return shown + (", ..." if len(ranked) > limit else "")
+
+
+def _share(part: int, total: int) -> str:
+    percent = 100 * part / total
+    return f"{min(percent, 99):.0f}%" if percent >= 1 else "<1%"

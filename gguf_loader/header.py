@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from .arch import Architecture, detect_architecture
-from .errors import GGUFError
+from .errors import ECHO_CHARS, GGUFError, echo
 from .qtypes import is_plain, qtype_from_id
 
 logger = logging.getLogger("distorch.gguf")
@@ -45,6 +45,7 @@ MAX_ARRAY_ITEMS = 1 << 24
 MAX_STRING_BYTES = 1 << 28
 MAX_TENSORS = 1 << 22
 MAX_ARRAY_NESTING = 8
+MAX_ORIG_SHAPE_DIMS = 16  # ComfyUI-GGUF's orig_shape keys restore up to 5-D (Conv3d) weights
 
 _HEADER_BYTES = 24
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, type id, smallest value
@@ -337,11 +338,12 @@ class _Parser:
         types: dict = {}
         for index in range(count):
             key = self.string(f"metadata key #{index}")
-            value_type = self.value_type(f"metadata key {key!r}")
+            what = f"metadata key {echo(key)}"
+            value_type = self.value_type(what)
             if key in values:
-                raise self.fail(f"duplicate metadata key {key!r}")
+                raise self.fail(f"duplicate {what}")
             item_position = self.pos
-            values[key] = self.value(value_type, f"metadata key {key!r}")
+            values[key] = self.value(value_type, what)
             types[key] = (value_type, self._item_type_at(item_position) if value_type == GGUFValueType.ARRAY else None)
         return values, types
 
@@ -389,13 +391,13 @@ class _Parser:
             return DEFAULT_ALIGNMENT
         value, (value_type, _) = metadata[Keys.General.ALIGNMENT], types[Keys.General.ALIGNMENT]
         if value_type not in _INTEGER_TYPES or value <= 0 or value & (value - 1):
-            raise self.fail(f"{Keys.General.ALIGNMENT} must be a positive power of two, got {value!r} "
+            raise self.fail(f"{Keys.General.ALIGNMENT} must be a positive power of two, got {echo(value)} "
                             f"({value_type.name})")
         return value
 
     def _raw_tensor_info(self, index: int) -> tuple[str, tuple[int, ...], int, int]:
         name = self.string(f"name of tensor #{index}")
-        what = f"tensor {name!r}"
+        what = f"tensor {echo(name)}"
         n_dims = self.u32(f"dimension count of {what}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise self.fail(f"{what} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
@@ -421,50 +423,55 @@ class _TensorTable:
         infos: dict[str, TensorInfo] = {}
         for name, dims, type_id, offset in raw_infos:
             if name in infos:
-                raise self.parser.fail(f"duplicate tensor name {name!r}")
+                raise self.parser.fail(f"duplicate tensor name {echo(name)}")
             infos[name] = self.info(name, dims, type_id, offset)
         return tuple(infos.values())
 
     def info(self, name: str, dims: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
         fail = self.parser.fail
+        what = f"tensor {echo(name)}"
         qtype = qtype_from_id(type_id)
         if qtype is None:
-            raise fail(f"tensor {name!r} has unknown GGML type id {type_id} (not in the installed gguf package)")
+            raise fail(f"{what} has unknown GGML type id {type_id} (not in the installed gguf package)")
         if any(d == 0 for d in dims):
-            raise fail(f"tensor {name!r} has a zero-sized dimension (dims {list(dims)})")
+            raise fail(f"{what} has a zero-sized dimension (dims {list(dims)})")
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         if dims[0] % block_size:
-            raise fail(f"tensor {name!r}: row length {dims[0]} is not a multiple of the {qtype.name} block size "
+            raise fail(f"{what}: row length {dims[0]} is not a multiple of the {qtype.name} block size "
                        f"{block_size}")
         rows = 1
         for dim in dims[1:]:
             rows *= dim
         nbytes = rows * (dims[0] // block_size) * type_size
-        self._check_location(name, offset, nbytes)
+        self._check_location(what, offset, nbytes)
         stored = tuple(reversed(dims))
         shape = self._logical_shape(name, stored)
         return TensorInfo(name, qtype, shape, stored, self.data_offset + offset, nbytes)
 
-    def _check_location(self, name: str, offset: int, nbytes: int) -> None:
+    def _check_location(self, what: str, offset: int, nbytes: int) -> None:
         fail = self.parser.fail
         if offset % self.alignment:
-            raise fail(f"tensor {name!r}: data offset {offset} is not a multiple of the alignment {self.alignment}")
+            raise fail(f"{what}: data offset {offset} is not a multiple of the alignment {self.alignment}")
         end = self.data_offset + offset + nbytes
         if end > self.parser.size:
-            raise fail(f"tensor {name!r}: data ends at byte {end}, file has {self.parser.size}")
+            raise fail(f"{what}: data ends at byte {end}, file has {self.parser.size}")
 
     def _logical_shape(self, name: str, stored: tuple[int, ...]) -> tuple[int, ...]:
         key = ORIG_SHAPE_PREFIX + name
         if key not in self.metadata:
             return stored
         value, (value_type, item_type) = self.metadata[key], self.types[key]
+        shown = key if len(key) <= ECHO_CHARS else echo(key)
         if value_type != GGUFValueType.ARRAY or item_type not in _INTEGER_TYPES or \
                 not all(isinstance(v, int) and v >= 0 for v in value):
-            raise self.parser.fail(f"{key} must be an ARRAY of non-negative integers (INT32), got {value!r}")
+            raise self.parser.fail(f"{shown} must be an ARRAY of non-negative integers (INT32), got {echo(value)}")
         shape = tuple(value)
+        if len(shape) > MAX_ORIG_SHAPE_DIMS:
+            raise self.parser.fail(f"{shown} has {len(shape)} dimensions, more than the {MAX_ORIG_SHAPE_DIMS} "
+                                   f"this reader accepts")
         if math.prod(shape) != math.prod(stored):
-            raise self.parser.fail(f"{key} = {list(shape)} has {math.prod(shape)} elements, tensor {name!r} stores "
-                                   f"{math.prod(stored)} ({list(stored)})")
+            raise self.parser.fail(f"{shown} = {echo(list(shape))} has {echo(math.prod(shape))} elements, "
+                                   f"tensor {echo(name)} stores {math.prod(stored)} ({list(stored)})")
         return shape
 
 

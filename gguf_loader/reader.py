@@ -10,6 +10,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from .dequant.memory import frombuffer_readonly
+from .errors import echo
 from .header import GGUFHeader, TensorInfo, _close_quietly, _map, _Parser, read_gguf_header
 from .tensor import GGMLMeta, GGMLTensor
 from .torch_dtypes import PLAIN_TORCH_DTYPES
@@ -104,14 +105,15 @@ def _tensor_views(header: GGUFHeader, mapping: mmap.mmap, writable: bool) -> dic
     if not header.tensor_infos:
         return {}
     base = torch.frombuffer(mapping, dtype=torch.uint8) if writable else frombuffer_readonly(mapping)
-    return {info.name: _tensor_view(base, info) for info in header.tensor_infos}
+    return {info.name: _tensor_view(base, info, header.path) for info in header.tensor_infos}
 
 
-def _tensor_view(base: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+def _tensor_view(base: torch.Tensor, info: TensorInfo, path: str) -> torch.Tensor:
     raw = base[info.offset:info.offset + info.nbytes]
     dtype = PLAIN_TORCH_DTYPES.get(info.qtype)
     if dtype is None:
-        return GGMLTensor.from_validated(raw.view(info.byte_shape), GGMLMeta(info.qtype, torch.Size(info.shape)))
+        meta = GGMLMeta(info.qtype, torch.Size(info.shape), f"{path}: tensor {echo(info.name)}")
+        return GGMLTensor.from_validated(raw.view(info.byte_shape), meta)
     itemsize = GGML_QUANT_SIZES[info.qtype][1]
     if info.offset % itemsize:
         raw = raw.clone()  # legal with general.alignment < itemsize; typed views need aligned storage

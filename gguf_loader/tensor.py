@@ -19,11 +19,12 @@ Contract (what the DisTorch streamer and ComfyUI rely on):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from gguf import GGMLQuantizationType
 
+from .errors import GGUFError
 from .qtypes import as_qtype, nbytes_of_elements
 
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
@@ -35,6 +36,12 @@ class GGMLMeta:
 
     qtype: GGMLQuantizationType
     shape: torch.Size
+    source: str = field(default="", compare=False)  # "model.gguf: tensor 'w'" for messages; "" if built in memory
+
+    def describe(self) -> str:
+        """Where the tensor came from and what it is, the prefix of its error messages."""
+        what = f"{self.qtype.name} tensor of shape {tuple(self.shape)}"
+        return f"{self.source} ({what})" if self.source else what
 
 
 class GGMLTensor(torch.Tensor):
@@ -109,7 +116,10 @@ class GGMLTensor(torch.Tensor):
         """The values as a plain tensor of `dtype` in the logical shape, on this tensor's device."""
         from .dequant import dequantize_raw
 
-        return dequantize_raw(_plain(self), self._ggml.qtype, self._ggml.shape, dtype)
+        try:
+            return dequantize_raw(_plain(self), self._ggml.qtype, self._ggml.shape, dtype)
+        except GGUFError as error:
+            raise GGUFError(f"{self._ggml.describe()}: {error}") from None
 
     def __repr__(self, *, tensor_contents=None) -> str:
         with _NoTorchFunction():
@@ -122,7 +132,7 @@ class GGMLTensor(torch.Tensor):
             return memo[id(self)]
         with _NoTorchFunction():
             raw = _plain(self).clone()
-        result = GGMLTensor(raw, self._ggml.qtype, self._ggml.shape)
+        result = GGMLTensor.from_validated(raw, self._ggml)
         memo[id(self)] = result
         extra = {k: v for k, v in self.__dict__.items() if k != "_ggml"}
         result.__dict__.update(copy.deepcopy(extra, memo))

@@ -2,19 +2,31 @@
 
 Each node is declarative: a schema, an optional `validate_inputs` that rejects bad DisTorch inputs
 before the queue runs, and an `execute` that calls one loading function and returns the standard
-MODEL / CLIP / VAE plus the plan table as text on the node.
+MODEL / CLIP / VAE plus the plan for the node's block map and table (nodes/web/js/distorch.js):
+`ui` carries `text` (the table) and `distorch_plan` (distorch.report.plan_to_dict).
 """
 
 import comfy.model_management as mm
+import folder_paths
 import torch
-from comfy_api.latest import ComfyExtension, io, ui
+from comfy_api.latest import ComfyExtension, io
 
 import nodes as core_nodes
 
 from .catalog import FILE_INPUTS, NODE_TITLES
+from .checkpoint import load_checkpoint
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
-from .settings import ChoiceSpec, DisTorchSettings, NumberSpec, device_choices, distorch_specs, donor_choices
+from .progress import executing_node_id
+from .settings import (
+    CheckpointSettings,
+    ChoiceSpec,
+    DisTorchSettings,
+    NumberSpec,
+    device_choices,
+    distorch_specs,
+    donor_choices,
+)
 
 WEB_DIRECTORY = "./nodes/web"
 CATEGORY = "DisTorch"
@@ -26,20 +38,21 @@ def _devices() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return device_choices(count, cpu_only), donor_choices(count, cpu_only)
 
 
-def distorch_inputs(kind: str) -> list:
-    """The four DisTorch widgets, built from the pure specs in settings.py."""
+def distorch_inputs(kind: str, prefix: str = "") -> list:
+    """The four DisTorch widgets, built from the pure specs in settings.py (names `prefix` + name)."""
     devices, donors = _devices()
     widgets = []
     for spec in distorch_specs(kind, devices, donors):
+        name = prefix + spec.name
         if isinstance(spec, ChoiceSpec):
-            widgets.append(io.Combo.Input(spec.name, options=list(spec.options), default=spec.default,
+            widgets.append(io.Combo.Input(name, options=list(spec.options), default=spec.default,
                                           tooltip=spec.tooltip))
         elif isinstance(spec, NumberSpec):
-            widgets.append(io.Float.Input(spec.name, default=spec.default, min=spec.minimum, max=spec.maximum,
+            widgets.append(io.Float.Input(name, default=spec.default, min=spec.minimum, max=spec.maximum,
                                           step=spec.step, round=0.01, display_mode=io.NumberDisplay.slider,
                                           tooltip=spec.tooltip))
         else:
-            widgets.append(io.String.Input(spec.name, default=spec.default, optional=spec.optional,
+            widgets.append(io.String.Input(name, default=spec.default, optional=spec.optional,
                                            tooltip=spec.tooltip))
     return widgets
 
@@ -97,8 +110,8 @@ class DisTorchUNetLoader(io.ComfyNode):
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
                 expert_mode_allocations="") -> io.NodeOutput:
         settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-        model, report = load_unet(unet_name, weight_dtype, settings)
-        return io.NodeOutput(model, ui=ui.PreviewText(report))
+        model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
+        return io.NodeOutput(model, ui=plan_ui)
 
 
 def _clip_node(node_id: str, type_node: str | None, description: str):
@@ -128,8 +141,8 @@ def _clip_node(node_id: str, type_node: str | None, description: str):
                     **files) -> io.NodeOutput:
             settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
             ordered = [files[k] for k in sorted(files)]
-            clip, report = load_clip(ordered, type or "stable_diffusion", settings)
-            return io.NodeOutput(clip, ui=ui.PreviewText(report))
+            clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
+            return io.NodeOutput(clip, ui=plan_ui)
 
     Loader.__name__ = Loader.__qualname__ = node_id
     return Loader
@@ -169,18 +182,67 @@ class DisTorchVAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
         settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-        vae, report = load_vae(vae_name, settings)
-        return io.NodeOutput(vae, ui=ui.PreviewText(report))
+        vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
+        return io.NodeOutput(vae, ui=plan_ui)
+
+
+class DisTorchCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        devices, _ = _devices()
+        unet, clip = distorch_inputs("unet", "unet_"), distorch_inputs("clip", "clip_")
+        return io.Schema(
+            node_id="DisTorchCheckpointLoader",
+            display_name=NODE_TITLES["DisTorchCheckpointLoader"],
+            category=CATEGORY,
+            description=("Loads an all-in-one checkpoint as Load Checkpoint does; the diffusion model and the text "
+                         "encoders each get their own virtual VRAM, the VAE its own device."),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="Checkpoint from models/checkpoints."),
+                *unet[:3], *clip[:3],
+                io.Combo.Input("vae_device", options=list(devices), default=devices[0],
+                               tooltip="Device the VAE decodes and encodes on."),
+                unet[3], clip[3],
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, unet_compute_device, unet_virtual_vram_gb, unet_donor_device, clip_compute_device,
+                        clip_virtual_vram_gb, clip_donor_device, vae_device, unet_expert_mode_allocations="",
+                        clip_expert_mode_allocations=""):
+        values = dict(locals())
+        values.pop("cls")
+        if any(v is None for v in values.values()):
+            return True  # driven by a link; checked again when the node runs
+        try:
+            CheckpointSettings.validate(values, _devices()[0])
+        except ValueError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name, **values) -> io.NodeOutput:
+        settings = CheckpointSettings.validate(values, _devices()[0])
+        outputs, plan_ui = load_checkpoint(ckpt_name, settings, executing_node_id())
+        return io.NodeOutput(*outputs, ui=plan_ui)
 
 
 NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorchTripleCLIPLoader,
-         DisTorchQuadrupleCLIPLoader, DisTorchVAELoader]
+         DisTorchQuadrupleCLIPLoader, DisTorchVAELoader, DisTorchCheckpointLoader]
 
 
 class DisTorchExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from server import PromptServer
+
+        from .compat import compat_nodes  # builds on this module's widgets
+        from .compat_route import register_convert_route
+
         register_gguf_folders()
-        return NODES
+        register_convert_route(PromptServer.instance.routes)
+        return NODES + compat_nodes()
 
 
 async def comfy_entrypoint() -> DisTorchExtension:

@@ -5,39 +5,94 @@ pinning, accounting); the override of `_load_list()` hides the streamed blocks f
 blocks this patcher does what core's lowvram path does for an offloaded layer (mark it cast-on-use,
 attach `LowVramPatch` for LoRA so the patch is applied on the compute device each forward) and opens
 the streamer, which copies their weights into a slot just before each block runs. `loaded_size()`
-counts the resident weights (core) plus the slots (here).
+counts the resident weights (core) plus the slots (here), and `model_size()` is what the model takes on
+the compute device when fully loaded (resident weights plus slots), so core's memory request for it,
+`model_size() - loaded_size()` plus its activation estimate, is what loading it really needs.
+
+With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
+dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
+places its blocks), and core's memory manager sees true sizes for it. docs/comfyui_compat.md has
+the reasoning.
 """
 
+import contextlib
+import dataclasses
+import inspect
 import logging
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import torch
 
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
+from .progress import StagingProgressBar
 from .state import DisTorchState
 
 logger = logging.getLogger("distorch.nodes")
 
 _FUNCTION_LISTS = (("weight", "weight_function"), ("bias", "bias_function"))
+_WRAPPER_KEY = "distorch"
 
 
 class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     """A ModelPatcher for models loaded by the DisTorch nodes (clones keep the class)."""
 
     @classmethod
-    def adopt(cls, patcher: comfy.model_patcher.ModelPatcher, load_device: torch.device) -> "DisTorchModelPatcher":
+    def adopt(cls, patcher: comfy.model_patcher.ModelPatcher, load_device: torch.device,
+              factory: tuple | None = None) -> "DisTorchModelPatcher":
         """Takes over a freshly built core patcher (same model, devices, options, hooks).
 
         Core loaders construct a plain ModelPatcher; copying its attributes wholesale (as copy.copy
         would) keeps whatever newer cores add to it without listing fields here.
+
+        Args:
+            factory: `(function, args)` that loads this model again with its DisTorch plan; stored as
+                `cached_patcher_init`, through which ComfyUI 2026 rebuilds models (`clone(disable_dynamic=True)`,
+                `deepclone_multigpu` for its multi-GPU work split and device selection).
         """
         patcher = _without_dynamic_vram(patcher)
         adopted = cls.__new__(cls)
         adopted.__dict__.update(vars(patcher))
         adopted.load_device = load_device
+        if factory is not None:
+            adopted.cached_patcher_init = factory
+        adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY,
+                                     _without_core_prefetch)
         return adopted
+
+    def is_dynamic(self) -> bool:
+        """Never a Dynamic VRAM patcher: the streamer places the streamed blocks and core places the rest;
+        core's VBAR faulting and block prefetch queue would move the same weights a second time."""
+        return False
+
+    def model_size(self) -> int:
+        """Bytes on the compute device when fully loaded: the weights core loads plus the streaming slots.
+
+        Core frees `model_size() - loaded_size()` (x1.1, plus its activation estimate) before loading a
+        model; the streamed blocks never occupy the compute device beyond the slots, so counting them
+        would evict other models (a text encoder, the VAE) on every queue run.
+        """
+        state = DisTorchState.of(self.model)
+        if state is None or not state.streams:
+            return super().model_size()
+        return self._resident_size() + state.slot_bytes
+
+    def get_ram_usage(self) -> int:
+        """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
+        return comfy.model_management.module_size(self.model)
+
+    def _resident_size(self) -> int:
+        """What core counts for the modules it loads (`module_size` of every `_load_list()` entry), cached:
+        the set of modules and their dtypes are fixed once the loader has run."""
+        state = DisTorchState.of(self.model)
+        cached = self.__dict__.get("_distorch_resident_size")
+        if cached is None or cached[0] is not state:  # a new plan (another compute device) hides other blocks
+            modules = (next(item for item in entry if isinstance(item, torch.nn.Module)) for entry in self._load_list())
+            cached = (state, sum(comfy.model_management.module_size(module) for module in modules))
+            self._distorch_resident_size = cached
+        return cached[1]
 
     # -- what core manages ---------------------------------------------------------------------------
 
@@ -46,12 +101,13 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         state = DisTorchState.of(self.model)
         return entries if state is None or not state.streams else state.without_streamed(entries)
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+    def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
         weight, _, _ = comfy.model_patcher.get_key_weight(self.model, key)
         if is_quantized(weight):
             # GGUF bytes cannot hold a baked LoRA; `_attach_quantized_patches` applies it after dequantizing.
             return None
-        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+        # Newer cores add arguments (0.33: return_weight, force_cast); pass on whatever this core uses.
+        return super().patch_weight_to_device(key, device_to, *args, **kwargs)
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         state = DisTorchState.of(self.model)
@@ -59,12 +115,22 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_quantized_patches(state)
             return
+        state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
         unlimited = full_load or lowvram_model_memory <= 0
         budget = 1e32 if unlimited else max(lowvram_model_memory - state.slot_bytes, 1)
         super().load(device_to, lowvram_model_memory=budget, force_patch_weights=force_patch_weights, full_load=False)
         self._attach_quantized_patches(state)
         self._prepare_streamed_modules(state)
-        opened = state.open(self.model, pin=_pinning_allowed())
+        pin = state.streamer is not None or _may_pin(state.plan.pinned_bytes)
+        try:
+            with _outside_memory_compiler():
+                opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
+        except BaseException:
+            # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
+            # load starts over: cores from 0.33 make the interrupt a BaseException, which their own
+            # `except Exception: detach()` around load() does not catch.
+            self.detach()
+            raise
         self.model.model_lowvram = True
         self.model.model_loaded_weight_memory += state.slot_bytes
         if opened:
@@ -137,16 +203,95 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def _without_dynamic_vram(patcher):
-    """A patcher that is not under Dynamic VRAM (ComfyUI 2026+), whose on-demand weight faulting would fight
-    the streamer for the same layers; older cores have no such mode and pass through unchanged."""
+    """A non-dynamic patcher over the same model, without reading the file again.
+
+    The loaders ask core for one (`disable_dynamic=True`) where core's loader takes that argument; this
+    covers the rest (the VAE: `comfy.sd.VAE` has no such argument in ComfyUI 0.33). Core's own
+    `clone(disable_dynamic=True)` would re-run the loader (a second read of the whole file) unless it is
+    given the model to wrap; a model built for Dynamic VRAM holds the file's tensors as they were stored
+    (`load_state_dict(assign=True)`), so they are converted to the dtypes core archived for them, as a
+    non-dynamic load would have copied them. Older cores have no Dynamic VRAM and pass through.
+    """
     is_dynamic = getattr(patcher, "is_dynamic", None)
     if not callable(is_dynamic) or not is_dynamic():
         return patcher
     logger.info("distorch: this model is placed by DisTorch; ComfyUI's Dynamic VRAM is not used for it")
-    return patcher.clone(disable_dynamic=True)
+    if "model_override" not in inspect.signature(patcher.clone).parameters:
+        logger.warning("distorch: this ComfyUI cannot switch a loaded model off Dynamic VRAM in place; "
+                       "reading the model file again")
+        return patcher.clone(disable_dynamic=True)
+    plain = patcher.clone(disable_dynamic=True, model_override=patcher.get_clone_model_override())
+    _convert_to_archived_dtypes(plain.model)
+    return plain
 
 
-def _pinning_allowed() -> bool:
-    """Honours --disable-pinned-memory on cores that have it; older cores never pin, so we may."""
+def _convert_to_archived_dtypes(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            archived = getattr(module, f"{name}_comfy_model_dtype", None)
+            if archived is not None and tensor.dtype != archived:
+                tensor.data = tensor.data.to(archived)
+
+
+def _without_core_prefetch(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: core's block prefetch queue (ComfyUI 2026, `comfy/model_prefetch.py`) stays off.
+
+    Core enables it per forward with `transformer_options["prefetch_dynamic_vbars"] = patcher.is_dynamic()`,
+    False for this patcher; forcing it here keeps it off should a core derive it otherwise. Module-level
+    (no closure) so the wrapper holds no reference to a model.
+    """
+    for value in (*args, *kwargs.values()):  # models pass transformer_options at different positions
+        if isinstance(value, dict) and value.get("prefetch_dynamic_vbars"):
+            value["prefetch_dynamic_vbars"] = False
+    return executor(*args, **kwargs)
+
+
+def _planned_for(model: torch.nn.Module, state: DisTorchState, device: torch.device) -> DisTorchState:
+    """The model's state, planned again when core moved the patcher to another compute device.
+
+    ComfyUI 2026's `deepclone_multigpu` rebuilds a DisTorch model through its `cached_patcher_init`
+    factory (the plan targets the loader's compute device) and then sets the clone's `load_device`.
+    """
+    planned = torch.device(state.plan.compute_device)
+    if planned.type == device.type and (device.type == "cpu" or planned.index == device.index):
+        return state
+    if state.streamer is not None:
+        raise RuntimeError(f"DisTorch: this model streams to {planned} and cannot move to {device} while staged; "
+                           "load it again with compute_device set to the new device")
+    from .loading import loader_inventory  # loading imports this module
+
+    settings = dataclasses.replace(state.settings, compute_device=str(device))
+    logger.info("distorch: planning %s again for %s", type(model).__name__, device)
+    return DisTorchState.attach(model, settings, loader_inventory(settings))
+
+
+def _may_pin(nbytes: int) -> bool:
+    """Whether the streamer may page-lock `nbytes` of staging memory now.
+
+    Honours --disable-pinned-memory and core's pinned-memory cap (ComfyUI 0.8+ `MAX_PINNED_MEMORY`,
+    shared with the weights core pins itself). ComfyUI 0.33+ first asks Dynamic VRAM models to give
+    up pin registrations (`ensure_pin_registerable`). 0.3.64 never pins, so its only limit is the plan's.
+    """
+    args = getattr(comfy.model_management, "args", None)
+    if getattr(args, "disable_pinned_memory", False):
+        return False
     limit = getattr(comfy.model_management, "MAX_PINNED_MEMORY", None)
-    return limit is None or limit > 0
+    if limit is None:
+        return True
+    if limit <= 0:
+        return False
+    make_room = getattr(comfy.model_management, "ensure_pin_registerable", None)
+    if make_room is not None and nbytes > 0:
+        make_room(nbytes)
+    return getattr(comfy.model_management, "TOTAL_PINNED_MEMORY", 0) + nbytes <= limit
+
+
+def _outside_memory_compiler():
+    """Slots and staging buffers live as long as the model, so ComfyUI's memory compiler (0.35+: it records
+    the allocations made inside a model's forward and replays them) must not record them: they are made
+    with its recording paused. Cores without the compiler have nothing to pause."""
+    try:
+        from comfy.model_prefetch import pause_malloc_graph
+    except ImportError:
+        return contextlib.nullcontext()
+    return pause_malloc_graph()

@@ -4,6 +4,7 @@ Pure Python (no ComfyUI import), so the schema defaults, tooltips and the valida
 tested in CI; `nodes/loaders.py` turns the specs into ComfyUI widgets.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..distorch import AllocationError, parse_allocation
@@ -50,8 +51,9 @@ TOOLTIPS = {
         "room for all of them spills the rest into RAM."),
     "expert_mode_allocations": (
         "Optional, overrides the slider. ComfyUI-MultiGPU grammar, one mode per string: bytes "
-        "'cuda:0,2.5gb;cpu,*', ratio 'cuda:0,25%;cpu,75%' or fraction of device memory 'cuda:0,0.1;cpu,0.5'. "
-        "The compute device's amount stays resident; '*' takes the rest."),
+        "'cuda:0,2.5gb;cpu,*' (without a '*' the rest goes to cpu), ratio 'cuda:0,8%;cuda:1,8%;cpu,4%' (an 8:8:4 "
+        "split) or fraction of device memory 'cuda:0,0.1;cpu,0.5'. Amounts fill the devices in the order written "
+        "and '*' takes the rest; the compute device's share stays resident, the others are streamed from there."),
 }
 
 
@@ -94,20 +96,32 @@ class DisTorchSettings:
                  expert_mode_allocations: str | None, available: tuple[str, ...]) -> "DisTorchSettings":
         """Checks the inputs against the devices of this machine; raises ValueError naming the bad input."""
         problems = []
-        compute = _device(compute_device, "compute_device", available, problems)
-        donor = _device(donor_device, "donor_device", available, problems)
-        if not isinstance(virtual_vram_gb, (int, float)) or not 0 <= virtual_vram_gb <= VIRTUAL_VRAM_MAX_GB:
-            problems.append(f"virtual_vram_gb must be between 0 and {VIRTUAL_VRAM_MAX_GB:g}, got {virtual_vram_gb!r}")
-        expert = (expert_mode_allocations or "").strip()
-        if compute and donor and compute == donor and compute != "cpu" and virtual_vram_gb > 0 and not expert:
-            problems.append(f"donor_device {donor!r} is the compute device: choose 'cpu' or another GPU")
-        if compute == "cpu" and donor and donor != "cpu":
-            problems.append(f"compute_device 'cpu' streams from RAM only; set donor_device to 'cpu', not {donor!r}")
-        if expert:
-            _check_expert(expert, compute, available, problems)
+        settings = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
+                               problems)
         if problems:
             raise ValueError("DisTorch: " + "; ".join(problems))
-        return cls(compute, float(virtual_vram_gb), donor, expert)
+        return settings
+
+    @classmethod
+    def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
+                expert_mode_allocations: str | None, available: tuple[str, ...], problems: list,
+                prefix: str = "") -> "DisTorchSettings | None":
+        """`validate` for one of several models of a node: appends its problems, naming inputs `prefix` + name."""
+        before = len(problems)
+        compute = _device(compute_device, f"{prefix}compute_device", available, problems)
+        donor = _device(donor_device, f"{prefix}donor_device", available, problems)
+        if not isinstance(virtual_vram_gb, (int, float)) or not 0 <= virtual_vram_gb <= VIRTUAL_VRAM_MAX_GB:
+            problems.append(f"{prefix}virtual_vram_gb must be between 0 and {VIRTUAL_VRAM_MAX_GB:g}, "
+                            f"got {virtual_vram_gb!r}")
+        expert = (expert_mode_allocations or "").strip()
+        if compute and donor and compute == donor and compute != "cpu" and virtual_vram_gb > 0 and not expert:
+            problems.append(f"{prefix}donor_device {donor!r} is the compute device: choose 'cpu' or another GPU")
+        if compute == "cpu" and donor and donor != "cpu":
+            problems.append(f"{prefix}compute_device 'cpu' streams from RAM only; set {prefix}donor_device to 'cpu', "
+                            f"not {donor!r}")
+        if expert:
+            _check_expert(expert, compute, available, problems, prefix)
+        return None if len(problems) > before else cls(compute, float(virtual_vram_gb), donor, expert)
 
     @property
     def streams(self) -> bool:
@@ -125,15 +139,39 @@ def _device(name: str, what: str, available: tuple[str, ...], problems: list) ->
     return device
 
 
-def _check_expert(expert: str, compute: str | None, available: tuple[str, ...], problems: list) -> None:
+def _check_expert(expert: str, compute: str | None, available: tuple[str, ...], problems: list,
+                  prefix: str = "") -> None:
     try:
         spec = parse_allocation(expert)
     except AllocationError as error:
-        problems.append(f"expert_mode_allocations: {error}")
+        problems.append(f"{prefix}expert_mode_allocations: {error}")
         return
     missing = [d for d in spec.devices if d not in available]
     if missing:
-        problems.append(f"expert_mode_allocations names {', '.join(missing)}, not available on this machine "
+        problems.append(f"{prefix}expert_mode_allocations names {', '.join(missing)}, not available on this machine "
                         f"(devices: {', '.join(available)})")
     if compute == "cpu":
-        problems.append("expert_mode_allocations needs a GPU compute_device; with 'cpu' use virtual_vram_gb")
+        problems.append(f"{prefix}expert_mode_allocations needs a GPU {prefix}compute_device; with 'cpu' use "
+                        f"{prefix}virtual_vram_gb")
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The checkpoint loader's inputs after validation: DisTorch settings for the diffusion model and for the
+    text encoders, and the VAE's device."""
+
+    unet: DisTorchSettings
+    clip: DisTorchSettings
+    vae_device: str
+
+    @classmethod
+    def validate(cls, values: Mapping, available: tuple[str, ...]) -> "CheckpointSettings":
+        """`values`: the checkpoint loader's inputs by name (`unet_compute_device`, ..., `vae_device`)."""
+        problems = []
+        unet, clip = (DisTorchSettings.collect(
+            values[f"{p}_compute_device"], values[f"{p}_virtual_vram_gb"], values[f"{p}_donor_device"],
+            values.get(f"{p}_expert_mode_allocations"), available, problems, prefix=f"{p}_") for p in ("unet", "clip"))
+        vae = _device(values["vae_device"], "vae_device", available, problems)
+        if problems:
+            raise ValueError("DisTorch: " + "; ".join(problems))
+        return cls(unet, clip, vae)

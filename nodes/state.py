@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from ..distorch import BlockStreamer, MemoryInventory, Plan, discover, plan
-from ..distorch.streamer import StoragePlacement
+from ..distorch.streamer import StagingProgress, StoragePlacement
 from .settings import DisTorchSettings
 
 logger = logging.getLogger("distorch.nodes")
@@ -26,6 +26,7 @@ class DisTorchState:
         self.settings = settings  # the loader's inputs, validated
         self.plan = model_plan  # fixed when the loader ran; the same placement on every queue run
         self.streamer: BlockStreamer | None = None  # created at the first load, kept while the model lives
+        self.ui_node: str | None = None  # id of the loader node that planned it: its progress bar shows staging
         self._streamed_prefixes = tuple(f"{name}." for name in model_plan.streamed)
         self._streamed_names = model_plan.streamed
 
@@ -77,13 +78,14 @@ class DisTorchState:
     def streamed_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(name, module) for name, module in model.named_modules() if self.is_streamed(name)]
 
-    def open(self, model: nn.Module, pin: bool = True) -> bool:
-        """Starts streaming (staging the weights the first time). Returns True when it was not open."""
+    def open(self, model: nn.Module, pin: bool = True, progress: StagingProgress | None = None) -> bool:
+        """Starts streaming (staging the weights the first time, reporting to `progress`). Returns True when it
+        was not open."""
         if not self.streams or (self.streamer is not None and self.streamer.is_open):
             return False
         if self.streamer is None:
             self.streamer = self._make_streamer(model, pin)
-        self.streamer.open()
+        self.streamer.open(progress=progress)
         return True
 
     def close(self, unstage: bool = False) -> None:

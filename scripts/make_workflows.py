@@ -2,7 +2,7 @@
 
     python scripts/make_workflows.py
 
-The graphs are described once here; node signatures come from nodes/catalog.py (DisTorch nodes) and
+The graphs are described once here; node signatures come from distorch/catalog.py (DisTorch nodes) and
 tests/data/core_nodes.json (core nodes, recorded from ComfyUI 0.3.64 and 0.8.0), so both formats
 always agree and tests/test_workflows.py can check them.
 """
@@ -15,9 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nodes.catalog import NODE_TITLES, output_type, widget_inputs  # noqa: E402
+from distorch.catalog import NODE_TITLES, output_types, widget_inputs  # noqa: E402
 
 CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
+# Room for the plan view the web extension adds to every DisTorch loader (nodes/web/js/distorch.js WIDGET_HEIGHT),
+# so loading a workflow does not grow a loader over the node below it.
+PLAN_VIEW_HEIGHT = 192
+TITLE_HEIGHT, NODE_GAP = 30, 30
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,12 @@ class Link:
 def signature(class_type: str) -> dict:
     if class_type in NODE_TITLES:
         names = widget_inputs(class_type)
-        inputs = [{"name": n, "type": "STRING" if n == "expert_mode_allocations" else "COMBO", "widget": True,
-                   "control_after_generate": False, "optional": n == "expert_mode_allocations"} for n in names]
+        inputs = [{"name": n, "type": "STRING" if n.endswith("expert_mode_allocations") else "COMBO", "widget": True,
+                   "control_after_generate": False, "optional": n.endswith("expert_mode_allocations")} for n in names]
         for spec in inputs:
-            if spec["name"] == "virtual_vram_gb":
+            if spec["name"].endswith("virtual_vram_gb"):
                 spec["type"] = "FLOAT"
-        return {"inputs": inputs, "outputs": [output_type(class_type)]}
+        return {"inputs": inputs, "outputs": list(output_types(class_type))}
     return CORE[class_type]
 
 
@@ -61,7 +65,7 @@ def ui_format(graph: list) -> dict:
                 link_id = len(links) + 1
                 links.append([link_id, source.node, source.slot, node_id, target_slot, spec["type"]])
                 by_origin.setdefault((source.node, source.slot), []).append(link_id)
-    nodes = [_ui_node(order, entry, links, by_origin) for order, entry in enumerate(graph)]
+    nodes = _stack_columns([_ui_node(order, entry, links, by_origin) for order, entry in enumerate(graph)])
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
@@ -80,10 +84,21 @@ def _ui_node(order: int, entry, links: list, by_origin: dict) -> dict:
             widgets.append("fixed")
     outputs = [{"name": kind, "type": kind, "links": by_origin.get((node_id, slot), []), "slot_index": slot}
                for slot, kind in enumerate(spec["outputs"])]
-    return {"id": node_id, "type": class_type, "pos": list(pos), "size": [360, 60 + 26 * (len(widgets) + len(inputs))],
+    height = 60 + 26 * (len(widgets) + len(inputs)) + (PLAN_VIEW_HEIGHT if class_type in NODE_TITLES else 0)
+    return {"id": node_id, "type": class_type, "pos": list(pos), "size": [360, height],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
             "title": NODE_TITLES.get(class_type, class_type),
             "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
+
+
+def _stack_columns(nodes: list) -> list:
+    """Moves nodes down where the one above in their column would overlap them (title bars included)."""
+    for column in {n["pos"][0] for n in nodes}:
+        below = 0
+        for node in sorted((n for n in nodes if n["pos"][0] == column), key=lambda n: n["pos"][1]):
+            node["pos"][1] = max(node["pos"][1], below)
+            below = node["pos"][1] + node["size"][1] + TITLE_HEIGHT + NODE_GAP
+    return nodes
 
 
 def sampler(model, positive, negative, latent, steps, cfg, sampler_name="euler", scheduler="simple"):

@@ -31,7 +31,7 @@ TEST_NODES = Path(__file__).resolve().parent / "comfyui" / "distorch_test_nodes"
 PACK_DIR_NAME = "ComfyUI-DisTorch"
 # What a user's clone would not have, or what only slows the copy down.
 _NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "*.pyc",
-                                     ".ruff_cache", "build", "dist", "*.egg-info")
+                                     ".ruff_cache", "build", "dist", "*.egg-info", "test-artifacts")
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         self.process = None
+        # the entries of custom_nodes ComfyUI loads
+        self.custom_nodes = [PACK_DIR_NAME, "distorch_test_nodes", *(pack.name for pack in extra_custom_nodes)]
 
     def prepare(self) -> None:
         custom = self.base / "custom_nodes"
@@ -111,19 +113,34 @@ class ComfyServer:
         for pack in self.extra_custom_nodes:
             shutil.copytree(pack, custom / pack.name)
         (self.base / "user").mkdir(exist_ok=True)
-        (self.base / "frontend").mkdir(exist_ok=True)
+        self._link_frontend()
         made = subprocess.run([self.python, str(REPO / "tests" / "comfyui" / "make_models.py"), "--comfyui",
                                str(self.comfyui), "--out", str(self.base / "models")],
                               capture_output=True, text=True, timeout=600)
         if made.returncode != 0:
             raise RuntimeError(f"could not build the tiny models:\n{made.stdout}\n{made.stderr}")
 
+    def _link_frontend(self) -> None:
+        """Serves the frontend this ComfyUI version ships (the `comfyui_frontend_package` in its venv) for the
+        browser tests; an empty folder where that package is missing."""
+        found = subprocess.run([self.python, "-c", "import comfyui_frontend_package as f, os; "
+                                "print(os.path.join(os.path.dirname(f.__file__), 'static'))"],
+                               capture_output=True, text=True, timeout=120)
+        static = Path(found.stdout.strip()) if found.returncode == 0 else None
+        if static is not None and (static / "index.html").is_file():
+            (self.base / "frontend").symlink_to(static, target_is_directory=True)
+        else:
+            (self.base / "frontend").mkdir(exist_ok=True)
+
+    @property
+    def serves_frontend(self) -> bool:
+        return (self.base / "frontend" / "index.html").is_file()
+
     def start(self) -> None:
         command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                    "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_DIR_NAME, "distorch_test_nodes",
-                   *(pack.name for pack in self.extra_custom_nodes), *self.extra_args]
+                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", *self.custom_nodes, *self.extra_args]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser_harness import browser, comfy_page  # noqa: F401  (fixtures for the browser tests)
 from comfyui_harness import ComfyServer, installs
 from reference_pack import reference_tarball, unpack_reference
+
+# Checks that import ComfyUI run in each ComfyUI's own interpreter (tests/test_comfyui_core.py starts them).
+collect_ignore = ["comfyui/inside"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,11 +62,11 @@ def reference_gguf_pack(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(comfy_install, tmp_path_factory, reference_gguf_pack):
-    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes (and ComfyUI-GGUF beside it when the
-    shared folder has it, as a reference); one per install, shared by all tests."""
-    extra = (reference_gguf_pack,) if reference_gguf_pack else ()
-    instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install, extra)
+def server(comfy_install, tmp_path_factory):
+    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes; one per install, shared by all tests.
+    No other pack beside it: DisTorch registers ComfyUI-GGUF's and MultiGPU's loader ids only when those packs are
+    absent, and the compat tests run those ids here (the reference cross-checks start their own server)."""
+    instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install)
     instance.prepare()
     instance.start()
     yield instance

@@ -38,6 +38,7 @@ class QuirkyDiT(ToyDiT):
         self.shared_bias = nn.Parameter(torch.randn(dim) * 0.01)
         self.blocks[3].fc2.bias = self.shared_bias  # tied with the rest
         self.fail_at_block: int | None = None
+        self.fail_with: type[BaseException] = KeyboardInterruptLike  # what fail_at_block raises
 
     def forward(self, x, t, skip: bool = False):
         t_emb = self.embed_time(t).to(x.dtype)
@@ -46,7 +47,7 @@ class QuirkyDiT(ToyDiT):
             if skip and index == 4:
                 continue
             if self.fail_at_block == index:
-                raise KeyboardInterruptLike(f"interrupted before block {index}")
+                raise self.fail_with(f"interrupted before block {index}")
             h = block(h, t_emb)
             if index == 2:
                 h = block(h, t_emb)

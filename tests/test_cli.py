@@ -227,3 +227,179 @@ def test_plan_never_imports_torch(tmp_path, kind):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr)
     assert json.loads(result.stdout)["blocks"] == (4 if kind == "gguf" else 8)
+
+
+# -- hostile headers (issue #13, escapes 3 and 5) --------------------------------------------------------
+
+MAX_ERROR_CHARS = 400  # one line; no echo of a file's contents may grow it past this
+
+
+def plan_error(capsys, path: Path, *extra, names_file: bool = True) -> str:
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8", *extra)
+    assert code == 2 and not out, (code, out, err[:500])
+    assert err.startswith("distorch: error: ") and err.count("\n") == 1 and len(err) < MAX_ERROR_CHARS, err[:1000]
+    assert path.name in err or not names_file
+    return err
+
+
+def tensor_header(**tensors) -> bytes:
+    return header(json.dumps(tensors).encode())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (header(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"), "header nests JSON too deeply"),
+        (tensor_header(a={"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}) + bytes(4),
+         "tensor 'a' has unknown dtype ['F32']"),
+        (tensor_header(a={"dtype": {"F": 32}, "shape": [1], "data_offsets": [0, 4]}) + bytes(4),
+         "tensor 'a' has unknown dtype {'F': 32}"),
+        (tensor_header(a={"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                       b={"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}) + bytes(8),
+         "tensors 'a' (bytes 0-4) and 'b' (bytes 2-6) overlap"),
+        (tensor_header(a={"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}) + bytes(8),
+         "tensor 'a': data_offsets [0, 4] span 4 bytes, but shape [2] of F32 needs 8 bytes"),
+        (tensor_header(a={"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}) + bytes(2),
+         "shape [3] of F4 needs 12 bits"),
+        (tensor_header(a={"dtype": "F32", "shape": [1] * 2_000_000, "data_offsets": [0, 8]}) + bytes(8),
+         "tensor 'a': data_offsets [0, 8] span 8 bytes, but shape [1, 1, 1, 1, 1, 1, 1, 1, ...] of F32 needs 4 bytes"),
+        (tensor_header(a={"dtype": "F32", "shape": [10**18] * 1000, "data_offsets": [0, 8]}) + bytes(8),
+         "needs more than the data section holds"),
+        (tensor_header(a={"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}) + bytes(4), "invalid shape [-1]"),
+        (tensor_header(a={"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}) + bytes(4), "invalid shape"),
+        (tensor_header(**{"x" * 1_000_000: {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}) + bytes(4),
+         "tensor 'xxxxxxxxxx"),
+        (tensor_header(a={"dtype": "F32", "shape": [1], "data_offsets": [0, "4" * 100_000]}) + bytes(4),
+         "data_offsets [0, '4444"),
+        (header(b'{"a":{"dtype":"F32","shape":[' + b"7" * 5000 + b'],"data_offsets":[0,4]}}') + bytes(4),
+         "header is not valid JSON (Exceeds the limit (4300 digits)"),
+        (tensor_header(a="F32") + bytes(4), "tensor 'a' lacks dtype, shape or data_offsets"),
+    ],
+    ids=["deep-nesting", "dtype-list", "dtype-object", "overlap", "span-vs-shape", "f4-bits", "2M-entry-shape",
+         "huge-shape", "negative-dim", "bool-dim", "1MB-name", "100k-char-offset", "5000-digit-int", "info-not-object"],
+)
+def test_hostile_safetensors_headers_exit_2_with_one_bounded_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    err = plan_error(capsys, path)
+    assert message in err
+
+
+def test_header_over_the_cap_names_the_cap(tmp_path, capsys):
+    path = tmp_path / "big.safetensors"
+    length = 100 * MIB + 1
+    with open(path, "wb") as handle:  # sparse: nothing past the length field is written
+        handle.write(struct.pack("<Q", length))
+        handle.truncate(8 + length + 16)
+    err = plan_error(capsys, path)
+    assert f"header length {length} is over the 104857600 bytes (100 MiB) this reader accepts" in err
+    assert "does not fit" not in err
+
+
+def test_sub_byte_and_complex_dtypes_are_sized_in_bits(tmp_path):
+    content = tensor_header(a={"dtype": "F4", "shape": [4, 6], "data_offsets": [0, 12]},
+                            b={"dtype": "F6_E2M3", "shape": [8], "data_offsets": [12, 18]},
+                            c={"dtype": "C64", "shape": [2], "data_offsets": [18, 34]}) + bytes(34)
+    path = tmp_path / "fp4.safetensors"
+    path.write_bytes(content)
+    assert read_model_sizes(str(path)).rest_bytes == 34
+
+
+def test_gguf_named_file_with_a_corrupted_magic_is_not_a_gguf_file(tmp_path, capsys):
+    from gguf_loader import write_gguf
+
+    path = tmp_path / "model.gguf"
+    write_gguf(path, {"blocks.0.w": torch.zeros(4, 4), "blocks.1.w": torch.zeros(4, 4)})
+    path.write_bytes(b"GGUX" + path.read_bytes()[4:])
+    err = plan_error(capsys, path)
+    assert "not a GGUF file (starts with b'GGUX', expected b'GGUF')" in err and "safetensors" not in err
+
+
+def test_unknown_extension_says_it_was_read_as_safetensors(tmp_path, capsys):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"PK\x03\x04" + bytes(60))
+    err = plan_error(capsys, path)
+    assert "read as safetensors: the file does not start with the GGUF magic b'GGUF'" in err
+
+
+def test_gguf_magic_wins_over_the_extension(tmp_path):
+    from gguf_loader import write_gguf
+
+    path = tmp_path / "renamed.safetensors"
+    write_gguf(path, {"blocks.0.a.w": torch.zeros(4, 4), "blocks.1.a.w": torch.zeros(4, 4)})
+    assert [name for name, _ in read_model_sizes(str(path)).blocks] == ["blocks.0", "blocks.1"]
+
+
+def test_hostile_gguf_names_and_values_are_echoed_bounded(tmp_path, capsys):
+    from gguf_helpers import QT, VT, gguf_bytes, kv, kv_array, tensor_info
+
+    long_name = "blk." + "x" * 100_000
+    path = tmp_path / "long.gguf"
+    path.write_bytes(gguf_bytes([], [tensor_info(long_name, (32,), 99, 0)], bytes(128)))
+    assert "tensor 'blk.xxxx" in plan_error(capsys, path)
+    shape = kv_array("comfy.gguf.orig_shape.w", VT.INT32, [struct.pack("<i", -1)] * 100_000)
+    path.write_bytes(gguf_bytes([shape], [tensor_info("w", (32,), QT.F32, 0)], bytes(128)))
+    assert "got [-1, -1, -1, -1, -1, -1, -1, -1, ...]" in plan_error(capsys, path)
+    path.write_bytes(gguf_bytes([kv("general.alignment", VT.STRING, struct.pack("<Q", 50_000) + b"7" * 50_000)]))
+    assert "general.alignment must be a positive power of two, got '7777" in plan_error(capsys, path)
+
+
+@pytest.mark.parametrize(
+    "expert, message",
+    [
+        ("cuda:0,1" + "0" * 300 + "gb;cpu,*", "gb' is more than any device holds"),
+        ("cuda:0," + "9" * 5000 + "gb;cpu,*", "entry 'cuda:0,999999999999999999"),
+        ("cuda:0,1" + "0" * 300 + "%;cpu,*", "percentages add up to 1e+300%, more than 100%"),
+        ("cuda:0,1" + "0" * 300 + ";cpu,*", "000000' is above 1: write a share"),
+        ("cuda:0,1" + "0" * 400 + ";cpu,*", "is 408 characters long"),
+        ("cuda:" + "7" * 5000 + ",1gb;cpu,*", "entry 'cuda:7777"),
+        ("cuda:1234567,1gb;cpu,*", "unknown device 'cuda:1234567'"),
+        ("#" * 10_000, "'#' is not part of the grammar"),
+        ("cuda:0,1gb;" * 4999 + "cuda:0,1gb", "device 'cuda:0' appears twice"),
+        ("cuda:0,2000000000gb;cpu,*", "amount '2000000000gb' in 'cuda:0,2000000000gb' is more than any device holds"),
+    ],
+    ids=["1e300gb", "5000-digit-gb", "1e300%", "1e300-fraction", "1e400-fraction", "5000-digit-device",
+         "7-digit-device", "10k-hash", "5000-entries", "2e9gb"],
+)
+def test_hostile_expert_strings_exit_2_with_one_bounded_line(tmp_path, capsys, expert, message):
+    """`plan --expert` with a 300-digit amount printed an OverflowError traceback (issue #13, escape 4)."""
+    err = plan_error(capsys, write_dit(tmp_path / "m.safetensors"), "--expert", expert, names_file=False)
+    assert message in err
+
+
+@pytest.mark.parametrize("index", ["²", "١", "9" * 5000])
+def test_odd_digits_in_tensor_names_are_not_block_indices(tmp_path, index):
+    """Found by tests/fuzzing.py: str.isdigit() accepts '²' (int() does not) and int() refuses 5000 digits."""
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    content = tensor_header(**{"blocks.0.a.w": entry, "blocks.1.a.w": {**entry, "data_offsets": [4, 8]},
+                               f"blocks.{index}.a.w": {**entry, "data_offsets": [8, 12]}}) + bytes(12)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(content)
+    sizes = read_model_sizes(str(path))
+    assert [name for name, _ in sizes.blocks] == ["blocks.0", "blocks.1"] and sizes.rest_bytes == 4
+
+
+def test_proposal_search_is_bounded_for_tiny_blocks(tmp_path, capsys, monkeypatch):
+    """Found by tests/fuzzing.py: 1-byte blocks made the proposal step 1 byte, so a file whose other weights do not
+    fit tried one plan per byte (hours for gigabytes). The search now stops after MAX_PROPOSALS plans."""
+    import distorch.cli as cli
+
+    rest = 1 << 30
+    content = tensor_header(**{"blocks.0.a.w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                               "blocks.1.a.w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]},
+                               "big.w": {"dtype": "U8", "shape": [rest], "data_offsets": [2, 2 + rest]}})
+    path = tmp_path / "tiny_blocks.safetensors"
+    with open(path, "wb") as handle:  # sparse: the gigabyte of zeros costs no disk
+        handle.write(content)
+        handle.truncate(len(content) + 2 + rest)
+    plans = []
+    original = cli.plan_sizes
+
+    def counted(*args, **kwargs):
+        plans.append(1)
+        assert len(plans) <= 2002, "the proposal search is not bounded"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "plan_sizes", counted)
+    code, _, err = run(capsys, "plan", str(path), "--vram-gb", "2.5", "--ram-gb", "64")
+    assert code == 2 and "does not fit even with every block streamed" in err

@@ -139,3 +139,40 @@ def test_cuda_matches_cpu(qtype):
     cpu = dequantize_blocks(blocks, qtype)
     cuda = dequantize_blocks(blocks.cuda(), qtype)
     assert torch.equal(cuda.cpu(), cpu)
+
+
+# -- block counts and storage offsets (regression: issue #13, escape 1) ----------------------------------
+
+def _blocks_at(blocks: np.ndarray, shift: int) -> torch.Tensor:
+    """`blocks` copied into a storage at byte `shift`: what a file with general.alignment 1 hands the kernels."""
+    storage = torch.empty(blocks.size + shift, dtype=torch.uint8)
+    view = storage[shift:].view(blocks.shape)
+    view.copy_(torch.from_numpy(blocks))
+    return view
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_any_block_count_at_any_storage_offset(qtype, monkeypatch):
+    """A one-block slice is already contiguous, so `.contiguous()` did not copy it and the int32 view of a
+    field at an odd offset raised torch's "storage_offset() must be divisible by 4". It hit the last chunk
+    of a tensor holding one block, one-block tensors, and every tensor of a file with alignment 1."""
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    monkeypatch.setattr(api, "CPU_CHUNK_ELEMENTS", 4 * block_size)  # 4 blocks per chunk: 5 leaves one block
+    for n_blocks in (1, 2, 3, 5):
+        blocks = random_blocks(qtype, n_blocks, seed=n_blocks)
+        expected = reference(blocks, qtype).reshape(n_blocks, -1)
+        for shift in range(4):
+            assert_bits_equal(dequantize_blocks(_blocks_at(blocks, shift), qtype), expected)
+            shape = (n_blocks * block_size,)
+            tensor = GGMLTensor(_blocks_at(blocks, shift).view(-1), qtype, shape)
+            assert_bits_equal(tensor.dequantize(), expected.reshape(shape))
+
+
+def test_last_chunk_of_one_block_at_the_real_chunk_size():
+    """The issue's repro: 16385 Q3_K blocks are one full CPU chunk (16384 blocks) plus one."""
+    blocks = random_blocks(QT.Q3_K, api.CPU_CHUNK_ELEMENTS // 256 + 1, seed=2)
+    assert_bits_equal(dequantize_blocks(torch.from_numpy(blocks), QT.Q3_K), reference(blocks, QT.Q3_K))
+
+
+def test_one_block_tensor_from_the_issue():
+    assert torch.equal(GGMLTensor(torch.zeros(1, 18, dtype=torch.uint8), "Q4_0", (32,)).dequantize(), torch.zeros(32))

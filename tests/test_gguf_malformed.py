@@ -267,3 +267,23 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 4)):
             mutated[rng.randrange(min(len(mutated), 700))] ^= 1 << rng.randrange(8)
     return bytes(mutated)
+
+
+def test_type_without_a_kernel_names_file_and_tensor(tmp_path):
+    """Q8_1 (llama.cpp's activation type) reads, but dequantizing it has no kernel: the error said only
+    "no dequantization kernel for GGML type Q8_1" (issue #13, escape 5)."""
+    path = tmp_path / "q8_1.gguf"
+    path.write_bytes(gguf_bytes([kv_str("general.architecture", "flux")],
+                                [tensor_info("blk.0.attn_q.weight", (64, 2), QT.Q8_1, 0)], bytes(4 * 40)))
+    weight = read_gguf(path).tensors["blk.0.attn_q.weight"]
+    expected = (re.escape(f"{path}: tensor 'blk.0.attn_q.weight' (Q8_1 tensor of shape (2, 64)): ")
+                + "no dequantization kernel for GGML type Q8_1$")
+    with pytest.raises(GGUFError, match=expected):
+        dequantize(weight)
+
+
+def test_tensors_built_in_memory_say_what_they_are():
+    from gguf_loader import GGMLTensor
+
+    with pytest.raises(GGUFError, match=r"^Q8_K tensor of shape \(256,\): no dequantization kernel"):
+        GGMLTensor(torch.zeros(292, dtype=torch.uint8), "Q8_K", (256,)).dequantize()

@@ -1,14 +1,17 @@
 """Reading GGUF files: round trips through the writer, metadata, orig_shape, v2, header-only, archs."""
 
 import struct
+import warnings
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf_helpers import (
     QT,
     VT,
+    assert_bits_equal,
     gguf_bytes,
     kv,
     kv_array,
@@ -28,9 +31,11 @@ from gguf_loader import (
     model_kind,
     read_gguf,
     read_gguf_header,
+    supported_qtypes,
     write_gguf,
 )
 from gguf_loader.samples import random_blocks
+from gguf_loader.torch_dtypes import PLAIN_TORCH_DTYPES
 
 QUANTIZED_BY_GGUF_PY = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.MXFP4, QT.TQ1_0, QT.TQ2_0]
 
@@ -308,3 +313,25 @@ def _write(path, data: bytes):
 def test_helpers_build_valid_files(tmp_path):
     path = _write(tmp_path / "h.gguf", gguf_bytes([kv_u32("x", 1), kv_array("y", VT.UINT8, [b"\1", b"\2"])]))
     assert read_gguf_header(path).metadata == {"x": 1, "y": [1, 2]}
+
+
+def test_every_type_at_odd_offsets_matches_gguf_py(tmp_path):
+    """general.alignment 1 packs tensors back to back, so most start at odd offsets; each dequantizes
+    bit-exactly like gguf-py's reader + dequantize (regression: issue #13, escape 1)."""
+    path = tmp_path / "packed.gguf"
+    writer = GGUFFileWriter(path, architecture="flux", alignment=1)
+    for qtype in supported_qtypes():
+        if qtype in PLAIN_TORCH_DTYPES:
+            continue
+        block_size, _ = GGML_QUANT_SIZES[qtype]
+        for n_blocks in (1, 3):
+            writer.add_tensor(f"{qtype.name}.{n_blocks}", random_blocks(qtype, n_blocks, seed=n_blocks), qtype.name,
+                              shape=(n_blocks * block_size,))
+    writer.write()
+    ours = read_gguf(path)
+    assert {1, 2, 3} <= {info.offset % 4 for info in ours.tensor_infos}
+    for tensor in gguf.GGUFReader(path).tensors:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN/inf scales in random IQ/TQ blocks
+            expected = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        assert_bits_equal(dequantize(ours.tensors[tensor.name]), expected.reshape(-1))

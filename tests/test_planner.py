@@ -176,9 +176,66 @@ def test_expert_overrides_slider():
     assert result.streamed
 
 
-def test_expert_that_does_not_cover_the_model():
-    with pytest.raises(PlanError, match="covers 3.00 GB .* give one device '\\*'"):
-        plan_sizes(wan_like(), compute_device="cuda:0", expert_mode_allocations="cuda:0,1gb;cpu,2gb", memory=ROOMY)
+def test_expert_fraction_that_does_not_cover_the_model():
+    inventory = MemoryInventory({"cuda:0": DeviceMemory("cuda:0", 20 * GIB, 24 * GIB),
+                                 "cpu": DeviceMemory("cpu", 100 * GIB, 128 * GIB)}, pinned_budget=100 * GIB)
+    with pytest.raises(PlanError, match="covers 2.25 GB .* give one device '\\*'"):
+        plan_sizes(wan_like(), compute_device="cuda:0", expert_mode_allocations="cuda:0,0.0625;cpu,0.005859375",
+                   memory=inventory)
+
+
+def bytes_on(result, device: str) -> int:
+    """Weights stored on `device`: its blocks, plus the non-block weights on the compute device."""
+    stored = sum(b.nbytes for b in result.blocks if b.device == device)
+    return stored + (result.rest_bytes if device == result.compute_device else 0)
+
+
+def small_rest(blocks: int = 40) -> ModelSizes:
+    return ModelSizes("DiT", tuple((f"blocks.{i}", 64 * MIB) for i in range(blocks)), 4 * MIB)
+
+
+def test_ratios_are_normalised_across_three_devices():
+    """MultiGPU's README: 'cuda:0,8%;cuda:1,8%;cpu,4%' uses an 8:8:4 ratio, 40 % / 40 % / 20 % of the model."""
+    sizes = small_rest()
+    result = plan_sizes(sizes, compute_device="cuda:0", expert_mode_allocations="cuda:0,8%;cuda:1,8%;cpu,4%",
+                        memory=ROOMY)
+    for device, share in {"cuda:0": 0.4, "cuda:1": 0.4, "cpu": 0.2}.items():
+        assert abs(bytes_on(result, device) - share * sizes.total_bytes) < 64 * MIB, device
+
+
+def test_starred_last_entry_fills_the_listed_devices_in_order_and_takes_the_rest():
+    """'cpu,5gb*' is "5 GB or the remainder": here the remainder is far more than 5 GB, and cpu takes it all."""
+    sizes = wan_like()
+    result = plan_sizes(sizes, compute_device="cuda:0", expert_mode_allocations="cuda:0,10gb;cuda:1,6gb;cpu,5gb*",
+                        memory=ROOMY)
+    assert 10 * GIB - BLOCK < bytes_on(result, "cuda:0") <= 10 * GIB
+    assert 6 * GIB - BLOCK < bytes_on(result, "cuda:1") <= 6 * GIB
+    assert bytes_on(result, "cpu") == sizes.total_bytes - bytes_on(result, "cuda:0") - bytes_on(result, "cuda:1")
+    assert bytes_on(result, "cpu") > 11 * GIB
+
+
+def test_listed_devices_fill_in_order_when_the_amounts_cover_more_than_the_model():
+    sizes = small_rest()  # 2.5 GB
+    result = plan_sizes(sizes, compute_device="cuda:0", expert_mode_allocations="cuda:1,2gb;cuda:0,2gb;cpu,5gb*",
+                        memory=ROOMY)
+    assert 2 * GIB - 64 * MIB < bytes_on(result, "cuda:1") <= 2 * GIB
+    assert bytes_on(result, "cuda:0") <= sizes.total_bytes - 2 * GIB + 64 * MIB
+    assert bytes_on(result, "cpu") < 64 * MIB
+
+
+def test_bytes_without_a_star_send_the_rest_to_cpu():
+    """MultiGPU's README: "The CPU acts as the default wildcard if none are specified"."""
+    result = plan_sizes(wan_like(), compute_device="cuda:0", expert_mode_allocations="cuda:0,8gb;cuda:1,4gb",
+                        memory=ROOMY)
+    assert 4 * GIB - BLOCK < bytes_on(result, "cuda:1") <= 4 * GIB
+    assert bytes_on(result, "cpu") > 15 * GIB
+
+
+def test_a_star_written_first_still_leaves_the_stated_amounts_to_the_others():
+    result = plan_sizes(wan_like(), compute_device="cuda:0", expert_mode_allocations="cpu,*;cuda:1,3gb;cuda:0,8gb",
+                        memory=ROOMY)
+    assert 3 * GIB - BLOCK < bytes_on(result, "cuda:1") <= 3 * GIB
+    assert 8 * GIB - BLOCK < bytes_on(result, "cuda:0") <= 8 * GIB
 
 
 def test_bad_expert_string_raises_allocation_error():

@@ -112,14 +112,68 @@ def test_exception_inside_a_streamed_block_releases_its_slot():
     assert_all_equal(reference_outputs(steps=1), got)
 
 
+def _raise_keyboard_interrupt(module, args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefetch", [1, 3])
+@pytest.mark.parametrize("where", ["inside a block", "between blocks", "block outside a pass"])
+def test_keyboard_interrupt_releases_everything(device, prefetch, where):
+    """torch runs always_call hooks for Exception only: Ctrl+C inside a streamed block left its slot marked
+    running (prefetch=1: "all 1 are running blocks" on every later forward; more slots: one lost for good)
+    and its pass open. The next pass must find every slot free and be bit-exact (issue #13, escape 2)."""
+    expected = reference_outputs(device, steps=2)
+    for engine in engines(device)[-1:]:  # the deferred CPU engine: a copy lands only when waited for
+        model = make_quirky()
+        with distorch.stream(model, plan_share(model, 1.0, device, prefetch), prefetch=prefetch, debug=True,
+                             engine=engine) as handle:
+            sampling_run(model, inputs(device), steps=1)
+            hook = model.blocks[1].fc1.register_forward_pre_hook(_raise_keyboard_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                if where == "block outside a pass":
+                    model.blocks[1](torch.zeros(2, 16, 64, device=device), torch.zeros(2, 64, device=device))
+                elif where == "between blocks":
+                    hook.remove()
+                    model.fail_at_block, model.fail_with = 5, KeyboardInterrupt
+                    model(inputs(device), torch.tensor([500.0, 500.0]))
+                else:
+                    model(inputs(device), torch.tensor([500.0, 500.0]))
+            hook.remove()
+            model.fail_at_block = None
+            if where == "block outside a pass":  # no pass begins: the next block must find the slot freed itself
+                model.blocks[2](torch.zeros(2, 16, 64, device=device), torch.zeros(2, 64, device=device))
+            got = sampling_run(model, inputs(device), steps=2)
+            assert all(slot.users == 0 for slot in handle.streamer._slots)
+            assert all(p.depth == 0 and p.frame is None for p in handle.streamer._passes)
+        assert_all_equal(expected, got)
+
+
+def test_a_running_block_is_never_taken_for_an_interrupted_one():
+    """Interrupt recovery releases only forwards whose module call has left the stack: a streamed block
+    called from inside another one's forward with a single slot still gets the clear error, and the
+    outer block keeps its slot."""
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 1.0, prefetch=1), prefetch=1, debug=True) as handle:
+        inner = model.blocks[1]
+        nested = model.blocks[0].fc1.register_forward_hook(lambda module, args, out: inner(out, out[:, 0]))
+        with pytest.raises(RuntimeError, match="'blocks.1' needs a slot but all 1 are running blocks"):
+            model(inputs(), torch.tensor([1.0, 2.0]))
+        nested.remove()
+        assert all(slot.users == 0 for slot in handle.streamer._slots)
+        got = sampling_run(model, inputs(), steps=1)
+    assert_all_equal(reference_outputs(steps=1), got)
+
+
 def test_missing_wait_is_caught():
-    """The CPU harness can fail: dropping the compute-side wait makes outputs wrong (NaN from poison)."""
+    """The CPU harness can fail: a forward that does not wait for its slot's copy is refused (deferred copies
+    would otherwise leave the poisoned bytes in the slot)."""
     model = make_quirky()
     engine = CpuCopyEngine(deferred=True)
     engine.compute_wait = lambda event: None
-    with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=engine):
-        got = model(inputs(), torch.tensor([100.0, 100.0]))
-    assert torch.isnan(got).any()
+    with pytest.raises(RuntimeError, match="before its copy landed"):
+        with distorch.stream(model, plan_share(model, 1.0), debug=True, engine=engine):
+            model(inputs(), torch.tensor([100.0, 100.0]))
 
 
 def test_copy_into_a_running_slot_is_refused():
@@ -128,6 +182,29 @@ def test_copy_into_a_running_slot_is_refused():
     engine.mark_reading(buffer, +1)
     with pytest.raises(RuntimeError, match="overwrote a slot while a forward was reading it"):
         engine.copy(buffer, source, after=engine.new_event(), ready=engine.new_event())
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_copy_must_wait_for_the_compute_work_that_read_the_slot(deferred):
+    """The compute stream lags the host: after the last forward on a slot returns, its kernels still read the
+    slot until the slot's `free` record completes, so only a copy ordered after that record may land."""
+    engine = CpuCopyEngine(deferred=deferred)
+    slot, source = torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
+    free, ready = engine.new_event(), engine.new_event()
+    engine.mark_reading(slot, +1)
+    engine.mark_reading(slot, -1)
+    engine.compute_record(free)
+    with pytest.raises(RuntimeError, match="not ordered after the slot's free event"):
+        engine.copy(slot, source, after=engine.new_event(), ready=ready)  # a fresh event orders nothing
+        engine.compute_wait(ready)
+    ordered = CpuCopyEngine(deferred=deferred)
+    free, ready = ordered.new_event(), ordered.new_event()
+    ordered.mark_reading(slot, +1)
+    ordered.mark_reading(slot, -1)
+    ordered.compute_record(free)
+    ordered.copy(slot, source, after=free, ready=ready)
+    ordered.compute_wait(ready)
+    assert torch.equal(slot, source)
 
 
 def test_steady_state_needs_no_synchronous_loads():
@@ -201,8 +278,19 @@ def test_stream_twice_is_refused_and_plan_must_match():
         with pytest.raises(RuntimeError, match="already being streamed"):
             distorch.stream(model, plan)
     other = make_quirky(dim=32)
-    with pytest.raises(ValueError, match="does not match this model"):
+    with pytest.raises(distorch.PlanError, match="does not match this model"):
         distorch.stream(other, plan)
+
+
+@pytest.mark.parametrize(("depth", "message"), [
+    (12, r"the plan \(8 blocks\) does not match this model \(12 blocks\): blocks missing: none, "
+         r"not in the plan: blocks.8, blocks.9, blocks.10 and 1 more, sizes changed: none; plan it again"),
+    (7, r"\(7 blocks\): blocks missing: blocks.7, not in the plan: none, sizes changed: none"),
+])
+def test_plan_for_another_depth_names_the_blocks(depth, message):
+    """A plan for a model with fewer blocks said "blocks missing: none, sizes changed: none" (issue #13, escape 6)."""
+    with pytest.raises(distorch.PlanError, match=message):
+        distorch.stream(make_quirky(depth=depth), plan_share(make_quirky(), 0.5))
 
 
 def test_unavailable_device_is_a_clear_error():
@@ -250,6 +338,23 @@ def test_cuda_steady_state_has_no_allocations_and_no_host_syncs():
         torch.cuda.synchronize()
         assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
         assert all(arena.pinned for arena in handle.streamer._arenas)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_cuda_copies_wait_for_the_lagging_compute_stream(prefetch):
+    """Each block's kernels queue behind a ~1 ms spin on the compute stream, so the host runs far ahead: a copy
+    into a slot not ordered after the slot's free event would overwrite weights its last block still reads."""
+    expected = reference_outputs("cuda:0", steps=2)
+    model = make_quirky()
+    with distorch.stream(model, plan_share(model, 1.0, "cuda:0", prefetch), prefetch=prefetch):
+        # Registered after the streamer's pre-hooks: the spin runs after the wait for `ready`, before the kernels.
+        spins = [block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(2_000_000))
+                 for block in model.blocks]
+        got = sampling_run(model, inputs("cuda:0"), steps=2)
+        for spin in spins:
+            spin.remove()
+    assert_all_equal(expected, got)
 
 
 @pytest.mark.cuda

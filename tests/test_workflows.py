@@ -127,3 +127,19 @@ def test_wan22_has_two_diffusion_models_with_their_own_virtual_vram():
     assert {u["unet_name"] for u in unets} == {"wan2.2_t2v_high_noise_14B_fp16.safetensors",
                                                 "wan2.2_t2v_low_noise_14B_fp16.safetensors"}
     assert all(u["virtual_vram_gb"] > 0 for u in unets)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap_and_loaders_have_room_for_their_plan(path):
+    """The frontend grows a node to fit its widgets: a DisTorch loader saved without room for its plan view
+    (188 px, nodes/web/js/distorch.js) would grow over the node below it when the workflow is loaded."""
+    title = 30
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in json.loads(path.read_text())["nodes"]]
+    for i, (a, left, top, right, bottom) in enumerate(boxes):
+        for b, left2, top2, right2, bottom2 in boxes[i + 1:]:
+            assert right <= left2 or right2 <= left or bottom <= top2 or bottom2 <= top, f"nodes {a} and {b} overlap"
+    for node in json.loads(path.read_text())["nodes"]:
+        if node["type"] in NODE_TITLES:
+            rows = len(node["widgets_values"]) + len(node.get("inputs", []))
+            assert node["size"][1] >= 60 + 26 * rows + 188, f"{node['type']} has no room for its plan view"

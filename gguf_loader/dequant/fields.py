@@ -17,11 +17,31 @@ _LOW_CRUMBS = 0x03030303
 _LOW_BITS = 0x01010101
 
 
+def reinterpret(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8[..., k] bytes as `dtype` (k a multiple of its size), as dense memory: a view, or a copy.
+
+    A view needs the storage offset and every outer stride to be multiples of the item size.
+    `.contiguous()` alone does not ensure that: a one-block slice (the last chunk of a tensor, a
+    one-block tensor) or a tensor at an odd offset (`general.alignment` 1) is already contiguous and
+    comes back unchanged, misaligned. `clone` always allocates, and fresh allocations are aligned.
+    Strided inputs are copied too: the bit-field arithmetic that follows runs faster on dense words.
+    """
+    if not (raw.is_contiguous() and _viewable(raw, dtype.itemsize)):
+        raw = raw.clone(memory_format=torch.contiguous_format)
+    return raw.view(dtype)
+
+
+def _viewable(raw: torch.Tensor, itemsize: int) -> bool:
+    """True when `raw.view(dtype of itemsize)` is legal: the checks torch makes, done before it raises."""
+    return (raw.storage_offset() % itemsize == 0 and raw.stride(-1) == 1
+            and all(stride % itemsize == 0 for stride in raw.stride()[:-1]))
+
+
 def fp16_column(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 field at byte `offset` of each block, as float32[n_blocks, 1]."""
     raw = blocks[:, offset:offset + 2]
-    if blocks.stride(0) % 2 or (blocks.storage_offset() + offset) % 2:
-        raw = raw.contiguous()  # odd block sizes or offsets cannot be viewed as fp16 in place
+    if not _viewable(raw, 2):
+        raw = raw.clone(memory_format=torch.contiguous_format)  # odd block sizes or offsets; a strided view is fine
     return raw.view(torch.float16).to(torch.float32)
 
 
@@ -30,20 +50,18 @@ def int32_words(blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
 
     torch has no general uint32 arithmetic, so callers mask after right shifts (`>>` sign-extends).
     """
-    return blocks[:, start:start + 4 * count].contiguous().view(torch.int32)
+    return reinterpret(blocks[:, start:start + 4 * count], torch.int32)
 
 
 def uint16_words(blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
     """`count` little-endian 16-bit words from byte `start`, zero-extended to int32[n_blocks, count]."""
-    words = blocks[:, start:start + 2 * count].contiguous().view(torch.int16).to(torch.int32)
+    words = reinterpret(blocks[:, start:start + 2 * count], torch.int16).to(torch.int32)
     return words.bitwise_and_(0xFFFF)
 
 
 def _as_words(qs: torch.Tensor) -> torch.Tensor:
-    """uint8[..., k] (k a multiple of 4) as int32[..., k // 4], copying only when needed."""
-    if not qs.is_contiguous() or qs.storage_offset() % 4:
-        qs = qs.contiguous()
-    return qs.view(torch.int32)
+    """uint8[..., k] (k a multiple of 4) as int32[..., k // 4]."""
+    return reinterpret(qs, torch.int32)
 
 
 def _split_fields(qs: torch.Tensor, count: int, width: int, mask: int) -> torch.Tensor:

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from .fields import reinterpret
 from .registry import register
 
 
 @register("F32")
 def f32(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(blocks.view(torch.float32))
+    out.copy_(reinterpret(blocks, torch.float32))
 
 
 @register("F16")
 def f16(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(blocks.view(torch.float16))
+    out.copy_(reinterpret(blocks, torch.float16))
 
 
 @register("BF16")
 def bf16(blocks: torch.Tensor, out: torch.Tensor) -> None:
     # bfloat16 -> float32 is a 16-bit shift (exact), the same as gguf-py's int32 shift.
-    out.copy_(blocks.view(torch.bfloat16))
+    out.copy_(reinterpret(blocks, torch.bfloat16))

@@ -26,6 +26,7 @@ from .fields import (
     interleaved_nibbles,
     nibble_quads,
     quad_table,
+    reinterpret,
     uint16_words,
 )
 from .registry import register
@@ -235,7 +236,7 @@ def _iq1_m_scale(words: torch.Tensor) -> torch.Tensor:
     """IQ1_M's fp16 block scale, spread over the top nibbles of its four scale words."""
     top = (words >> 12).to(torch.uint8)  # (n, 4): nibbles 0..3 of the fp16 bit pattern
     pairs = top[:, 0::2].bitwise_or_(top[:, 1::2] << 4)  # little-endian bytes of the fp16 value
-    return pairs.contiguous().view(torch.float16).to(torch.float32)
+    return reinterpret(pairs, torch.float16).to(torch.float32)
 
 
 @register("IQ1_M")

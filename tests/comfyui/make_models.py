@@ -21,14 +21,14 @@ WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
 SD3_DEPTH = 2
 
 
-def wan_seed() -> dict:
+def wan_seed(layers: int = WAN_LAYERS) -> dict:
     dim = WAN_DIM
     seed = {
         "head.modulation": torch.empty(1, 2, dim),
         "head.head.weight": torch.empty(16 * 4, dim),
         "patch_embedding.weight": torch.empty(dim, 16, 1, 2, 2),
     }
-    for i in range(WAN_LAYERS):
+    for i in range(layers):
         seed[f"blocks.{i}.ffn.0.weight"] = torch.empty(WAN_FFN, dim)
     return seed
 
@@ -64,12 +64,12 @@ def random_state_dict(seed_sd: dict, expected: str, seed: int) -> dict:
     return {k: v.to(torch.bfloat16).contiguous() for k, v in out.items()}
 
 
-def tiny_vae(seed: int = 3) -> dict:
+def tiny_vae(seed: int = 3, latent_channels: int = 4) -> dict:
     """A TAESD (ComfyUI builds its architecture from the `taesd_decoder.*` keys): a real VAE of ~2 MB."""
     import comfy.taesd.taesd
 
     generator = torch.Generator().manual_seed(seed)
-    model = comfy.taesd.taesd.TAESD(latent_channels=4)
+    model = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
     state["vae_scale"], state["vae_shift"] = torch.tensor(0.18215), torch.tensor(0.0)
     return {k: v.contiguous() for k, v in state.items()}
@@ -86,6 +86,14 @@ def clip_l() -> dict:
         scale = 1.0 if key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") else 0.02
         state[key] = (torch.randn(value.shape, generator=generator) * scale).to(torch.float16)
     return state
+
+
+def sd3_checkpoint(diffusion_model: dict, clip: dict, vae: dict) -> dict:
+    """An all-in-one SD3 checkpoint with core's key prefixes: the tiny SD3, CLIP-L as its only text encoder, and
+    a 16-channel TAESD as its VAE (ComfyUI builds whichever VAE the keys describe)."""
+    parts = (("model.diffusion_model.", diffusion_model), ("text_encoders.clip_l.transformer.", clip),
+             ("first_stage_model.", vae))
+    return {prefix + key: value for prefix, weights in parts for key, value in weights.items()}
 
 
 def wan_lora(state_dict: dict, rank: int = 4, seed: int = 7) -> dict:
@@ -139,7 +147,15 @@ def main() -> None:
     save_file(clip, str(models / "text_encoders" / "random_clip_l.safetensors"))
     wan = random_state_dict(wan_seed(), "WAN21_T2V", seed=1)
     save_file(wan, str(models / "diffusion_models" / "tiny_wan21.safetensors"))
-    save_file(random_state_dict(sd3_seed(), "SD3", seed=2), str(models / "diffusion_models" / "tiny_sd3.safetensors"))
+    # One transformer block in its list: a lone block, which DisTorch must still find and stream.
+    save_file(random_state_dict(wan_seed(layers=1), "WAN21_T2V", seed=5),
+              str(models / "diffusion_models" / "tiny_wan21_1block.safetensors"))
+    sd3 = random_state_dict(sd3_seed(), "SD3", seed=2)
+    save_file(sd3, str(models / "diffusion_models" / "tiny_sd3.safetensors"))
+    taesd3 = tiny_vae(seed=5, latent_channels=16)
+    save_file(taesd3, str(models / "vae" / "tiny_taesd3.safetensors"))
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_file(sd3_checkpoint(sd3, clip, taesd3), str(models / "checkpoints" / "tiny_sd3_checkpoint.safetensors"))
     save_file(wan_lora(wan), str(models / "loras" / "tiny_wan21_lora.safetensors"))
     if not args.no_gguf:
         write_gguf_copies(wan, models / "diffusion_models", "tiny_wan21")

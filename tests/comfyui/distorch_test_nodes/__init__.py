@@ -101,8 +101,8 @@ class DisTorchTestCLIPWithConfig:
                                       clip_type=getattr(comfy.sd.CLIPType, type.upper()), model_options=options)
             return {"ui": {"text": ["core"]}, "result": (clip,)}
         settings = _pack_module("nodes.settings").DisTorchSettings("cpu", virtual_vram_gb, "cpu", "")
-        clip, report = _pack_module("nodes.loading").load_clip(names, type, settings, model_options=options)
-        return {"ui": {"text": [report]}, "result": (clip,)}
+        clip, plan_ui = _pack_module("nodes.loading").load_clip(names, type, settings, model_options=options)
+        return {"ui": plan_ui, "result": (clip,)}
 
 
 class DisTorchTestEncodeWithImage:

@@ -1,0 +1,126 @@
+"""Boots ComfyUI's modules headless (as `--cpu`) inside its own interpreter and imports the pack as ComfyUI does.
+
+Environment (set by tests/test_comfyui_core.py): COMFYUI_PATH (the ComfyUI tree), DISTORCH_TEST_MODELS (the
+tiny models tests/comfyui/make_models.py built for the running server). The checks drive core's own entry
+points (load_models_gpu, free_memory, the loaders, clone, deepclone_multigpu) with test doubles only where a
+CPU cannot play the part: a fake GPU's free-memory numbers, comfy-aimdo's CUDA-only host buffers, the reroute
+of CPU devices away from Dynamic VRAM, and a memory compiler's recording scope.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+MODELS = Path(os.environ["DISTORCH_TEST_MODELS"])
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # what `--cpu` sets, before model_management reads it at import
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import folder_paths  # noqa: E402
+
+for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
+    folder_paths.add_model_folder_path(folder, str(MODELS / folder), is_default=True)
+
+
+def _import_pack():
+    spec = importlib.util.spec_from_file_location("distorch_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distorch_pack"] = module
+    spec.loader.exec_module(module)
+
+
+_import_pack()
+
+HAS_DYNAMIC = hasattr(comfy.model_patcher, "ModelPatcherDynamic")
+FAKE_GPU = torch.device("cpu", 1)  # a device core treats as a GPU (not torch.device("cpu")) whose tensors stay in RAM
+
+
+@pytest.fixture(autouse=True)
+def no_models_left_loaded():
+    yield
+    for loaded in list(mm.current_loaded_models):
+        if loaded.model is not None and loaded.model_finalizer is not None:
+            loaded.model_unload()
+    mm.current_loaded_models.clear()
+
+
+class FakeGpuMemory:
+    """Free memory of FAKE_GPU as core's get_free_memory reports it: its size minus what core has loaded there."""
+
+    def __init__(self, total: int, real):
+        self.total = total
+        self._real = real
+
+    def __call__(self, dev=None, torch_free_too=False):
+        if dev != FAKE_GPU:
+            return self._real(dev, torch_free_too)
+        used = sum(m.model_loaded_memory() for m in mm.current_loaded_models
+                   if m.device == FAKE_GPU and m.model is not None)
+        free = self.total - used
+        return (free, 0) if torch_free_too else free
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Installs a FakeGpuMemory (its `total` is set by the test) as core's get_free_memory."""
+    memory = FakeGpuMemory(0, mm.get_free_memory)
+    monkeypatch.setattr(mm, "get_free_memory", memory)
+    return memory
+
+
+if HAS_DYNAMIC:
+    class FakeDynamicPatcher(comfy.model_patcher.ModelPatcherDynamic):
+        """Core's ModelPatcherDynamic without its reroute of CPU load devices to the classic patcher, so the
+        Dynamic VRAM branches run on a CPU. Constructed where ComfyUI's main.py would install the real class
+        as `CoreModelPatcher` (Dynamic VRAM on NVIDIA)."""
+
+        instances = 0
+
+        def __new__(cls, *args, **kwargs):
+            FakeDynamicPatcher.instances += 1
+            return comfy.model_patcher.ModelPatcher.__new__(cls)
+
+
+class EmptyHostBuffer:
+    """Stand-in for comfy-aimdo's pinned HostBuffer (its library needs CUDA): an empty buffer."""
+
+    size = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def dynamic_core(monkeypatch):
+    """Core as ComfyUI 2026's main.py sets it up on NVIDIA: every loader builds Dynamic VRAM patchers."""
+    import comfy_aimdo.host_buffer
+
+    FakeDynamicPatcher.instances = 0
+    monkeypatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", EmptyHostBuffer)
+    monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", FakeDynamicPatcher)
+    return FakeDynamicPatcher
+
+
+@pytest.fixture
+def file_reads(monkeypatch):
+    """Counts core's reads of model files (comfy.utils.load_torch_file), by file name."""
+    import comfy.utils
+
+    reads = {}
+    real = comfy.utils.load_torch_file
+
+    def counting(ckpt, *args, **kwargs):
+        reads[Path(ckpt).name] = reads.get(Path(ckpt).name, 0) + 1
+        return real(ckpt, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.utils, "load_torch_file", counting)
+    return reads

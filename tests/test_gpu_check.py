@@ -1,0 +1,25 @@
+"""bench/gpu_check.sh in its dry run: every step of the GPU check runs on the CPU at toy sizes and writes its
+table, so the script a GPU run depends on cannot rot unseen (it takes about a minute)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_writes_every_table(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=1500)
+    summary = (tmp_path / "summary.md").read_text()
+    assert result.returncode == 0, summary + result.stdout[-2000:] + result.stderr[-2000:]
+    assert summary.count("| PASS |") == 5 and "FAIL" not in summary, summary
+    assert "skipped" in (tmp_path / "cuda_tests.txt").read_text()  # collected, and skipped without a GPU
+    assert "| tiny | 64 | fp32 | 50 |" in (tmp_path / "stream.md").read_text()
+    assert "| Q8_0 |" in (tmp_path / "dequant.md").read_text()
+    steady = (tmp_path / "steady_state.md").read_text()
+    assert "| allocations per pass, streamed vs resident |" in steady and "FAIL" not in steady, steady
+    assert {p.name for p in tmp_path.iterdir()} == {"summary.md", "env.txt", "cuda_tests.txt", "stream.md",
+                                                    "dequant.md", "steady_state.md"}
