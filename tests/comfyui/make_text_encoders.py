@@ -34,8 +34,9 @@ CONNECTOR_WIDTH = 16  # LTX-2's text projection output, shrunk
 
 FAMILIES = {
     # family: ComfyUI class, model_config key, overrides, GGUF architecture, ComfyUI type, tokenizer, partner
+    # Wan builds its UMT5 only for a file core detects as T5-XXL: ComfyUI 0.3.64 reads that from the 4096 width.
     "umt5": dict(t5_config="umt5_config_xxl.json", option="umt5xxl", arch="T5ENCODER", type="wan",
-                 overrides={"d_model": 32, "num_heads": 2, "d_kv": 16}, tokenizer="umt5"),
+                 overrides={"d_model": 32, "num_heads": 2, "d_kv": 16}, tokenizer="umt5", detected="T5_XXL"),
     # Flux stores T5 in CLIP-L's float16 (core rounds a float32 file at load); F16 weights are equal either way.
     "t5xxl": dict(t5_config="t5_config_xxl.json", option="t5xxl", arch="T5ENCODER", type="flux",
                   overrides={"d_model": 32, "num_heads": 2, "d_kv": 16}, partner="random_clip_l.safetensors",
@@ -127,6 +128,10 @@ def write_family(name: str, family: dict, out: Path, tokenizers: Path, seed: int
     tokenizer = json.loads((tokenizers / f"{family['tokenizer']}.json").read_text()) if "tokenizer" in family else {}
     vocab = len(tokenizer["metadata"]["tokenizer.ggml.tokens"]) if tokenizer else None
     shapes, overrides = comfy_state_shapes(family, vocab)
+    if family.get("detected"):
+        detected = comfy.sd.detect_te_model({k: torch.empty(v, device="meta") for k, v in shapes.items()})
+        if detected != getattr(comfy.sd.TEModel, family["detected"]):
+            return {"unsupported": f"this ComfyUI detects a small {name} as {detected.name}, not {family['detected']}"}
     values = random_values(shapes, seed)
     arch = getattr(gguf.MODEL_ARCH, family["arch"])
     names = gguf.get_tensor_name_map(arch, 128)
