@@ -13,6 +13,7 @@ city96/ComfyUI-GGUF's CLIPLoaderGGUF node (marked slow).
 """
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -102,6 +103,11 @@ def free_server_memory(server) -> None:
                                                                             "free_memory": True}).encode(),
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=60).close()
+
+
+def venv_has_protobuf(server) -> bool:
+    found = subprocess.run([server.python, "-c", "import google.protobuf"], capture_output=True, timeout=120)
+    return found.returncode == 0
 
 
 def need_free_ram(gigabytes: float) -> None:
@@ -238,6 +244,9 @@ def test_full_size_t5_encoders_match_the_reference_node(full_size_server, model)
     Files of 3.1 / 4.9 GB, written and deleted by the test."""
     server = full_size_server
     umt5 = model == "umt5xxl"
+    if umt5 and not venv_has_protobuf(server) and os.environ.get("CI") != "true":
+        pytest.skip("this ComfyUI venv has no protobuf, which ComfyUI-GGUF's UMT5 tokenizer needs "
+                    "(scripts/setup_comfyui.sh installs it)")
     name = f"full_{model}-Q4_K_M.gguf"
     path = server.base / "models" / "text_encoders" / name
     tokenizer = None
