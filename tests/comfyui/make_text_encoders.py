@@ -34,7 +34,7 @@ CONNECTOR_WIDTH = 16  # LTX-2's text projection output, shrunk
 
 FAMILIES = {
     # family: ComfyUI class, model_config key, overrides, GGUF architecture, ComfyUI type, tokenizer, partner
-    # Wan builds its UMT5 only for a file core detects as T5-XXL: ComfyUI 0.3.64 reads that from the 4096 width.
+    # Wan builds its UMT5 only for a file core detects as T5-XXL: 0.3.64 and 0.8.0 read that from the 4096 width.
     "umt5": dict(t5_config="umt5_config_xxl.json", option="umt5xxl", arch="T5ENCODER", type="wan",
                  overrides={"d_model": 32, "num_heads": 2, "d_kv": 16}, tokenizer="umt5", detected="T5_XXL"),
     # Flux stores T5 in CLIP-L's float16 (core rounds a float32 file at load); F16 weights are equal either way.
