@@ -10,7 +10,9 @@ Main entry points:
     GGMLTensor                      -> raw GGML blocks with type and logical shape
     make_ops(config, base)          -> Linear/Conv/Embedding/Norm layers that take GGMLTensor weights
     map_text_encoder(...)           -> llama.cpp tensor names -> ComfyUI text-encoder names
-    sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5" GGUF tokenizer (UMT5)
+    sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5"/"llama" GGUF tokenizer
+    tekken_model(metadata)          -> Mistral tekken.json rebuilt from a "gpt2"/"tekken" GGUF tokenizer
+    text_encoder_state_dict(file)   -> ComfyUI state dict of a text-encoder file (names + tokenizer)
     map_vision_tower(tensors)       -> llama.cpp Qwen2.5-VL mmproj names -> ComfyUI `visual.*` names
     GGUFFileWriter / write_gguf     -> streaming writer (gguf-py underneath)
     GGUFError                       -> every malformed, truncated or unsupported file
@@ -26,13 +28,16 @@ _EXPORTS = {
     "detect_architecture": "arch", "model_kind": "arch",
     "dequantize_blocks": "dequant", "supported_qtypes": "dequant",
     "GGUFError": "errors",
+    "EncoderPart": "encoder_files", "attach_vision_towers": "encoder_files", "is_vision_projector": "encoder_files",
+    "text_encoder_state_dict": "encoder_files", "tokenizer_entries": "encoder_files",
+    "vision_projector_state_dict": "encoder_files",
     "GGUFHeader": "header", "TensorInfo": "header", "read_gguf_header": "header",
     "GGUFLayer": "ops", "GGUFOpsConfig": "ops", "make_ops": "ops",
     "quantize_q8_0": "quantize",
     "GGUFFile": "reader", "read_gguf": "reader",
     "GGMLMeta": "tensor", "GGMLTensor": "tensor", "is_quantized": "tensor",
     "map_text_encoder": "text_encoders", "map_vision_tower": "text_encoders", "unpermute_qk": "text_encoders",
-    "sentencepiece_model": "tokenizer",
+    "sentencepiece_model": "tokenizer", "tekken_model": "tekken",
     "GGUFFileWriter": "writer", "can_quantize": "writer", "write_gguf": "writer",
 }
 
@@ -51,9 +56,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "IMAGE_ARCHITECTURES", "TEXT_ARCHITECTURES", "Architecture", "GGMLMeta", "GGMLTensor", "GGUFError", "GGUFFile",
-    "GGUFFileWriter", "GGUFHeader", "GGUFLayer", "GGUFOpsConfig", "TensorInfo", "can_quantize", "dequantize",
-    "dequantize_blocks", "detect_architecture", "is_quantized", "make_ops", "map_text_encoder", "map_vision_tower",
-    "model_kind", "quantize_q8_0", "read_gguf", "read_gguf_header", "sentencepiece_model", "supported_qtypes",
-    "unpermute_qk", "write_gguf",
+    "IMAGE_ARCHITECTURES", "TEXT_ARCHITECTURES", "Architecture", "EncoderPart", "GGMLMeta", "GGMLTensor", "GGUFError",
+    "GGUFFile", "GGUFFileWriter", "GGUFHeader", "GGUFLayer", "GGUFOpsConfig", "TensorInfo", "attach_vision_towers",
+    "can_quantize", "dequantize", "dequantize_blocks", "detect_architecture", "is_quantized", "is_vision_projector",
+    "make_ops", "map_text_encoder", "map_vision_tower", "model_kind", "quantize_q8_0", "read_gguf",
+    "read_gguf_header", "sentencepiece_model", "supported_qtypes", "tekken_model", "text_encoder_state_dict",
+    "tokenizer_entries", "unpermute_qk", "vision_projector_state_dict", "write_gguf",
 ]

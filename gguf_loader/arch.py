@@ -17,7 +17,8 @@ IMAGE_ARCHITECTURES = frozenset({
     "flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2", "qwen_image",
 })
 TEXT_ARCHITECTURES = frozenset({
-    "t5", "t5encoder", "llama", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3", "clip",
+    "t5", "t5encoder", "llama", "mistral3", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3",
+    "clip",
 })
 # Placeholders some forks write instead of a real architecture; treated as "not declared".
 PLACEHOLDER_ARCHITECTURES = frozenset({"pig", "cow"})

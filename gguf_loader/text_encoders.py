@@ -1,7 +1,7 @@
 """llama.cpp text-encoder tensor names -> the state-dict names ComfyUI's encoders expect.
 
-Covers T5/UMT5 (`t5`, `t5encoder`), llama-family decoders used as text encoders (`llama`, `qwen2`,
-`qwen2vl`, `qwen3`, `qwen3vl`, `gemma`, `gemma2`, `gemma3`) and CLIP text models written by
+Covers T5/UMT5 (`t5`, `t5encoder`), llama-family decoders used as text encoders (`llama`, `mistral3`,
+`qwen2`, `qwen2vl`, `qwen3`, `qwen3vl`, `gemma`, `gemma2`, `gemma3`) and CLIP text models written by
 llama.cpp's clip converter (`t.` prefix). Besides renaming, it undoes two value changes llama.cpp's
 converter makes:
 
@@ -28,10 +28,12 @@ from .tensor import GGMLTensor
 logger = logging.getLogger("distorch.gguf")
 
 T5_ARCHITECTURES = frozenset({"t5", "t5encoder"})
-LLAMA_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3"})
+LLAMA_ARCHITECTURES = frozenset({"llama", "mistral3", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2",
+                                 "gemma3"})
 CLIP_ARCHITECTURES = frozenset({"clip"})
-# llama.cpp permutes Q/K rows only when converting LLaMA-architecture models (LlamaModel.permute).
-PERMUTED_ARCHITECTURES = frozenset({"llama"})
+# llama.cpp permutes Q/K rows only when converting LLaMA-architecture models (LlamaModel.permute; its
+# Ministral-3 converter, arch "mistral3", is a LlamaModel too).
+PERMUTED_ARCHITECTURES = frozenset({"llama", "mistral3"})
 # Gemma 1-3 converters store norm weights as 1 + w (Gemma 4 does not).
 NORM_SHIFTED_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 

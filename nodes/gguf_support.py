@@ -9,15 +9,21 @@ import logging
 
 import comfy.ops
 import comfy.utils
-import torch
 
-from ..gguf_loader import GGUFOpsConfig, make_ops, map_text_encoder, model_kind, read_gguf, sentencepiece_model
+from ..gguf_loader import (
+    EncoderPart,
+    GGUFOpsConfig,
+    attach_vision_towers,
+    is_vision_projector,
+    make_ops,
+    model_kind,
+    read_gguf,
+    text_encoder_state_dict,
+    vision_projector_state_dict,
+)
 
 logger = logging.getLogger("distorch.nodes")
 
-# ComfyUI ships the T5 tokenizer (32,128 pieces) for Flux/SD3; larger unigram vocabularies (UMT5 for Wan)
-# must come with the model as `spiece_model`, which GGUF files carry as metadata.
-_BUNDLED_T5_VOCAB = 32128
 _LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "LayerNorm", "GroupNorm", "RMSNorm")
 
 
@@ -47,23 +53,16 @@ def load_gguf_unet_state_dict(path: str, model_options: dict) -> tuple[dict, typ
 
 
 def load_text_encoder_state_dicts(paths: list[str]) -> tuple[list[dict], type]:
-    """One state dict per file: GGUF files mapped from llama.cpp names, others read by ComfyUI."""
-    state_dicts = []
-    for path in paths:
-        if path.lower().endswith(".gguf"):
-            gguf_file = read_gguf(path)
-            logger.info("distorch: %s: gguf qtypes: %s", path, gguf_file.qtype_summary())
-            state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
-            _add_sentencepiece_model(state_dict, gguf_file.metadata, path)
-            state_dicts.append(state_dict)
-        else:
-            state_dicts.append(comfy.utils.load_torch_file(path, safe_load=True))
-    return state_dicts, comfy_gguf_operations()
+    """One state dict per text encoder: GGUF files mapped from llama.cpp names (with the tokenizer their ComfyUI
+    encoder reads), other files read by ComfyUI; a Qwen2.5-VL mmproj file joins the text encoder beside it."""
+    return attach_vision_towers([_load_part(path) for path in paths]), comfy_gguf_operations()
 
 
-def _add_sentencepiece_model(state_dict: dict, metadata: dict, path: str) -> None:
-    if "spiece_model" in state_dict or len(metadata.get("tokenizer.ggml.tokens") or ()) <= _BUNDLED_T5_VOCAB:
-        return
-    proto = sentencepiece_model(metadata, path)
-    if proto is not None:
-        state_dict["spiece_model"] = torch.frombuffer(bytearray(proto), dtype=torch.uint8)
+def _load_part(path: str) -> EncoderPart:
+    if not path.lower().endswith(".gguf"):
+        return EncoderPart(path, comfy.utils.load_torch_file(path, safe_load=True), False)
+    gguf_file = read_gguf(path)
+    logger.info("distorch: %s: gguf qtypes: %s", path, gguf_file.qtype_summary())
+    if is_vision_projector(gguf_file):
+        return EncoderPart(path, vision_projector_state_dict(gguf_file), True)
+    return EncoderPart(path, text_encoder_state_dict(gguf_file), False)

@@ -54,9 +54,14 @@ def load_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings,
 
 
 def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings,
-              node_id: str | None = None) -> tuple[comfy.sd.CLIP, dict]:
+              node_id: str | None = None, model_options: dict | None = None) -> tuple[comfy.sd.CLIP, dict]:
+    """Text encoders from `clip_names` (a Qwen2.5-VL mmproj .gguf joins the text encoder beside it) as one CLIP.
+
+    `model_options` are extra core model options (e.g. `<encoder>_model_config` overrides) under DisTorch's own.
+    """
     paths = [full_path("text_encoders", name) for name in clip_names]
-    model_options = {
+    options = {
+        **(model_options or {}),
         "load_device": torch.device(settings.compute_device),
         "offload_device": mm.text_encoder_offload_device(),
         # Build on the offload device: a text encoder larger than the GPU must never be loaded whole.
@@ -67,16 +72,17 @@ def load_clip(clip_names: list[str], clip_type: str, settings: DisTorchSettings,
     if any(p.lower().endswith(".gguf") for p in paths):
         from .gguf_support import load_text_encoder_state_dicts
 
-        state_dicts, model_options["custom_operations"] = load_text_encoder_state_dicts(paths)
+        state_dicts, options["custom_operations"] = load_text_encoder_state_dicts(paths)
         loader = comfy.sd.load_text_encoder_state_dicts
-        clip = loader(state_dicts, embedding_directory=embeddings, clip_type=enum_type, model_options=model_options,
+        clip = loader(state_dicts, embedding_directory=embeddings, clip_type=enum_type, model_options=options,
                       **_not_dynamic(loader))
     else:
         loader = comfy.sd.load_clip
         clip = loader(ckpt_paths=paths, embedding_directory=embeddings, clip_type=enum_type,
-                      model_options=model_options, **_not_dynamic(loader))
+                      model_options=options, **_not_dynamic(loader))
     clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.compute_device),
-                                              factory=(reload_clip, (tuple(clip_names), clip_type, settings)))
+                                              factory=(reload_clip, (tuple(clip_names), clip_type, settings,
+                                                                     model_options)))
     return clip, plan_model(clip.patcher.model, settings, " + ".join(clip_names), node_id)
 
 
@@ -98,8 +104,8 @@ def reload_unet(unet_name: str, weight_dtype: str, settings: DisTorchSettings,
 
 
 def reload_clip(clip_names: tuple[str, ...], clip_type: str, settings: DisTorchSettings,
-                disable_dynamic: bool = True) -> DisTorchModelPatcher:
-    return load_clip(list(clip_names), clip_type, settings)[0].patcher
+                model_options: dict | None = None, disable_dynamic: bool = True) -> DisTorchModelPatcher:
+    return load_clip(list(clip_names), clip_type, settings, model_options=model_options)[0].patcher
 
 
 def reload_vae(vae_name: str, settings: DisTorchSettings, disable_dynamic: bool = True) -> DisTorchModelPatcher:

@@ -153,6 +153,22 @@ def wan22_t2v() -> list:
     ]
 
 
+def wan22_t2v_gguf() -> list:
+    """Wan 2.2 from GGUF files only: both experts and the UMT5 text encoder (its tokenizer comes from the file)."""
+    graph = wan22_t2v()
+    names = {1: "Wan2.2-T2V-A14B-HighNoise-Q4_K_M.gguf", 2: "Wan2.2-T2V-A14B-LowNoise-Q4_K_M.gguf",
+             5: "umt5-xxl-encoder-Q8_0.gguf"}
+    for index, (node_id, class_type, values, pos) in enumerate(graph):
+        if node_id in (1, 2):
+            values = {**values, "unet_name": names[node_id], **distorch(6.0)}
+        elif node_id == 5:
+            values = {**values, "clip_name": names[node_id]}
+        elif class_type == "SaveAnimatedWEBP":
+            values = {**values, "filename_prefix": "DisTorch_wan22_gguf"}
+        graph[index] = (node_id, class_type, values, pos)
+    return graph
+
+
 def hunyuan_video() -> list:
     return [
         (1, "DisTorchUNetLoader", {"unet_name": "hunyuan_video_t2v_720p_bf16.safetensors", "weight_dtype": "default",
@@ -194,8 +210,8 @@ def sd35_large() -> list:
     ]
 
 
-WORKFLOWS = {"flux1_dev_gguf": flux_gguf, "wan22_14b_t2v": wan22_t2v, "hunyuan_video_t2v": hunyuan_video,
-             "sd35_large": sd35_large}
+WORKFLOWS = {"flux1_dev_gguf": flux_gguf, "wan22_14b_t2v": wan22_t2v, "wan22_14b_t2v_gguf": wan22_t2v_gguf,
+             "hunyuan_video_t2v": hunyuan_video, "sd35_large": sd35_large}
 
 
 def main() -> None:

@@ -90,22 +90,28 @@ class Result:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, install: ComfyInstall):
+    def __init__(self, base: Path, install: ComfyInstall, extra_custom_nodes: tuple[Path, ...] = (),
+                 extra_args: tuple[str, ...] = ()):
         self.base = base
         self.install = install
+        self.extra_custom_nodes = extra_custom_nodes  # other packs to install beside ours (reference packs)
+        self.extra_args = extra_args  # more ComfyUI command-line flags
         self.comfyui = install.path
         self.python = install.python
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "server.log"
         self.process = None
-        self.custom_nodes = [PACK_DIR_NAME, "distorch_test_nodes"]  # the entries of custom_nodes ComfyUI loads
+        # the entries of custom_nodes ComfyUI loads
+        self.custom_nodes = [PACK_DIR_NAME, "distorch_test_nodes", *(pack.name for pack in extra_custom_nodes)]
 
     def prepare(self) -> None:
         custom = self.base / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
         install_pack_copy(custom)
         shutil.copytree(TEST_NODES, custom / "distorch_test_nodes")
+        for pack in self.extra_custom_nodes:
+            shutil.copytree(pack, custom / pack.name)
         (self.base / "user").mkdir(exist_ok=True)
         self._link_frontend()
         made = subprocess.run([self.python, str(REPO / "tests" / "comfyui" / "make_models.py"), "--comfyui",
@@ -134,7 +140,7 @@ class ComfyServer:
         command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(self.base), "--front-end-root", str(self.base / "frontend"),
                    "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", *self.custom_nodes]
+                   "--disable-all-custom-nodes", "--whitelist-custom-nodes", *self.custom_nodes, *self.extra_args]
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240

@@ -8,6 +8,7 @@ import pytest
 import torch
 from browser_harness import browser, comfy_page  # noqa: F401  (fixtures for the browser tests)
 from comfyui_harness import ComfyServer, installs
+from reference_pack import reference_tarball, unpack_reference
 
 # Checks that import ComfyUI run in each ComfyUI's own interpreter (tests/test_comfyui_core.py starts them).
 collect_ignore = ["comfyui/inside"]
@@ -55,8 +56,16 @@ def comfy_install(request):
 
 
 @pytest.fixture(scope="session")
+def reference_gguf_pack(tmp_path_factory):
+    """city96/ComfyUI-GGUF unpacked from the shared folder (None without one), for cross-checks."""
+    return unpack_reference(tmp_path_factory.mktemp("reference")) if reference_tarball() else None
+
+
+@pytest.fixture(scope="session")
 def server(comfy_install, tmp_path_factory):
-    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes; one per install, shared by all tests."""
+    """A headless `--cpu` ComfyUI with this pack copied into custom_nodes; one per install, shared by all tests.
+    No other pack beside it: DisTorch registers ComfyUI-GGUF's and MultiGPU's loader ids only when those packs are
+    absent, and the compat tests run those ids here (the reference cross-checks start their own server)."""
     instance = ComfyServer(tmp_path_factory.mktemp(f"comfyui-{comfy_install.version}"), comfy_install)
     instance.prepare()
     instance.start()

@@ -76,8 +76,10 @@ def test_qwen_names_and_no_permutation(arch):
     assert "model.layers.3.self_attn.q_norm.weight" in mapped and "model.layers.3.self_attn.k_norm.weight" in mapped
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral3"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "q8_0"])
-def test_llama_qk_permutation_is_undone_with_gqa(quantized):
+def test_llama_qk_permutation_is_undone_with_gqa(quantized, arch):
+    """llama.cpp's LlamaModel (and its Ministral-3 subclass, arch "mistral3") permutes Q/K rows."""
     n_head, n_kv, head_dim, hidden = 8, 2, 16, 64
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(n_head * head_dim, hidden, generator=generator)
@@ -88,8 +90,8 @@ def test_llama_qk_permutation_is_undone_with_gqa(quantized):
         stored_q, stored_k = quantize_q8_0(stored_q), quantize_q8_0(stored_k)
     tensors = {"blk.0.attn_q.weight": stored_q, "blk.0.attn_k.weight": stored_k,
                "blk.0.attn_q.bias": llama_cpp_permute(q_bias, n_head, n_head)}
-    metadata = {"llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_kv}
-    mapped = map_text_encoder(tensors, "llama", metadata)
+    metadata = {f"{arch}.attention.head_count": n_head, f"{arch}.attention.head_count_kv": n_kv}
+    mapped = map_text_encoder(tensors, arch, metadata)
     got_q, got_k = mapped["model.layers.0.self_attn.q_proj.weight"], mapped["model.layers.0.self_attn.k_proj.weight"]
     if quantized:
         assert isinstance(got_q, GGMLTensor) and got_q.qtype == QT.Q8_0

@@ -28,9 +28,9 @@ def signature(class_type: str) -> dict:
             "outputs": spec["outputs"]}
 
 
-def test_all_four_example_workflows_exist():
+def test_all_example_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
-    assert names == {"flux1_dev_gguf", "wan22_14b_t2v", "hunyuan_video_t2v", "sd35_large"}
+    assert names == {"flux1_dev_gguf", "wan22_14b_t2v", "wan22_14b_t2v_gguf", "hunyuan_video_t2v", "sd35_large"}
     assert all((p.parent / f"{p.stem}_api.json").exists() for p in WORKFLOWS)
 
 
@@ -111,6 +111,14 @@ def test_readme_says_where_each_model_file_comes_from(path):
              if k in ("unet_name", "vae_name") or k.startswith("clip_name")]
     missing = [f for f in files if f not in readme]
     assert not missing, f"README does not list {missing}"
+
+
+def test_wan22_gguf_builds_its_text_encoder_from_a_umt5_gguf():
+    api = json.loads((ROOT / "workflows" / "wan22_14b_t2v_gguf_api.json").read_text())
+    (clip,) = [n["inputs"] for n in api.values() if n["class_type"] == "DisTorchCLIPLoader"]
+    assert clip["clip_name"].endswith(".gguf") and clip["type"] == "wan"
+    assert all(n["inputs"]["unet_name"].endswith(".gguf") for n in api.values()
+               if n["class_type"] == "DisTorchUNetLoader")
 
 
 def test_wan22_has_two_diffusion_models_with_their_own_virtual_vram():

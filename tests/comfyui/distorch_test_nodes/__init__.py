@@ -2,6 +2,8 @@
 
 import ctypes
 import gc
+import importlib
+import json
 import os
 import sys
 
@@ -96,6 +98,87 @@ class DisTorchTestProcessRSS:
         return {"ui": {"rss": [psutil.Process().memory_info().rss]}}
 
 
+class DisTorchTestCLIPWithConfig:
+    """Text encoders through core's loader or DisTorch's, with extra core model options: `<encoder>_model_config`
+    (a core option) builds ComfyUI's real encoder classes at a few MB, keeping what model detection reads."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "loader": (["core", "distorch"],),
+            "clip_names": ("STRING", {"default": ""}),  # comma-separated files in models/text_encoders
+            "type": ("STRING", {"default": "stable_diffusion"}),
+            "model_options": ("STRING", {"default": "{}"}),
+            "virtual_vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 128.0, "step": 0.0001}),
+        }}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, loader, clip_names, type, model_options, virtual_vram_gb):
+        import comfy.sd
+        import folder_paths
+
+        names = [name.strip() for name in clip_names.split(",") if name.strip()]
+        options = json.loads(model_options)
+        if loader == "core":
+            paths = [folder_paths.get_full_path_or_raise("text_encoders", name) for name in names]
+            embeddings = folder_paths.get_folder_paths("embeddings")
+            clip = comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embeddings,
+                                      clip_type=getattr(comfy.sd.CLIPType, type.upper()), model_options=options)
+            return {"ui": {"text": ["core"]}, "result": (clip,)}
+        settings = _pack_module("nodes.settings").DisTorchSettings("cpu", virtual_vram_gb, "cpu", "")
+        clip, plan_ui = _pack_module("nodes.loading").load_clip(names, type, settings, model_options=options)
+        return {"ui": plan_ui, "result": (clip,)}
+
+
+class DisTorchTestEncodeWithImage:
+    """A prompt encoded with one image, as TextEncodeQwenImageEdit does (clip.tokenize(prompt, images=...)), but
+    with a small image instead of its megapixel resize, so the vision tower runs on a few patches."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"default": ""}),
+                             "size": ("INT", {"default": 56, "min": 28, "max": 1024})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, clip, text, size):
+        ramp = torch.linspace(0, 1, size)
+        image = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                             (ramp[None, :] * ramp[:, None])], dim=-1)[None]
+        tokens = clip.tokenize(text, images=[image])
+        return (clip.encode_from_tokens_scheduled(tokens),)
+
+
+class DisTorchTestConsumeModel:
+    """An output node that only needs a MODEL, so a loader runs in a prompt without sampling."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "consume"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def consume(self, model):
+        return {}
+
+
+def _pack_module(name: str):
+    """A module of the DisTorch pack as ComfyUI imported it (its package name is the custom node's path)."""
+    import nodes
+
+    extension = sys.modules[nodes.NODE_CLASS_MAPPINGS["DisTorchCLIPLoader"].__module__]
+    root = extension.__name__.rsplit(".", 2)[0]  # "<pack>.nodes.extension" -> "<pack>"
+    return importlib.import_module(f"{root}.{name}")
+
+
 def _save(tensors: dict, filename: str) -> None:
     import folder_paths
     from safetensors.torch import save_file
@@ -108,4 +191,7 @@ def _save(tensors: dict, filename: str) -> None:
 NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroConditioning,
                        "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor,
                        "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning,
-                       "DisTorchTestProcessRSS": DisTorchTestProcessRSS}
+                       "DisTorchTestProcessRSS": DisTorchTestProcessRSS,
+                       "DisTorchTestCLIPWithConfig": DisTorchTestCLIPWithConfig,
+                       "DisTorchTestEncodeWithImage": DisTorchTestEncodeWithImage,
+                       "DisTorchTestConsumeModel": DisTorchTestConsumeModel}

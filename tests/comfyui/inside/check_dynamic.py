@@ -196,6 +196,17 @@ def test_every_patcher_carries_a_factory_that_rebuilds_it_with_its_plan(kind, fi
     assert rebuilt.cached_patcher_init == patcher.cached_patcher_init
 
 
+def test_a_clip_factory_keeps_the_model_options_it_was_loaded_with():
+    """Extra core model options given to load_clip (a dtype here; the text-encoder tests' small configs) are
+    part of its `cached_patcher_init`, so a rebuilt CLIP is the same model."""
+    patcher = load_clip(["random_clip_l.safetensors"], "stable_diffusion", HALF,
+                        model_options={"dtype": torch.bfloat16})[0].patcher
+    factory, args = patcher.cached_patcher_init
+    rebuilt = factory(*args, disable_dynamic=True)
+    dtypes = {p.dtype for p in rebuilt.model.parameters() if p.is_floating_point()}
+    assert torch.bfloat16 in {p.dtype for p in patcher.model.parameters()} and torch.bfloat16 in dtypes
+
+
 @pytest.mark.skipif(not hasattr(comfy.model_patcher.ModelPatcher, "deepclone_multigpu"),
                     reason="this ComfyUI has no multi-GPU deep clone")
 def test_core_multigpu_deep_clone_rebuilds_a_distorch_model():
