@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from gguf import Keys
 
-from .errors import GGUFError
+from .errors import GGUFError, echo
 from .reader import GGUFFile
 from .tekken import tekken_model
 from .text_encoders import T5_ARCHITECTURES, map_text_encoder, map_vision_tower
@@ -67,7 +67,7 @@ def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) 
         return _entry("spiece_model", sentencepiece_model(metadata, source))
     if architecture in GEMMA_ARCHITECTURES:
         if model != "llama":
-            found = "missing" if model is None else f"{model!r}"
+            found = "missing" if model is None else f"{echo(model)}"
             raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {found}; ComfyUI's Gemma encoders tokenize with "
                             "SentencePiece, which needs the file's 'llama' (SentencePiece) vocabulary")
         return _entry("spiece_model", sentencepiece_model(metadata, source))
@@ -101,7 +101,7 @@ def vision_projector_state_dict(gguf_file: GGUFFile) -> dict:
     projector = gguf_file.metadata.get(_PROJECTOR_TYPE)
     gated = "v.blk.0.ffn_gate.weight" in gguf_file.tensors
     if (projector is not None and projector not in QWEN25_VL_PROJECTORS) or not gated:
-        raise GGUFError(f"{gguf_file.path}: vision projector {projector!r} is not a Qwen2.5-VL one (no gated "
+        raise GGUFError(f"{gguf_file.path}: vision projector {echo(projector)} is not a Qwen2.5-VL one (no gated "
                         "v.blk.0.ffn_gate); ComfyUI's Qwen-Image encoder runs only Qwen2.5-VL's vision tower")
     return map_vision_tower(gguf_file.tensors)
 

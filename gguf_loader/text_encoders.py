@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .errors import GGUFError
+from .errors import GGUFError, echo
 from .tensor import GGMLTensor
 
 logger = logging.getLogger("distorch.gguf")
@@ -97,7 +97,7 @@ def _rename(tensors: Mapping[str, torch.Tensor], namer: Callable[[str], str]) ->
     for name, tensor in tensors.items():
         new_name = namer(name)
         if new_name in renamed:
-            raise GGUFError(f"text-encoder name map: {name!r} and another tensor both map to {new_name!r}")
+            raise GGUFError(f"text-encoder name map: {echo(name)} and another tensor both map to {echo(new_name)}")
         renamed[new_name] = tensor
     return renamed
 
@@ -132,7 +132,7 @@ def _top_name(name: str, table: Mapping[str, str]) -> str:
 def _head_count(metadata: Mapping, arch: str, layer: int, kv: bool) -> int:
     key = f"{arch}.attention.head_count"
     if key not in metadata:
-        raise GGUFError(f"cannot undo llama.cpp's Q/K permutation: metadata has no {key!r}")
+        raise GGUFError(f"cannot undo llama.cpp's Q/K permutation: metadata has no {echo(key)}")
     value = metadata[key]
     if kv and f"{key}_kv" in metadata:
         value = metadata[f"{key}_kv"]
@@ -141,7 +141,7 @@ def _head_count(metadata: Mapping, arch: str, layer: int, kv: bool) -> int:
             raise GGUFError(f"{key}{'_kv' if kv else ''} lists {len(value)} layers, tensor is in layer {layer}")
         value = value[layer]
     if not isinstance(value, int) or value <= 0:
-        raise GGUFError(f"{key}{'_kv' if kv else ''} must be a positive integer, got {value!r}")
+        raise GGUFError(f"{key}{'_kv' if kv else ''} must be a positive integer, got {echo(value)}")
     return value
 
 
@@ -153,11 +153,11 @@ def unpermute_qk(tensor: torch.Tensor, heads: int, name: str = "tensor") -> torc
     """
     rows = tensor.shape[0]
     if rows % (2 * heads):
-        raise GGUFError(f"{name}: {rows} rows cannot be split into {heads} heads of two rotary halves")
+        raise GGUFError(f"{echo(name)}: {rows} rows cannot be split into {heads} heads of two rotary halves")
     if isinstance(tensor, GGMLTensor):
         raw = tensor.as_plain()
         if raw.dim() < 2 or raw.shape[0] != rows:
-            raise GGUFError(f"{name}: stored as {tuple(raw.shape)} bytes, rows do not match the logical shape "
+            raise GGUFError(f"{echo(name)}: stored as {tuple(raw.shape)} bytes, rows do not match the logical shape "
                             f"{tuple(tensor.shape)}; cannot permute")
         return GGMLTensor(_unpermute_rows(raw, heads), tensor.qtype, tensor.shape)
     return _unpermute_rows(tensor, heads)

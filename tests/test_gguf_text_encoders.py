@@ -186,3 +186,17 @@ def test_vision_tower_with_missing_v_is_an_error():
 
     with pytest.raises(GGUFError, match=r"vision block 2: attn_q/k/v.weight incomplete \(found \['k', 'q'\]\)"):
         map_vision_tower({"v.blk.2.attn_q.weight": torch.zeros(2, 2), "v.blk.2.attn_k.weight": torch.zeros(2, 2)})
+
+
+@pytest.mark.parametrize("value", ["8" * 100_000, [["8" * 100_000]]], ids=["long-string", "nested-long-string"])
+def test_hostile_head_counts_are_echoed_bounded(value):
+    with pytest.raises(GGUFError, match="must be a positive integer") as caught:
+        map_text_encoder({"blk.0.attn_q.weight": torch.zeros(8, 4)}, "llama", {"llama.attention.head_count": value})
+    message = str(caught.value)
+    assert len(message) < 300 and "\n" not in message
+
+
+def test_hostile_tensor_names_are_echoed_bounded():
+    with pytest.raises(GGUFError, match="rows cannot be split") as caught:
+        unpermute_qk(torch.zeros(6, 4), 4, name="blk." + "q" * 100_000)
+    assert len(str(caught.value)) < 300
