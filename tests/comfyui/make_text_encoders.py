@@ -125,6 +125,12 @@ def write_family(name: str, family: dict, out: Path, tokenizers: Path, seed: int
     if family.get("requires") and not hasattr(comfy.sd.TEModel, family["requires"]):
         return {"unsupported": f"this ComfyUI has no {family['requires']} text encoder"}
 
+    if not hasattr(comfy.sd.CLIPType, family["type"].upper()):
+        return {"unsupported": f"this ComfyUI has no {family['type']} text-encoder type"}
+    if family.get("connector") and not _ltx2_projection_follows_the_encoder():
+        return {"unsupported": "this ComfyUI's LTX-2 text projection has a fixed 3840 x 49 input width, so its "
+                               "Gemma 3 cannot be built small"}
+
     tokenizer = json.loads((tokenizers / f"{family['tokenizer']}.json").read_text()) if "tokenizer" in family else {}
     vocab = len(tokenizer["metadata"]["tokenizer.ggml.tokens"]) if tokenizer else None
     shapes, overrides = comfy_state_shapes(family, vocab)
@@ -209,6 +215,15 @@ def write_mmproj(path: Path, seed: int, text_hidden: int) -> dict:
             writer.add_tensor(names.get_name(stem) + f".{kind}", value)
     writer.write()
     return values
+
+
+def _ltx2_projection_follows_the_encoder() -> bool:
+    """Newer cores size LTX-2's text projection from the Gemma config (0.8.0 hard-codes 3840 x 49)."""
+    import inspect
+
+    import comfy.text_encoders.lt
+
+    return "video_projection_dim" in inspect.signature(comfy.text_encoders.lt.LTXAVTEModel.__init__).parameters
 
 
 def write_connector(out: Path, overrides: dict) -> str:
