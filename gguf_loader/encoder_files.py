@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from gguf import Keys
 
+from .arch import TEXT_ARCHITECTURES
 from .errors import GGUFError, echo
 from .reader import GGUFFile
 from .tekken import tekken_model
@@ -54,9 +55,24 @@ def text_encoder_state_dict(gguf_file: GGUFFile) -> dict:
     Raises:
         GGUFError: malformed tokenizer metadata, or a Gemma file whose vocabulary is not SentencePiece.
     """
+    _check_known_text_architecture(gguf_file)
     state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
     state_dict.update(tokenizer_entries(gguf_file.metadata, gguf_file.architecture, gguf_file.path))
     return state_dict
+
+
+def _check_known_text_architecture(gguf_file: GGUFFile) -> None:
+    """A llama.cpp file of an architecture without a name map would reach ComfyUI with llama.cpp's names (and
+    no tokenizer), and fail there far from the cause; files already in ComfyUI's names pass as they are."""
+    architecture = gguf_file.architecture
+    if architecture in TEXT_ARCHITECTURES or not any(_is_llama_cpp_name(name) for name in gguf_file.tensors):
+        return
+    raise GGUFError(f"{gguf_file.path}: llama.cpp architecture {echo(architecture)} is not supported as a text "
+                    f"encoder (supported: {', '.join(sorted(TEXT_ARCHITECTURES))})")
+
+
+def _is_llama_cpp_name(name: str) -> bool:
+    return name.startswith(("blk.", "enc.blk.", "token_embd.", "output_norm."))
 
 
 def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) -> dict[str, torch.Tensor]:

@@ -89,6 +89,27 @@ def test_text_encoder_state_dict_holds_names_and_tokenizer(tmp_path):
     assert set(state_dict) == {"encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight", "spiece_model"}
 
 
+@pytest.mark.parametrize("architecture", ["gemma4", "gpt-oss", "x" * 500])
+def test_a_llama_cpp_architecture_without_a_name_map_is_a_clear_error(tmp_path, architecture):
+    """ComfyUI 0.33 reads Gemma 4's and GPT-OSS's tokenizer as a tokenizer.json DisTorch cannot rebuild yet."""
+    path = tmp_path / "encoder.gguf"
+    writer = GGUFFileWriter(path, architecture=architecture)
+    writer.add_tensor("blk.0.attn_q.weight", torch.randn(8, 8))
+    writer.write()
+    with pytest.raises(GGUFError, match=r"llama\.cpp architecture '.*' is not supported as a text encoder "
+                                        r"\(supported: clip, gemma") as caught:
+        text_encoder_state_dict(read_gguf(path))
+    assert str(caught.value).startswith(str(path)) and len(str(caught.value)) < 400
+
+
+def test_a_file_already_in_comfyuis_names_passes_whatever_its_architecture(tmp_path):
+    path = tmp_path / "encoder.gguf"
+    writer = GGUFFileWriter(path, architecture="gemma4")
+    writer.add_tensor("model.layers.0.self_attn.q_proj.weight", torch.randn(8, 8))
+    writer.write()
+    assert set(text_encoder_state_dict(read_gguf(path))) == {"model.layers.0.self_attn.q_proj.weight"}
+
+
 # -- vision projectors (mmproj) -------------------------------------------------------------------------------
 
 def write_mmproj(path, blocks: int = 1, width: int = 32, out_width: int = 48, gated: bool = True,
