@@ -8,23 +8,13 @@ loaded_size(), the streamer state and whether the forward still matches the core
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def import_pack():
-    spec = importlib.util.spec_from_file_location("distorch_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distorch_pack"] = module
-    spec.loader.exec_module(module)
+from pack_in_comfyui import import_pack, wan_forward
 
 
 def leaf_weight_bytes(model, state) -> int:
@@ -39,11 +29,7 @@ def leaf_weight_bytes(model, state) -> int:
 
 
 def forward(patcher) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    context = torch.randn(1, 8, 4096, generator=generator)
-    with torch.inference_mode():
-        return patcher.model.diffusion_model(x, torch.tensor([500.0]), context)
+    return wan_forward(patcher.model.diffusion_model)
 
 
 def main() -> None:

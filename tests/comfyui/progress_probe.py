@@ -9,32 +9,19 @@ loader absent from the running prompt, and with the user's interrupt raised by t
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from pack_in_comfyui import import_pack, wan_forward
 
-REPO = Path(__file__).resolve().parents[2]
 WAN = "tiny_wan21.safetensors"
 
 
-def import_pack():
-    spec = importlib.util.spec_from_file_location("distorch_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distorch_pack"] = module
-    spec.loader.exec_module(module)
-
-
 def forward(patcher) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    context = torch.randn(1, 8, 4096, generator=generator)
-    with torch.inference_mode():
-        return patcher.model.diffusion_model(x, torch.tensor([500.0]), context)
+    return wan_forward(patcher.model.diffusion_model)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from distorch_pack.nodes.loading import load_clip, load_unet, load_vae, loader_i
 from distorch_pack.nodes.patcher import DisTorchModelPatcher
 from distorch_pack.nodes.settings import DisTorchSettings
 from distorch_pack.nodes.state import DisTorchState
+from pack_in_comfyui import wan_forward
 from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,13 +31,9 @@ HALF = DisTorchSettings("cpu", 0.0015, "cpu")
 dynamic_only = pytest.mark.skipif(not HAS_DYNAMIC, reason="this ComfyUI has no Dynamic VRAM")
 
 
-def wan_forward(patcher) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    context = torch.randn(1, 8, 4096, generator=generator)
+def loaded_wan_forward(patcher) -> torch.Tensor:
     mm.load_models_gpu([patcher])
-    with torch.inference_mode():
-        return patcher.model.diffusion_model(x, torch.tensor([500.0]), context)
+    return wan_forward(patcher.model.diffusion_model)
 
 
 @dynamic_only
@@ -212,11 +209,11 @@ def test_a_clip_factory_keeps_the_model_options_it_was_loaded_with():
 def test_core_multigpu_deep_clone_rebuilds_a_distorch_model():
     unet, _ = load_unet(WAN, "default", HALF)
     unet.add_patches({"diffusion_model.head.head.weight": (torch.zeros(64, 128) + 0.01,)}, 1.0)
-    expected = wan_forward(unet)
+    expected = loaded_wan_forward(unet)
     clone = unet.deepclone_multigpu(new_load_device=torch.device("cpu"))
     assert isinstance(clone, DisTorchModelPatcher) and clone.model is not unet.model
     assert DisTorchState.of(clone.model).plan == DisTorchState.of(unet.model).plan
-    assert torch.equal(wan_forward(clone), expected), "the LoRA-style patch must carry over to the rebuilt model"
+    assert torch.equal(loaded_wan_forward(clone), expected), "the LoRA-style patch must carry over to the rebuilt model"
 
 
 def test_load_plans_for_the_device_core_loads_to(monkeypatch):
@@ -238,7 +235,7 @@ def test_a_plan_follows_the_patcher_to_another_compute_device(monkeypatch):
     assert moved.plan.compute_device == "cuda:1" and DisTorchState.of(unet.model) is moved
     assert distorch_patcher._planned_for(unet.model, moved, torch.device("cuda", 1)) is moved
     staged, _ = load_unet(WAN, "default", HALF)
-    wan_forward(staged)
+    loaded_wan_forward(staged)
     with pytest.raises(RuntimeError, match="cannot move to cuda:1 while staged"):
         distorch_patcher._planned_for(staged.model, DisTorchState.of(staged.model), torch.device("cuda", 1))
 

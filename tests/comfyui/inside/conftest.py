@@ -7,7 +7,6 @@ CPU cannot play the part: a fake GPU's free-memory numbers, comfy-aimdo's CUDA-o
 of CPU devices away from Dynamic VRAM, and a memory compiler's recording scope.
 """
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[3]
 MODELS = Path(os.environ["DISTORCH_TEST_MODELS"])
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/comfyui: pack_in_comfyui
 
 import comfy.cli_args  # noqa: E402
 
@@ -25,20 +25,13 @@ comfy.cli_args.args.cpu = True  # what `--cpu` sets, before model_management rea
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
+from pack_in_comfyui import import_pack  # noqa: E402
 
 for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
     folder_paths.add_model_folder_path(folder, str(MODELS / folder), is_default=True)
 
 
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("distorch_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distorch_pack"] = module
-    spec.loader.exec_module(module)
-
-
-_import_pack()
+import_pack()
 
 HAS_DYNAMIC = hasattr(comfy.model_patcher, "ModelPatcherDynamic")
 FAKE_GPU = torch.device("cpu", 1)  # a device core treats as a GPU (not torch.device("cpu")) whose tensors stay in RAM
