@@ -7,14 +7,11 @@ ComfyUI's own entry points (load_models_gpu, free_memory, partially_unload) and 
 loaded_size(), the streamer state and whether the forward still matches the core model.
 """
 
-import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
-from pack_in_comfyui import import_pack, wan_forward
+from pack_in_comfyui import patcher_forward, start_probe
 
 
 def leaf_weight_bytes(model, state) -> int:
@@ -28,33 +25,16 @@ def leaf_weight_bytes(model, state) -> int:
     return total
 
 
-def forward(patcher) -> torch.Tensor:
-    return wan_forward(patcher.model.diffusion_model)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--models", required=True)
-    parser.add_argument("--virtual-vram-gb", type=float, required=True)
-    args = parser.parse_args()
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    args = start_probe()
     import comfy.model_management as mm
     import comfy.sd
-    import folder_paths
-
-    folder_paths.add_model_folder_path("diffusion_models", str(Path(args.models) / "diffusion_models"), is_default=True)
-    import_pack()
     from distorch_pack.nodes.loading import load_unet
     from distorch_pack.nodes.settings import DisTorchSettings
     from distorch_pack.nodes.state import DisTorchState
 
     reference = comfy.sd.load_diffusion_model(str(Path(args.models) / "diffusion_models" / "tiny_wan21.safetensors"))
-    expected = forward(reference)
+    expected = patcher_forward(reference)
     patcher, _ = load_unet("tiny_wan21.safetensors", "default", DisTorchSettings("cpu", args.virtual_vram_gb, "cpu"))
     state = DisTorchState.of(patcher.model)
     report = {"streamed_blocks": len(state.plan.streamed), "slot_bytes": state.slot_bytes}
@@ -64,7 +44,7 @@ def main() -> None:
     report["expected_loaded"] = leaf_weight_bytes(patcher.model, state) + state.slot_bytes
     report["state_resident_layers"] = state.resident_layer_bytes(patcher.model) + state.slot_bytes
     report["open_after_load"] = state.streamer.is_open
-    report["equal_after_load"] = torch.equal(forward(patcher), expected)
+    report["equal_after_load"] = torch.equal(patcher_forward(patcher), expected)
 
     mm.load_models_gpu([patcher])  # a second queue run: nothing may be re-placed
     report["same_streamer_after_second_load"] = state.streamer.is_open and report["loaded"] == patcher.loaded_size()
@@ -72,7 +52,7 @@ def main() -> None:
     freed = patcher.partially_unload(patcher.offload_device, memory_to_free=1)
     report["partially_unloaded"] = freed
     report["loaded_after_partial_unload"] = patcher.loaded_size()
-    report["equal_after_partial_unload"] = torch.equal(forward(patcher), expected)
+    report["equal_after_partial_unload"] = torch.equal(patcher_forward(patcher), expected)
 
     mm.free_memory(1e30, torch.device("cpu"))
     mm.unload_all_models()
@@ -83,7 +63,7 @@ def main() -> None:
     mm.load_models_gpu([patcher])
     report["loaded_after_reload"] = patcher.loaded_size()
     report["open_after_reload"] = state.streamer.is_open
-    report["equal_after_reload"] = torch.equal(forward(patcher), expected)
+    report["equal_after_reload"] = torch.equal(patcher_forward(patcher), expected)
     print("RESULT " + json.dumps(report))
 
 

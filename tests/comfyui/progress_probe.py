@@ -8,42 +8,22 @@ DisTorch loader code, and lets core load it (which stages the streamed blocks). 
 loader absent from the running prompt, and with the user's interrupt raised by the hook mid-staging.
 """
 
-import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
-from pack_in_comfyui import import_pack, wan_forward
+from pack_in_comfyui import patcher_forward, start_probe
 
 WAN = "tiny_wan21.safetensors"
 
 
-def forward(patcher) -> torch.Tensor:
-    return wan_forward(patcher.model.diffusion_model)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--comfyui", required=True)
-    parser.add_argument("--models", required=True)
-    parser.add_argument("--virtual-vram-gb", type=float, required=True)
-    args = parser.parse_args()
-    sys.argv = sys.argv[:1] + ["--cpu"]
-    sys.path.insert(0, os.path.abspath(args.comfyui))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    args = start_probe()
     import comfy.model_management as mm
     import comfy.sd
     import comfy.utils
-    import folder_paths
     from comfy_execution.graph import DynamicPrompt
     from comfy_execution.progress import get_progress_state, reset_progress_state
-
-    folder_paths.add_model_folder_path("diffusion_models", str(Path(args.models) / "diffusion_models"), is_default=True)
-    import_pack()
     from distorch_pack.nodes.loading import load_unet
     from distorch_pack.nodes.settings import DisTorchSettings
 
@@ -64,7 +44,7 @@ def main() -> None:
         if hasattr(comfy.utils, name):
             setattr(comfy.utils, name, 0)
     settings = DisTorchSettings("cpu", args.virtual_vram_gb, "cpu")
-    expected = forward(comfy.sd.load_diffusion_model(str(Path(args.models) / "diffusion_models" / WAN)))
+    expected = patcher_forward(comfy.sd.load_diffusion_model(str(Path(args.models) / "diffusion_models" / WAN)))
     report = {}
 
     reset_progress_state("p1", DynamicPrompt({"7": {"class_type": "DisTorchUNetLoader", "inputs": {}},
@@ -100,7 +80,7 @@ def main() -> None:
     calls.clear()
     mm.load_models_gpu([patcher])
     report["resumed_calls"] = calls[:]
-    report["equal_after_resumed_staging"] = torch.equal(forward(patcher), expected)
+    report["equal_after_resumed_staging"] = torch.equal(patcher_forward(patcher), expected)
     report["open_after_resume"] = patcher.model._distorch_state.streamer.is_open
     print("RESULT " + json.dumps(report))
 
