@@ -16,7 +16,6 @@ Everything here is pure arithmetic on block sizes and free memory, so it is dete
 without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
 """
 
-import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -218,7 +217,7 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
 
     ledger = LEDGER if ledger is None else ledger
     sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
-    sizes = dataclasses.replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
+    sizes = replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
     result = plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                         donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
                         memory=memory, prefetch=prefetch, others=ledger.others(model))
