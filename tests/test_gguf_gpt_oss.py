@@ -38,7 +38,7 @@ def quantized(values: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     return blocks, torch.from_numpy(gguf.quants.dequantize(blocks, MXFP4).copy())
 
 
-def write_gpt_oss(path, values: dict, fused: bool = False, up_qtype=MXFP4, drop=()) -> dict:
+def write_gpt_oss(path, values: dict, fused: bool = False, up_qtype=MXFP4) -> dict:
     """A one-block llama.cpp gpt-oss file; returns what ComfyUI must receive (gate/up as stored, re-interleaved)."""
     T = gguf.MODEL_TENSOR
     writer = GGUFFileWriter(path, architecture="gpt-oss")
@@ -55,7 +55,11 @@ def write_gpt_oss(path, values: dict, fused: bool = False, up_qtype=MXFP4, drop=
         if up_qtype == MXFP4:
             up_blocks, seen_up = quantized(up.contiguous())
             writer.add_tensor(name(T.FFN_UP_EXP, 0), torch.from_numpy(up_blocks), "MXFP4", shape=(E, I, H))
-        elif "up" not in drop:
+        elif up_qtype == "Q8_0":
+            up_blocks = gguf.quants.quantize(up.contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+            seen_up = torch.from_numpy(gguf.quants.dequantize(up_blocks, gguf.GGMLQuantizationType.Q8_0).copy())
+            writer.add_tensor(name(T.FFN_UP_EXP, 0), torch.from_numpy(up_blocks), "Q8_0", shape=(E, I, H))
+        else:
             seen_up = up.half().float()
             writer.add_tensor(name(T.FFN_UP_EXP, 0), up.half().contiguous())
         writer.add_tensor(name(T.FFN_GATE_EXP, 0, "bias"), gate_bias.contiguous())
@@ -113,9 +117,10 @@ def test_quantized_router_and_sinks_become_plain_tensors():
     assert torch.equal(state_dict["layers.0.mlp.router.weight"], torch.from_numpy(gguf.quants.dequantize(blocks, 8)))
 
 
-def test_parts_of_different_types_are_dequantized(tmp_path):
+@pytest.mark.parametrize("up_qtype", ["F16", "Q8_0"])
+def test_parts_of_different_types_are_dequantized(tmp_path, up_qtype):
     values = comfy_values()
-    expected = write_gpt_oss(tmp_path / "g.gguf", values, up_qtype="F16")
+    expected = write_gpt_oss(tmp_path / "g.gguf", values, up_qtype=up_qtype)
     gate_up = map_gpt_oss(read_gguf(tmp_path / "g.gguf").tensors)["layers.0.mlp.experts.gate_up_proj.weight"]
     assert type(gate_up) is torch.Tensor and gate_up.dtype == torch.float32
     assert torch.equal(gate_up, expected["gate_up"])
