@@ -205,3 +205,10 @@ def test_a_bank_never_loaded_is_a_clear_error():
     layer = make_moe_experts()(num_experts=E, in_features=H, out_features=2 * I)
     with pytest.raises(RuntimeError, match="weight was never loaded"):
         layer.expert_linear(torch.zeros(1, H), 0)
+
+
+def test_a_file_without_general_architecture_is_recognised_by_its_sinks_and_router():
+    from gguf_loader.arch import guess_from_names
+
+    names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_sinks.weight", "blk.0.ffn_gate_inp.weight"]
+    assert guess_from_names(names) == "gpt-oss"
