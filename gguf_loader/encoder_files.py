@@ -8,6 +8,7 @@ ComfyUI's encoder for that family reads from the state dict, rebuilt from the fi
 | t5, t5encoder (*)     | "t5" (SentencePiece unigram) | `spiece_model` | UMT5-XXL (Wan), UMT5-base (ACE)       |
 | gemma, gemma2, gemma3 | "llama" (SentencePiece BPE)  | `spiece_model` | Gemma 2/3 (Lumina 2, NewBie, LTX-2)   |
 | llama, mistral3       | "gpt2", pre-tokenizer tekken | `tekken_model` | Mistral-Small-3 (Flux.2), Ministral-3 |
+| gpt-oss               | "gpt2", pre-tokenizer gpt-4o | `tokenizer_json` | GPT-OSS 20B (Lens)                  |
 
 (*) unless the vocabulary is T5's own 32,128 pieces. Those, and the other families (Llama 3, Qwen), use the
 tokenizers ComfyUI ships; a T5-base file given `spiece_model` would also be taken for ACE's UMT5-base.
@@ -27,6 +28,8 @@ from gguf import Keys
 
 from .arch import TEXT_ARCHITECTURES
 from .errors import GGUFError, echo
+from .gpt_oss import GPT_OSS_ARCHITECTURES
+from .hf_tokenizer import hf_tokenizer_json
 from .reader import GGUFFile
 from .tekken import tekken_model
 from .text_encoders import T5_ARCHITECTURES, map_text_encoder, map_vision_tower
@@ -89,6 +92,8 @@ def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) 
         return _entry("spiece_model", sentencepiece_model(metadata, source))
     if architecture in TEKKEN_ARCHITECTURES:
         return _entry("tekken_model", tekken_model(metadata, source))
+    if architecture in GPT_OSS_ARCHITECTURES:
+        return _entry("tokenizer_json", hf_tokenizer_json(metadata, source))
     return {}
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .errors import GGUFError, echo
+from .gpt_oss import GPT_OSS_ARCHITECTURES, map_gpt_oss
 from .tensor import GGMLTensor
 
 logger = logging.getLogger("distorch.gguf")
@@ -88,6 +89,8 @@ def map_text_encoder(tensors: Mapping[str, torch.Tensor], architecture: str | No
         return _rename(tensors, _clip_namer(tensors))
     if architecture in LLAMA_ARCHITECTURES:
         return _map_llama(tensors, architecture, metadata)
+    if architecture in GPT_OSS_ARCHITECTURES:
+        return map_gpt_oss(tensors)
     logger.debug("distorch.gguf: no text-encoder name map for architecture %r; names kept", architecture)
     return dict(tensors)
 

@@ -15,6 +15,7 @@ from ..gguf_loader import (
     GGUFOpsConfig,
     attach_vision_towers,
     is_vision_projector,
+    make_moe_experts,
     make_ops,
     model_kind,
     read_gguf,
@@ -35,6 +36,8 @@ def comfy_gguf_operations(config: GGUFOpsConfig | None = None) -> type:
     """
     layers = make_ops(config or GGUFOpsConfig(), base=comfy.ops.manual_cast)
     members = {name: getattr(layers, name) for name in _LAYERS if hasattr(layers, name)}
+    # Expert banks (ComfyUI 0.33's GPT-OSS); core has this layer only in its mixed-precision operations.
+    members["MoEExperts"] = make_moe_experts(config or GGUFOpsConfig())
     return type("DisTorchGGUFOps", (comfy.ops.manual_cast,), members)
 
 

@@ -1,7 +1,8 @@
 """GGUF text encoders through real ComfyUI: conditioning from our GGUF loader equals core's on the same weights.
 
 For each family with a GGUF text encoder (UMT5 for Wan, T5-XXL for Flux, Gemma 3 for LTX-2, Gemma 2 for
-Lumina 2, Mistral-Small-3 for Flux.2, Qwen2.5-VL + mmproj for Qwen-Image-Edit) tests/comfyui/make_text_encoders.py
+Lumina 2, Mistral-Small-3 for Flux.2, GPT-OSS with MXFP4 experts for Lens (0.33+), Qwen2.5-VL + mmproj for
+Qwen-Image-Edit) tests/comfyui/make_text_encoders.py
 writes the same random weights twice: as ComfyUI's own safetensors (with the original tokenizer inside, as
 Comfy-Org's files carry it) and as a llama.cpp GGUF (tokenizer as metadata). ComfyUI's real encoder classes
 are built small with its `<encoder>_model_config` model option. Core's loader reads the safetensors, the
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 
+import o200k_fixtures as ox
 import pytest
 import tokenizer_fixtures as fx
 import torch
@@ -25,7 +27,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.comfyui
 
 PROMPT = "A corgi 🐕 runs along the beach at sunset, crème brûlée, 柯基犬, 해변, Корги, ＦＵＬＬ width ﬁne  print"
-SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral"]
+SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gptoss"]
 
 
 def run_ok(server, prompt, timeout=600):
@@ -37,6 +39,7 @@ def run_ok(server, prompt, timeout=600):
 def make_encoders(server, tmp_path_factory, families: list[str]) -> dict:
     tokenizers = tmp_path_factory.mktemp("tokenizers")
     fx.write_comfy_tokenizers(tokenizers)
+    ox.write_comfy_gptoss_tokenizer(tokenizers)
     made = subprocess.run([server.python, str(REPO / "tests" / "comfyui" / "make_text_encoders.py"), "--comfyui",
                            str(server.comfyui), "--out", str(server.base / "models" / "text_encoders"),
                            "--tokenizers", str(tokenizers), "--families", ",".join(families)],
@@ -90,6 +93,18 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
         pytest.skip(entry["unsupported"])
     resident, plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_resident")
     streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_streamed",
+                                           virtual_vram_gb=0.001)
+    assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
+    assert_identical(resident, streamed)
+
+
+def test_streamed_gpt_oss_encoder_equals_resident(server, encoders):
+    """GPT-OSS (Lens) with MXFP4 expert banks in its streamed layers gives the same conditioning (ComfyUI 0.33+)."""
+    entry = encoders["gptoss"]
+    if "unsupported" in entry:
+        pytest.skip(entry["unsupported"])
+    resident, plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gptoss_resident")
+    streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gptoss_streamed",
                                            virtual_vram_gb=0.001)
     assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
     assert_identical(resident, streamed)

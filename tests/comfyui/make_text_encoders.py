@@ -55,6 +55,12 @@ FAMILIES = {
                     requires="MISTRAL3_24B",
                     overrides={"num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 32},
                     quantize=(".mlp.",)),
+    # Lens: GPT-OSS-20B at 24 layers (Lens reads layers 5, 11, 17, 23) with 4 experts; llama.cpp's gpt-oss layout
+    # (gate/up split, experts in MXFP4) against ComfyUI's interleaved banks. Written by write_gpt_oss.
+    "gptoss": dict(type="lens", tokenizer="gptoss", requires="GPT_OSS_20B", writer="gpt_oss",
+                   overrides={"hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+                              "num_experts_per_tok": 2}),
     "qwen25vl": dict(cls="Qwen25_7BVLI", option="qwen25_7b", arch="QWEN2VL", type="qwen_image", requires="QWEN25_7B",
                      overrides={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
                                 "num_attention_heads": 4, "num_key_value_heads": 4}, mmproj=True),
@@ -127,6 +133,8 @@ def write_family(name: str, family: dict, out: Path, tokenizers: Path, seed: int
 
     if not hasattr(comfy.sd.CLIPType, family["type"].upper()):
         return {"unsupported": f"this ComfyUI has no {family['type']} text-encoder type"}
+    if family.get("writer") == "gpt_oss":
+        return write_gpt_oss(name, family, out, tokenizers, seed)
     if family.get("connector") and not _ltx2_projection_follows_the_encoder():
         return {"unsupported": "this ComfyUI's LTX-2 text projection has a fixed 3840 x 49 input width, so its "
                                "Gemma 3 cannot be built small"}
@@ -183,6 +191,82 @@ def write_family(name: str, family: dict, out: Path, tokenizers: Path, seed: int
             entry["core"].append(extra)
             entry["gguf"].append(extra)
     return entry
+
+
+def write_gpt_oss(name: str, family: dict, out: Path, tokenizers: Path, seed: int) -> dict:
+    """ComfyUI 0.33's GPT-OSS (Lens) encoder, small, as core's safetensors (+ the original tokenizer.json as
+    `tokenizer_json`) and as llama.cpp writes it (convert_hf_to_gguf.py GptOssModel, restated): ComfyUI's
+    interleaved gate/up bank [E, 2I, H] split into rows ::2 (ffn_gate_exps) and 1::2 (ffn_up_exps), biases
+    likewise; expert banks in MXFP4 (gguf-py's quantizer), attention F16, token embedding Q8_0, the rest F32.
+    The safetensors hold gguf-py's dequantization of what the GGUF stores."""
+    import comfy.ops
+    import comfy.text_encoders.gpt_oss as gpt_oss
+    import gguf
+    from safetensors.torch import save_file
+
+    from gguf_loader import GGUFFileWriter
+
+    tokenizer = json.loads((tokenizers / f"{family['tokenizer']}.json").read_text())
+    overrides = dict(family["overrides"], vocab_size=len(tokenizer["metadata"]["tokenizer.ggml.tokens"]))
+    config = gpt_oss.GptOss20BConfig(**overrides)
+    # manual_cast layers have their weights from the start; MoEExperts exists only in mixed_precision_ops.
+    ops = type("Ops", (comfy.ops.manual_cast,), {"MoEExperts": comfy.ops.mixed_precision_ops({}).MoEExperts})
+    model = gpt_oss.GptOssModel(config, device="meta", dtype=torch.float32, ops=ops)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    experts, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
+    for layer in range(config.num_hidden_layers):  # MoEExperts creates its weight only when loading
+        shapes[f"layers.{layer}.mlp.experts.gate_up_proj.weight"] = (experts, 2 * inner, hidden)
+        shapes[f"layers.{layer}.mlp.experts.down_proj.weight"] = (experts, hidden, inner)
+    values = random_values(shapes, seed)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, config.num_hidden_layers)
+    writer = GGUFFileWriter(out / f"{name}.gguf", architecture="gpt-oss")
+    for key, value in tokenizer["metadata"].items():
+        writer.add_metadata(key, value)
+    mxfp4 = gguf.GGMLQuantizationType.MXFP4
+    core = {}
+
+    def add_mxfp4(gguf_name: str, bank: torch.Tensor) -> torch.Tensor:
+        blocks = gguf.quants.quantize(bank.contiguous().numpy(), mxfp4)
+        writer.add_tensor(gguf_name, torch.from_numpy(blocks), "MXFP4", shape=tuple(bank.shape))
+        return torch.from_numpy(gguf.quants.dequantize(blocks, mxfp4).copy())
+
+    for key, value in values.items():
+        stem, kind = key.rsplit(".", 1) if not key.endswith(".sinks") else (key, "weight")
+        gguf_stem = names.get_name(f"model.{stem}")
+        if ".experts.gate_up_proj" in key:
+            block = key.split(".")[1]
+            gate, up = value[:, ::2], value[:, 1::2]
+            parts = {}
+            for part, half in (("gate", gate), ("up", up)):
+                part_name = f"blk.{block}.ffn_{part}_exps.{kind}"
+                if kind == "weight":
+                    parts[part] = add_mxfp4(part_name, half)
+                else:
+                    parts[part] = half.contiguous()
+                    writer.add_tensor(part_name, parts[part])
+            core[key] = torch.stack([parts["gate"], parts["up"]], dim=2).reshape(value.shape)
+        elif ".experts.down_proj.weight" in key:
+            core[key] = add_mxfp4(f"{gguf_stem}.weight", value)
+        elif key.startswith("embed_tokens."):
+            qtype, stored = as_stored(key, value)
+            seen = gguf.quants.dequantize(stored, gguf.GGMLQuantizationType.Q8_0) if qtype == "Q8_0" else stored
+            core[key] = torch.from_numpy(np.ascontiguousarray(seen)).float()
+            writer.add_tensor(f"{gguf_stem}.{kind}", torch.from_numpy(np.ascontiguousarray(stored)), qtype,
+                              shape=value.shape)
+        elif ".self_attn." in key and value.dim() == 2:
+            core[key] = value.half()
+            writer.add_tensor(f"{gguf_stem}.{kind}", core[key])
+        else:
+            if gguf_stem is None:
+                raise SystemExit(f"{name}: gguf-py has no llama.cpp name for {key}")
+            core[key] = value
+            writer.add_tensor(f"{gguf_stem}.{kind}", value)
+    writer.write()
+    original = bytes.fromhex(tokenizer["original"])
+    core[tokenizer["entry"]] = torch.frombuffer(bytearray(original), dtype=torch.uint8)
+    save_file({k: v.contiguous() for k, v in core.items()}, str(out / f"{name}.safetensors"))
+    return {"type": family["type"], "core": [f"{name}.safetensors"], "gguf": [f"{name}.gguf"],
+            "model_options": {"gpt_oss_config": overrides}}
 
 
 def write_mmproj(path: Path, seed: int, text_hidden: int) -> dict:
