@@ -12,6 +12,7 @@ Main entry points:
     map_text_encoder(...)           -> llama.cpp tensor names -> ComfyUI text-encoder names
     sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5"/"llama" GGUF tokenizer
     tekken_model(metadata)          -> Mistral tekken.json rebuilt from a "gpt2"/"tekken" GGUF tokenizer
+    gemma4_tokenizer_json(metadata) -> Gemma 4 tokenizer.json rebuilt from a "gemma4" GGUF tokenizer
     text_encoder_state_dict(file)   -> ComfyUI state dict of a text-encoder file (names + tokenizer)
     map_vision_tower(tensors)       -> llama.cpp Qwen2.5-VL mmproj names -> ComfyUI `visual.*` names
     GGUFFileWriter / write_gguf     -> streaming writer (gguf-py underneath)
@@ -38,6 +39,7 @@ _EXPORTS = {
     "GGMLMeta": "tensor", "GGMLTensor": "tensor", "is_quantized": "tensor",
     "map_text_encoder": "text_encoders", "map_vision_tower": "text_encoders", "unpermute_qk": "text_encoders",
     "sentencepiece_model": "tokenizer", "tekken_model": "tekken",
+    "gemma4_tokenizer_json": "hf_tokenizer_gemma4",
     "GGUFFileWriter": "writer", "can_quantize": "writer", "write_gguf": "writer",
 }
 
@@ -62,4 +64,5 @@ __all__ = [
     "make_ops", "map_text_encoder", "map_vision_tower", "model_kind", "quantize_q8_0", "read_gguf",
     "read_gguf_header", "sentencepiece_model", "supported_qtypes", "tekken_model", "text_encoder_state_dict",
     "tokenizer_entries", "unpermute_qk", "vision_projector_state_dict", "write_gguf",
+    "gemma4_tokenizer_json",
 ]
