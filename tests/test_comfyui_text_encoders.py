@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 
+import gemma4_tokenizer_fixtures as g4
 import pytest
 import tokenizer_fixtures as fx
 import torch
@@ -25,7 +26,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.comfyui
 
 PROMPT = "A corgi 🐕 runs along the beach at sunset, crème brûlée, 柯基犬, 해변, Корги, ＦＵＬＬ width ﬁne  print"
-SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral"]
+SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gemma4", "gemma4_ltx2"]
 
 
 def run_ok(server, prompt, timeout=600):
@@ -37,6 +38,7 @@ def run_ok(server, prompt, timeout=600):
 def make_encoders(server, tmp_path_factory, families: list[str]) -> dict:
     tokenizers = tmp_path_factory.mktemp("tokenizers")
     fx.write_comfy_tokenizers(tokenizers)
+    g4.write_comfy_tokenizer(tokenizers)
     made = subprocess.run([server.python, str(REPO / "tests" / "comfyui" / "make_text_encoders.py"), "--comfyui",
                            str(server.comfyui), "--out", str(server.base / "models" / "text_encoders"),
                            "--tokenizers", str(tokenizers), "--families", ",".join(families)],
@@ -93,6 +95,20 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
                                            virtual_vram_gb=0.001)
     assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
     assert_identical(resident, streamed)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_ltx2"])
+def test_streamed_gemma4_equals_core(server, encoders, family):
+    """Gemma 4 12B (alone, and as LTX-2's encoder) with part of its 48 layers streamed from RAM conditions exactly
+    like core's loader on the same weights."""
+    entry = encoders[family]
+    if "unsupported" in entry:
+        pytest.skip(entry["unsupported"])
+    core, _ = conditioning(server, "core", entry["core"], entry, f"te_core_{family}")
+    streamed, plan = conditioning(server, "distorch", entry["gguf"], entry, f"te_{family}_streamed",
+                                  virtual_vram_gb=0.001)
+    assert "streamed" in plan, plan
+    assert_identical(core, streamed)
 
 
 def free_server_memory(server) -> None:
