@@ -1,7 +1,8 @@
 """GGUF text encoders through real ComfyUI: conditioning from our GGUF loader equals core's on the same weights.
 
 For each family with a GGUF text encoder (UMT5 for Wan, T5-XXL for Flux, Gemma 3 for LTX-2, Gemma 2 for
-Lumina 2, Mistral-Small-3 for Flux.2, Qwen2.5-VL + mmproj for Qwen-Image-Edit) tests/comfyui/make_text_encoders.py
+Lumina 2, Mistral-Small-3 for Flux.2, Gemma 4 12B alone and for LTX-2, Gemma 4 E2B, Qwen2.5-VL + mmproj for
+Qwen-Image-Edit; Gemma 4 only where ComfyUI has it, 0.33) tests/comfyui/make_text_encoders.py
 writes the same random weights twice: as ComfyUI's own safetensors (with the original tokenizer inside, as
 Comfy-Org's files carry it) and as a llama.cpp GGUF (tokenizer as metadata). ComfyUI's real encoder classes
 are built small with its `<encoder>_model_config` model option. Core's loader reads the safetensors, the
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.comfyui
 
 PROMPT = "A corgi 🐕 runs along the beach at sunset, crème brûlée, 柯基犬, 해변, Корги, ＦＵＬＬ width ﬁne  print"
-SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gemma4", "gemma4_ltx2"]
+SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gemma4", "gemma4_ltx2", "gemma4_e2b"]
 
 
 def run_ok(server, prompt, timeout=600):
@@ -97,10 +98,10 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
     assert_identical(resident, streamed)
 
 
-@pytest.mark.parametrize("family", ["gemma4", "gemma4_ltx2"])
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_ltx2", "gemma4_e2b"])
 def test_streamed_gemma4_equals_core(server, encoders, family):
-    """Gemma 4 12B (alone, and as LTX-2's encoder) with part of its 48 layers streamed from RAM conditions exactly
-    like core's loader on the same weights."""
+    """Gemma 4 12B (alone, and as LTX-2's encoder) and E2B with part of their layers streamed from RAM condition
+    exactly like core's loader on the same weights."""
     entry = encoders[family]
     if "unsupported" in entry:
         pytest.skip(entry["unsupported"])

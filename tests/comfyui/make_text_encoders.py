@@ -10,7 +10,7 @@ names and shapes, random values are drawn, and two files are written:
 
 * `<family>.safetensors` - ComfyUI's names and the values ComfyUI must see (float32, or float16 where the
   GGUF holds float16, so both files hold exactly the same numbers), plus the original tokenizer
-  (`spiece_model` / `tekken_model`) as Comfy-Org's files carry it;
+  (`spiece_model` / `tekken_model` / `tokenizer_json`) as Comfy-Org's files carry it;
 * `<family>.gguf` - what llama.cpp writes: names from gguf-py's tensor map, Q/K rows permuted for the
   "llama" architecture, Gemma norms stored as 1 + w, Q8_0 blocks quantized by gguf-py, and the
   tokenizer as metadata (prepared by the test: `--tokenizers DIR/<name>.json`). Qwen2.5-VL's vision tower
@@ -62,6 +62,12 @@ FAMILIES = {
                    type="stable_diffusion", tokenizer="gemma4", requires="GEMMA_4_12B",
                    overrides={"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 1,
                               "num_key_value_heads": 1}),
+    # Gemma 4 E2B: per-layer inputs, KV-shared layers with double-wide MLPs; 35 layers for detection. Its fixed-size
+    # vision and audio towers (476M parameters) are never loaded from either file, so never touched.
+    "gemma4_e2b": dict(cls="Gemma4_E2B", module="comfy.text_encoders.gemma4", option="gemma4", arch="GEMMA4",
+                       type="stable_diffusion", tokenizer="gemma4", requires="GEMMA_4_E2B",
+                       overrides={"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 1,
+                                  "num_key_value_heads": 1, "hidden_size_per_layer_input": 8}),
     # LTX-2 with Gemma 4 12B: the text projection as the second file (its model_config key is "_model_config").
     "gemma4_ltx2": dict(cls="Gemma4_12B", module="comfy.text_encoders.gemma4", option="", arch="GEMMA4", type="ltxv",
                         tokenizer="gemma4", requires="GEMMA_4_12B", connector=True,
@@ -89,7 +95,8 @@ def comfy_state_shapes(family: dict, vocab: int | None) -> tuple[dict, dict]:
     # Vision towers: Gemma 3's SigLIP and Gemma 4's media embedders are unused by text prompts; Qwen2.5-VL's goes
     # to the mmproj file.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
-              if not k.startswith(("vision_model.", "multi_modal_projector.", "visual.", "audio_projector."))}
+              if not k.startswith(("vision_model.", "multi_modal_projector.", "visual.", "audio_projector.",
+                                   "audio_model."))}
     return shapes, overrides
 
 
