@@ -98,10 +98,10 @@ def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
     assert_identical(resident, streamed)
 
 
-@pytest.mark.parametrize("family", ["gemma4", "gemma4_ltx2", "gemma4_e2b"])
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_e2b"])
 def test_streamed_gemma4_equals_core(server, encoders, family):
-    """Gemma 4 12B (alone, and as LTX-2's encoder) and E2B with part of their layers streamed from RAM condition
-    exactly like core's loader on the same weights."""
+    """Gemma 4 12B and E2B with part of their layers streamed from RAM condition exactly like core's loader on the
+    same weights (LTX-2's Gemma 4 is the same encoder; its 1024-token padding makes a streamed run cost ~50 s)."""
     entry = encoders[family]
     if "unsupported" in entry:
         pytest.skip(entry["unsupported"])
