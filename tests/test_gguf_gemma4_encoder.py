@@ -85,6 +85,7 @@ def test_names_and_values_are_comfyuis(tmp_path):
 
 
 def test_tokenizer_travels_as_tokenizer_json(tmp_path):
+    pytest.importorskip("tokenizers")
     path = tmp_path / "gemma4.gguf"
     write_llama_cpp_gemma4(path, g4.gemma4_metadata(g4.train_gemma4(vocab_size=400)))
     state_dict = text_encoder_state_dict(read_gguf(path))
