@@ -13,6 +13,7 @@ Main entry points:
     sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5"/"llama" GGUF tokenizer
     tekken_model(metadata)          -> Mistral tekken.json rebuilt from a "gpt2"/"tekken" GGUF tokenizer
     hf_tokenizer_json(metadata)     -> HF tokenizer.json rebuilt from a "gpt2" GGUF tokenizer (GPT-OSS)
+    gemma4_tokenizer_json(metadata) -> Gemma 4 tokenizer.json rebuilt from a "gemma4" GGUF tokenizer
     text_encoder_state_dict(file)   -> ComfyUI state dict of a text-encoder file (names + tokenizer)
     map_vision_tower(tensors)       -> llama.cpp Qwen2.5-VL mmproj names -> ComfyUI `visual.*` names
     GGUFFileWriter / write_gguf     -> streaming writer (gguf-py underneath)
@@ -41,6 +42,7 @@ _EXPORTS = {
     "sentencepiece_model": "tokenizer", "tekken_model": "tekken",
     "hf_tokenizer_json": "hf_tokenizer",
     "GGUFMoEExperts": "moe_ops", "make_moe_experts": "moe_ops", "map_gpt_oss": "gpt_oss",
+    "gemma4_tokenizer_json": "hf_tokenizer_gemma4",
     "GGUFFileWriter": "writer", "can_quantize": "writer", "write_gguf": "writer",
 }
 
@@ -66,4 +68,5 @@ __all__ = [
     "read_gguf_header", "sentencepiece_model", "supported_qtypes", "tekken_model", "text_encoder_state_dict",
     "tokenizer_entries", "unpermute_qk", "vision_projector_state_dict", "write_gguf",
     "hf_tokenizer_json", "GGUFMoEExperts", "make_moe_experts", "map_gpt_oss",
+    "gemma4_tokenizer_json",
 ]

@@ -18,8 +18,7 @@ IMAGE_ARCHITECTURES = frozenset({
 })
 TEXT_ARCHITECTURES = frozenset({
     "t5", "t5encoder", "llama", "mistral3", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3",
-    "clip",
-    "gpt-oss",
+    "gemma4", "gpt-oss", "clip",
 })
 # Placeholders some forks write instead of a real architecture; treated as "not declared".
 PLACEHOLDER_ARCHITECTURES = frozenset({"pig", "cow"})
@@ -60,6 +59,7 @@ _SIGNATURES = (
     _Signature("t5", ("enc.blk.0.attn_q.weight", "dec.blk.0.attn_q.weight")),
     _Signature("t5encoder", ("enc.blk.0.attn_q.weight",)),
     _Signature("gpt-oss", ("blk.0.attn_sinks.weight", "blk.0.ffn_gate_inp.weight")),
+    _Signature("gemma4", ("blk.0.post_ffw_norm.weight", "blk.0.layer_output_scale.weight")),
     _Signature("gemma3", ("blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight")),
     _Signature("gemma2", ("blk.0.post_ffw_norm.weight",)),
     _Signature("qwen3", ("blk.0.attn_q_norm.weight", "blk.0.attn_q.weight")),

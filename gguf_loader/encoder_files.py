@@ -9,6 +9,7 @@ ComfyUI's encoder for that family reads from the state dict, rebuilt from the fi
 | gemma, gemma2, gemma3 | "llama" (SentencePiece BPE)  | `spiece_model` | Gemma 2/3 (Lumina 2, NewBie, LTX-2)   |
 | llama, mistral3       | "gpt2", pre-tokenizer tekken | `tekken_model` | Mistral-Small-3 (Flux.2), Ministral-3 |
 | gpt-oss               | "gpt2", pre-tokenizer gpt-4o | `tokenizer_json` | GPT-OSS 20B (Lens)                  |
+| gemma4                | "gemma4" (BPE with merges)   | `tokenizer_json` (HF) | Gemma 4 E2B/E4B/12B/31B, LTX-2 |
 
 (*) unless the vocabulary is T5's own 32,128 pieces. Those, and the other families (Llama 3, Qwen), use the
 tokenizers ComfyUI ships; a T5-base file given `spiece_model` would also be taken for ACE's UMT5-base.
@@ -30,9 +31,16 @@ from .arch import TEXT_ARCHITECTURES
 from .errors import GGUFError, echo
 from .gpt_oss import GPT_OSS_ARCHITECTURES
 from .hf_tokenizer import hf_tokenizer_json
+from .hf_tokenizer_gemma4 import GEMMA4_TOKENIZER_MODEL, gemma4_tokenizer_json
 from .reader import GGUFFile
 from .tekken import tekken_model
-from .text_encoders import T5_ARCHITECTURES, map_text_encoder, map_vision_tower
+from .text_encoders import (
+    GEMMA4_ARCHITECTURE,
+    GEMMA4_EXPERT_PARTS,
+    T5_ARCHITECTURES,
+    map_text_encoder,
+    map_vision_tower,
+)
 from .tokenizer import sentencepiece_model
 
 # ComfyUI ships T5's tokenizer (32,128 pieces) for Flux, SD3, LTX-Video, Stable Audio and others.
@@ -59,6 +67,7 @@ def text_encoder_state_dict(gguf_file: GGUFFile) -> dict:
         GGUFError: malformed tokenizer metadata, or a Gemma file whose vocabulary is not SentencePiece.
     """
     _check_known_text_architecture(gguf_file)
+    _check_gemma4_variant(gguf_file)
     state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
     state_dict.update(tokenizer_entries(gguf_file.metadata, gguf_file.architecture, gguf_file.path))
     return state_dict
@@ -72,6 +81,16 @@ def _check_known_text_architecture(gguf_file: GGUFFile) -> None:
         return
     raise GGUFError(f"{gguf_file.path}: llama.cpp architecture {echo(architecture)} is not supported as a text "
                     f"encoder (supported: {', '.join(sorted(TEXT_ARCHITECTURES))})")
+
+
+def _check_gemma4_variant(gguf_file: GGUFFile) -> None:
+    if gguf_file.architecture != GEMMA4_ARCHITECTURE:
+        return
+    experts = next((name for name in gguf_file.tensors if name.startswith("blk.")
+                    and name.split(".")[2] in GEMMA4_EXPERT_PARTS), None)
+    if experts is not None:
+        raise GGUFError(f"{gguf_file.path}: {echo(experts)} belongs to Gemma 4's mixture-of-experts model (26B-A4B); "
+                        "ComfyUI's Gemma 4 text encoders are the dense E2B, E4B, 12B and 31B models")
 
 
 def _is_llama_cpp_name(name: str) -> bool:
@@ -94,7 +113,22 @@ def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) 
         return _entry("tekken_model", tekken_model(metadata, source))
     if architecture in GPT_OSS_ARCHITECTURES:
         return _entry("tokenizer_json", hf_tokenizer_json(metadata, source))
+    if architecture == GEMMA4_ARCHITECTURE:
+        return _entry("tokenizer_json", _gemma4_tokenizer(metadata, source))
     return {}
+
+
+def _gemma4_tokenizer(metadata: Mapping, source: str) -> bytes | None:
+    """ComfyUI's Gemma 4 encoders cannot run without their tokenizer.json, and ComfyUI bundles none. A file without
+    tokenizer metadata may carry `tokenizer_json` as a tensor of its own (ComfyUI-named conversions); any other
+    vocabulary cannot become Gemma 4's."""
+    model = metadata.get(Keys.Tokenizer.MODEL)
+    if model is None:
+        return None
+    if model != GEMMA4_TOKENIZER_MODEL:
+        raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {echo(model)}; a Gemma 4 text encoder needs the "
+                        f"{GEMMA4_TOKENIZER_MODEL!r} vocabulary llama.cpp writes for it")
+    return gemma4_tokenizer_json(metadata, source)
 
 
 def _entry(key: str, payload: bytes | None) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """llama.cpp text-encoder tensor names -> the state-dict names ComfyUI's encoders expect.
 
 Covers T5/UMT5 (`t5`, `t5encoder`), llama-family decoders used as text encoders (`llama`, `mistral3`,
-`qwen2`, `qwen2vl`, `qwen3`, `qwen3vl`, `gemma`, `gemma2`, `gemma3`) and CLIP text models written by
-llama.cpp's clip converter (`t.` prefix). Besides renaming, it undoes two value changes llama.cpp's
-converter makes:
+`qwen2`, `qwen2vl`, `qwen3`, `qwen3vl`, `gemma`, `gemma2`, `gemma3`), Gemma 4's dense text models
+(`gemma4`) and CLIP text models written by llama.cpp's clip converter (`t.` prefix). Besides renaming, it
+undoes two value changes llama.cpp's converter makes:
 
 * Q/K row permutation (LLaMA-architecture files only): llama.cpp interleaves the two rotary halves
   of every head. Head counts come from `<arch>.attention.head_count[_kv]`, never assumed, and rows
@@ -91,6 +91,8 @@ def map_text_encoder(tensors: Mapping[str, torch.Tensor], architecture: str | No
         return _map_llama(tensors, architecture, metadata)
     if architecture in GPT_OSS_ARCHITECTURES:
         return map_gpt_oss(tensors)
+    if architecture == GEMMA4_ARCHITECTURE:
+        return _map_gemma4(tensors)
     logger.debug("distorch.gguf: no text-encoder name map for architecture %r; names kept", architecture)
     return dict(tensors)
 
@@ -176,6 +178,41 @@ def _minus_one(tensor: torch.Tensor) -> torch.Tensor:
     values = tensor.dequantize(torch.float32) if isinstance(tensor, GGMLTensor) else tensor.to(torch.float32)
     shifted = values - 1
     return shifted if isinstance(tensor, GGMLTensor) else shifted.to(tensor.dtype)
+
+
+# -- Gemma 4 ------------------------------------------------------------------------------------------
+
+GEMMA4_ARCHITECTURE = "gemma4"
+# Gemma 4 adds per-layer inputs (E2B/E4B) and a per-layer output scale to Gemma 3's block; its norms are stored
+# as they are (llama.cpp's Gemma4Model.norm_shift is 0), Q/K are not permuted.
+_GEMMA4_BLOCK = {**_GEMMA2_BLOCK, "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+                 "post_norm": "post_per_layer_input_norm"}
+_GEMMA4_TOP = {**_LLAMA_TOP, "per_layer_token_embd": "model.embed_tokens_per_layer",
+               "per_layer_model_proj": "model.per_layer_model_projection",
+               "per_layer_proj_norm": "model.per_layer_projection_norm"}
+# The mixture-of-experts variant (26B-A4B) has these too; ComfyUI 0.33 has no Gemma 4 encoder with experts
+# (encoder_files.py refuses such files).
+GEMMA4_EXPERT_PARTS = frozenset({"ffn_gate_inp", "ffn_gate_up_exps", "ffn_down_exps", "pre_ffw_norm_2",
+                                 "post_ffw_norm_1", "post_ffw_norm_2"})
+# llama.cpp's frequency factors for the proportional RoPE of the global layers; ComfyUI computes its own.
+_GEMMA4_DROPPED = frozenset({"rope_freqs.weight"})
+
+
+def _map_gemma4(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in _GEMMA4_DROPPED:
+            continue
+        match = _BLOCK.match(name)
+        part = match["part"] if match and not match["stack"] else None
+        if part == "layer_output_scale":
+            new_name = f"model.layers.{match['index']}.layer_scalar"  # a buffer in ComfyUI: no .weight
+        elif part in _GEMMA4_BLOCK:
+            new_name = f"model.layers.{match['index']}.{_GEMMA4_BLOCK[part]}.{match['kind']}"
+        else:
+            new_name = _top_name(name, _GEMMA4_TOP)
+        renamed[new_name] = tensor
+    return renamed
 
 
 # -- T5 / UMT5 ----------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """GGUF text encoders through real ComfyUI: conditioning from our GGUF loader equals core's on the same weights.
 
 For each family with a GGUF text encoder (UMT5 for Wan, T5-XXL for Flux, Gemma 3 for LTX-2, Gemma 2 for
-Lumina 2, Mistral-Small-3 for Flux.2, GPT-OSS with MXFP4 experts for Lens (0.33+), Qwen2.5-VL + mmproj for
-Qwen-Image-Edit) tests/comfyui/make_text_encoders.py
+Lumina 2, Mistral-Small-3 for Flux.2, GPT-OSS with MXFP4 experts for Lens, Gemma 4 12B alone and for LTX-2,
+Gemma 4 E2B, Qwen2.5-VL + mmproj for Qwen-Image-Edit; GPT-OSS and Gemma 4 only where ComfyUI has them, 0.33)
+tests/comfyui/make_text_encoders.py
 writes the same random weights twice: as ComfyUI's own safetensors (with the original tokenizer inside, as
 Comfy-Org's files carry it) and as a llama.cpp GGUF (tokenizer as metadata). ComfyUI's real encoder classes
 are built small with its `<encoder>_model_config` model option. Core's loader reads the safetensors, the
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 
+import gemma4_tokenizer_fixtures as g4
 import o200k_fixtures as ox
 import pytest
 import tokenizer_fixtures as fx
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.comfyui
 
 PROMPT = "A corgi 🐕 runs along the beach at sunset, crème brûlée, 柯基犬, 해변, Корги, ＦＵＬＬ width ﬁne  print"
-SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gptoss"]
+SMALL_FAMILIES = ["umt5", "t5xxl", "gemma3", "gemma2", "mistral", "gptoss", "gemma4", "gemma4_ltx2", "gemma4_e2b"]
 
 
 def run_ok(server, prompt, timeout=600):
@@ -40,6 +42,7 @@ def make_encoders(server, tmp_path_factory, families: list[str]) -> dict:
     tokenizers = tmp_path_factory.mktemp("tokenizers")
     fx.write_comfy_tokenizers(tokenizers)
     ox.write_comfy_gptoss_tokenizer(tokenizers)
+    g4.write_comfy_tokenizer(tokenizers)
     made = subprocess.run([server.python, str(REPO / "tests" / "comfyui" / "make_text_encoders.py"), "--comfyui",
                            str(server.comfyui), "--out", str(server.base / "models" / "text_encoders"),
                            "--tokenizers", str(tokenizers), "--families", ",".join(families)],
@@ -108,6 +111,20 @@ def test_streamed_gpt_oss_encoder_equals_resident(server, encoders):
                                            virtual_vram_gb=0.001)
     assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
     assert_identical(resident, streamed)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_e2b"])
+def test_streamed_gemma4_equals_core(server, encoders, family):
+    """Gemma 4 12B and E2B with part of their layers streamed from RAM condition exactly like core's loader on the
+    same weights (LTX-2's Gemma 4 is the same encoder; its 1024-token padding makes a streamed run cost ~50 s)."""
+    entry = encoders[family]
+    if "unsupported" in entry:
+        pytest.skip(entry["unsupported"])
+    core, _ = conditioning(server, "core", entry["core"], entry, f"te_core_{family}")
+    streamed, plan = conditioning(server, "distorch", entry["gguf"], entry, f"te_{family}_streamed",
+                                  virtual_vram_gb=0.001)
+    assert "streamed" in plan, plan
+    assert_identical(core, streamed)
 
 
 def free_server_memory(server) -> None:

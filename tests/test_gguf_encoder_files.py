@@ -89,9 +89,9 @@ def test_text_encoder_state_dict_holds_names_and_tokenizer(tmp_path):
     assert set(state_dict) == {"encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight", "spiece_model"}
 
 
-@pytest.mark.parametrize("architecture", ["gemma4", "x" * 500])
+@pytest.mark.parametrize("architecture", ["minimax-m2", "x" * 500])
 def test_a_llama_cpp_architecture_without_a_name_map_is_a_clear_error(tmp_path, architecture):
-    """ComfyUI 0.33 reads Gemma 4's tokenizer as a tokenizer.json DisTorch cannot rebuild yet."""
+    """A llama.cpp architecture with no map here would reach ComfyUI under llama.cpp's names."""
     path = tmp_path / "encoder.gguf"
     writer = GGUFFileWriter(path, architecture=architecture)
     writer.add_tensor("blk.0.attn_q.weight", torch.randn(8, 8))

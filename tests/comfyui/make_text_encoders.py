@@ -10,7 +10,7 @@ names and shapes, random values are drawn, and two files are written:
 
 * `<family>.safetensors` - ComfyUI's names and the values ComfyUI must see (float32, or float16 where the
   GGUF holds float16, so both files hold exactly the same numbers), plus the original tokenizer
-  (`spiece_model` / `tekken_model`) as Comfy-Org's files carry it;
+  (`spiece_model` / `tekken_model` / `tokenizer_json`) as Comfy-Org's files carry it;
 * `<family>.gguf` - what llama.cpp writes: names from gguf-py's tensor map, Q/K rows permuted for the
   "llama" architecture, Gemma norms stored as 1 + w, Q8_0 blocks quantized by gguf-py, and the
   tokenizer as metadata (prepared by the test: `--tokenizers DIR/<name>.json`). Qwen2.5-VL's vision tower
@@ -21,6 +21,7 @@ Prints one JSON line: family -> {"type", "core": [files], "gguf": [files], "mode
 """
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -61,6 +62,23 @@ FAMILIES = {
                    overrides={"hidden_size": 64, "intermediate_size": 32, "num_attention_heads": 4,
                               "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
                               "num_experts_per_tok": 2}),
+    # Gemma 4 12B (the encoder-free one: its fixed-size media embedders stay small) keeps the 48 layers and the
+    # missing v_proj of its global layers that detection reads; a 256/512-wide head is fixed in ComfyUI's config.
+    "gemma4": dict(cls="Gemma4_12B", module="comfy.text_encoders.gemma4", option="gemma4", arch="GEMMA4",
+                   type="stable_diffusion", tokenizer="gemma4", requires="GEMMA_4_12B",
+                   overrides={"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 1,
+                              "num_key_value_heads": 1}),
+    # Gemma 4 E2B: per-layer inputs, KV-shared layers with double-wide MLPs; 35 layers for detection. Its fixed-size
+    # vision and audio towers (476M parameters) are never loaded from either file, so never touched.
+    "gemma4_e2b": dict(cls="Gemma4_E2B", module="comfy.text_encoders.gemma4", option="gemma4", arch="GEMMA4",
+                       type="stable_diffusion", tokenizer="gemma4", requires="GEMMA_4_E2B",
+                       overrides={"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 1,
+                                  "num_key_value_heads": 1, "hidden_size_per_layer_input": 8}),
+    # LTX-2 with Gemma 4 12B: the text projection as the second file (its model_config key is "_model_config").
+    "gemma4_ltx2": dict(cls="Gemma4_12B", module="comfy.text_encoders.gemma4", option="", arch="GEMMA4", type="ltxv",
+                        tokenizer="gemma4", requires="GEMMA_4_12B", connector=True,
+                        overrides={"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 1,
+                                   "num_key_value_heads": 1}),
     "qwen25vl": dict(cls="Qwen25_7BVLI", option="qwen25_7b", arch="QWEN2VL", type="qwen_image", requires="QWEN25_7B",
                      overrides={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
                                 "num_attention_heads": 4, "num_key_value_heads": 4}, mmproj=True),
@@ -78,11 +96,13 @@ def comfy_state_shapes(family: dict, vocab: int | None) -> tuple[dict, dict]:
         config = json.loads((Path(comfy.text_encoders.t5.__file__).parent / family["t5_config"]).read_text())
         model = comfy.text_encoders.t5.T5({**config, **overrides}, torch.float32, "meta", comfy.ops.manual_cast)
     else:
-        model_class = getattr(comfy.text_encoders.llama, family["cls"])
-        model = model_class(dict(overrides), torch.float32, "meta", comfy.ops.manual_cast)
-    # Vision towers: Gemma 3's SigLIP is unused by text prompts; Qwen2.5-VL's goes to the mmproj file.
+        module = importlib.import_module(family.get("module", "comfy.text_encoders.llama"))
+        model = getattr(module, family["cls"])(dict(overrides), torch.float32, "meta", comfy.ops.manual_cast)
+    # Vision towers: Gemma 3's SigLIP and Gemma 4's media embedders are unused by text prompts; Qwen2.5-VL's goes
+    # to the mmproj file.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
-              if not k.startswith(("vision_model.", "multi_modal_projector.", "visual."))}
+              if not k.startswith(("vision_model.", "multi_modal_projector.", "visual.", "audio_projector.",
+                                   "audio_model."))}
     return shapes, overrides
 
 
@@ -90,7 +110,7 @@ def random_values(shapes: dict, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
     values = {}
     for name, shape in sorted(shapes.items()):
-        if name.endswith("norm.weight") or name.endswith("layer_norm.weight") or name.endswith("ln_q.weight"):
+        if name.endswith(("norm.weight", "layer_norm.weight", "ln_q.weight", "layer_scalar")):
             values[name] = 1 + 0.1 * torch.randn(shape, generator=generator)
         else:
             values[name] = 0.05 * torch.randn(shape, generator=generator)
@@ -161,7 +181,9 @@ def write_family(name: str, family: dict, out: Path, tokenizers: Path, seed: int
             writer.add_metadata(key, value)
     core = {}
     for key, value in values.items():
-        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        # llama.cpp's Gemma 4 converter names the `layer_scalar` buffer `<...>.weight` before mapping it
+        gguf_name = names.get_name(key + ".weight" if key.endswith("layer_scalar") else key,
+                                   try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise SystemExit(f"{name}: gguf-py has no llama.cpp name for {key}")
         qtype, stored = as_stored(key, value + 1 if gemma_norm(key, family) else value, family.get("quantize", ("",)))
