@@ -114,8 +114,9 @@ class DisTorchUNetLoader(io.ComfyNode):
         return io.NodeOutput(model, ui=plan_ui)
 
 
-def _clip_node(node_id: str, type_node: str | None, description: str):
-    """Builds a text-encoder loader with the file inputs of the catalog (and core's `type` choices when it has them)."""
+def _clip_node(node_id: str, type_node: str | None, description: str, more_types_from: str | None = None):
+    """Builds a text-encoder loader with the file inputs of the catalog (and core's `type` choices when it has them;
+    `more_types_from` appends another core loader's choices it lacks)."""
 
     class Loader(io.ComfyNode):
         @classmethod
@@ -126,6 +127,8 @@ def _clip_node(node_id: str, type_node: str | None, description: str):
                       for n in names]
             if type_node is not None:
                 types = _core_choices(type_node, "type", ["stable_diffusion"])
+                if more_types_from is not None:
+                    types += [t for t in _core_choices(more_types_from, "type", []) if t not in types]
                 inputs.append(io.Combo.Input("type", options=types, default=types[0],
                                              tooltip="Model family, as in the core loader."))
             return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY,
@@ -153,7 +156,10 @@ DisTorchCLIPLoader = _clip_node(
     "Loads a text encoder (.safetensors or .gguf, llama.cpp names mapped) with DisTorch placement.")
 DisTorchDualCLIPLoader = _clip_node(
     "DisTorchDualCLIPLoader", "DualCLIPLoader",
-    "Loads two text encoders (e.g. clip_l + t5xxl for FLUX) as one CLIP with DisTorch placement.")
+    "Loads two text encoders (e.g. clip_l + t5xxl for FLUX) as one CLIP with DisTorch placement; also a GGUF text "
+    "encoder with its vision tower (Qwen2.5-VL + mmproj .gguf: type qwen_image, for Qwen-Image-Edit).",
+    # A text encoder and its mmproj form one encoder of a single-encoder family, so those types are offered too.
+    more_types_from="CLIPLoader")
 DisTorchTripleCLIPLoader = _clip_node(
     "DisTorchTripleCLIPLoader", None,
     "Loads three text encoders (e.g. clip_l, clip_g, t5xxl for SD3.5) with DisTorch placement.")

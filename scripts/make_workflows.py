@@ -3,8 +3,12 @@
     python scripts/make_workflows.py
 
 The graphs are described once here; node signatures come from distorch/catalog.py (DisTorch nodes) and
-tests/data/core_nodes.json (core nodes, recorded from ComfyUI 0.3.64 and 0.8.0), so both formats
+tests/data/core_nodes.json (core nodes, recorded from ComfyUI 0.3.64, 0.8.0 and 0.33.0), so both formats
 always agree and tests/test_workflows.py can check them.
+
+A workflow whose core nodes are newer than 0.3.64 declares the oldest ComfyUI it needs in MIN_COMFYUI; the UI
+file carries it as `extra.distorch.min_comfyui` (the frontend keeps unknown `extra` keys). The integration suite
+validates each API twin on every ComfyUI at least that new and checks that older ones really lack something.
 """
 
 import json
@@ -22,6 +26,7 @@ CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
 # so loading a workflow does not grow a loader over the node below it.
 PLAN_VIEW_HEIGHT = 192
 TITLE_HEIGHT, NODE_GAP = 30, 30
+OLDEST_COMFYUI = "0.3.64"  # the oldest ComfyUI the pack supports
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def api_format(graph: list) -> dict:
     return prompt
 
 
-def ui_format(graph: list) -> dict:
+def ui_format(graph: list, min_comfyui: str = OLDEST_COMFYUI) -> dict:
     links, by_origin = [], {}
     for node_id, class_type, values, _ in graph:
         sockets = [s for s in signature(class_type)["inputs"] if not s["widget"]]
@@ -67,7 +72,8 @@ def ui_format(graph: list) -> dict:
                 by_origin.setdefault((source.node, source.slot), []).append(link_id)
     nodes = _stack_columns([_ui_node(order, entry, links, by_origin) for order, entry in enumerate(graph)])
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "distorch": {"min_comfyui": min_comfyui}}, "version": 0.4}
 
 
 def _ui_node(order: int, entry, links: list, by_origin: dict) -> dict:
@@ -82,6 +88,8 @@ def _ui_node(order: int, entry, links: list, by_origin: dict) -> dict:
         widgets.append(values[s["name"]])
         if s["control_after_generate"]:
             widgets.append("fixed")
+        if s.get("upload"):
+            widgets.append("image")  # what the frontend saves for LoadImage's upload button
     outputs = [{"name": kind, "type": kind, "links": by_origin.get((node_id, slot), []), "slot_index": slot}
                for slot, kind in enumerate(spec["outputs"])]
     height = 60 + 26 * (len(widgets) + len(inputs)) + (PLAN_VIEW_HEIGHT if class_type in NODE_TITLES else 0)
@@ -210,8 +218,103 @@ def sd35_large() -> list:
     ]
 
 
+def ltx2_t2v_gguf() -> list:
+    """LTX-2 text to video with sound, one stage of core's template (video_ltx2_t2v): the diffusion model and the
+    Gemma 3 12B text encoder from GGUF files. Core's LTXAVTextEncoderLoader takes the text projection from the full
+    checkpoint; with a GGUF diffusion model it comes from the separate embeddings-connector file as the second file
+    of the dual loader (type ltxv), the video and audio VAEs from their own files."""
+    frames, fps = 97, 25
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "ltx-2-19b-dev-Q4_K_M.gguf", "weight_dtype": "default",
+                                   **distorch(8.0)}, (0, 0)),
+        (2, "DisTorchDualCLIPLoader", {"clip_name1": "gemma-3-12b-it-Q4_K_M.gguf",
+                                       "clip_name2": "ltx-2-19b-embeddings_connector_dev_bf16.safetensors",
+                                       "type": "ltxv", **distorch(4.0)}, (0, 330)),
+        (3, "CLIPTextEncode", {"text": "A lighthouse keeper climbs a spiral staircase at dusk, lantern swinging, "
+                                       "wind howling outside; he hums a slow sea shanty. Handheld camera follows.",
+                               "clip": Link(2)}, (420, 0)),
+        (4, "CLIPTextEncode", {"text": "blurry, low quality, still frame, frames, watermark, overlay, titles, "
+                                       "has blurbox, has subtitles", "clip": Link(2)}, (420, 200)),
+        (5, "LTXVConditioning", {"positive": Link(3), "negative": Link(4), "frame_rate": float(fps)}, (840, 0)),
+        (6, "LTXVAudioVAELoader", {"ckpt_name": "LTX2_audio_vae_bf16.safetensors"}, (0, 700)),
+        (7, "EmptyLTXVLatentVideo", {"width": 768, "height": 512, "length": frames, "batch_size": 1}, (420, 400)),
+        (8, "LTXVEmptyLatentAudio", {"audio_vae": Link(6), "frames_number": frames, "frame_rate": fps,
+                                     "batch_size": 1}, (420, 600)),
+        (9, "LTXVConcatAVLatent", {"video_latent": Link(7), "audio_latent": Link(8)}, (840, 400)),
+        (10, "CFGGuider", {"model": Link(1), "positive": Link(5, 0), "negative": Link(5, 1), "cfg": 4.0}, (840, 200)),
+        (11, "RandomNoise", {"noise_seed": 42}, (840, 560)),
+        (12, "KSamplerSelect", {"sampler_name": "euler_ancestral"}, (840, 700)),
+        (13, "LTXVScheduler", {"steps": 20, "max_shift": 2.05, "base_shift": 0.95, "stretch": True, "terminal": 0.1,
+                               "latent": Link(9)}, (840, 840)),
+        (14, "SamplerCustomAdvanced", {"noise": Link(11), "guider": Link(10), "sampler": Link(12), "sigmas": Link(13),
+                                       "latent_image": Link(9)}, (1260, 0)),
+        (15, "LTXVSeparateAVLatent", {"av_latent": Link(14)}, (1260, 220)),
+        (16, "DisTorchVAELoader", {"vae_name": "LTX2_video_vae_bf16.safetensors", **distorch(0.0)}, (1260, 380)),
+        (17, "VAEDecodeTiled", {"samples": Link(15, 0), "vae": Link(16), "tile_size": 512, "overlap": 64,
+                                "temporal_size": 4096, "temporal_overlap": 8}, (1680, 0)),
+        (18, "LTXVAudioVAEDecode", {"samples": Link(15, 1), "audio_vae": Link(6)}, (1680, 260)),
+        (19, "CreateVideo", {"images": Link(17), "audio": Link(18), "fps": float(fps)}, (2100, 0)),
+        (20, "SaveVideo", {"video": Link(19), "filename_prefix": "video/DisTorch_ltx2", "format": "auto",
+                           "codec": "auto"}, (2100, 200)),
+    ]
+
+
+def flux2_dev_gguf() -> list:
+    """Flux.2 dev as core's template (image_flux2_text_to_image) builds it, with the diffusion model and the
+    Mistral-Small-3.2 24B text encoder from GGUF files (the text encoder's tekken tokenizer comes from the file)."""
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "flux2-dev-Q4_K_M.gguf", "weight_dtype": "default", **distorch(12.0)},
+         (0, 0)),
+        (2, "DisTorchCLIPLoader", {"clip_name": "Mistral-Small-3.2-24B-Instruct-2506-Q4_K_M.gguf", "type": "flux2",
+                                   **distorch(8.0)}, (0, 330)),
+        (3, "CLIPTextEncode", {"text": "a ceramic teapot shaped like a snail on a sunlit windowsill, steam rising, "
+                                       "product photograph, soft shadows", "clip": Link(2)}, (420, 330)),
+        (4, "FluxGuidance", {"conditioning": Link(3), "guidance": 4.0}, (420, 540)),
+        (5, "BasicGuider", {"model": Link(1), "conditioning": Link(4)}, (840, 0)),
+        (6, "RandomNoise", {"noise_seed": 42}, (840, 160)),
+        (7, "KSamplerSelect", {"sampler_name": "euler"}, (840, 300)),
+        (8, "Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024}, (840, 440)),
+        (9, "EmptyFlux2LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (840, 640)),
+        (10, "SamplerCustomAdvanced", {"noise": Link(6), "guider": Link(5), "sampler": Link(7), "sigmas": Link(8),
+                                       "latent_image": Link(9)}, (1260, 0)),
+        (11, "DisTorchVAELoader", {"vae_name": "flux2-vae.safetensors", **distorch(0.0)}, (1260, 240)),
+        (12, "VAEDecode", {"samples": Link(10), "vae": Link(11)}, (1680, 0)),
+        (13, "SaveImage", {"images": Link(12), "filename_prefix": "DisTorch_flux2"}, (1680, 160)),
+    ]
+
+
+def qwen_image_edit_gguf() -> list:
+    """Qwen-Image-Edit as core's template (image_qwen_image_edit) builds it: the Qwen2.5-VL 7B text encoder GGUF and
+    its vision tower (the mmproj GGUF, second file of the dual loader) see the input image; the diffusion model is a
+    GGUF too. Put an image named example.png in ComfyUI's input folder (ComfyUI ships one) or pick your own."""
+    return [
+        (1, "DisTorchUNetLoader", {"unet_name": "Qwen_Image_Edit-Q4_K_M.gguf", "weight_dtype": "default",
+                                   **distorch(8.0)}, (0, 0)),
+        (2, "DisTorchDualCLIPLoader", {"clip_name1": "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
+                                       "clip_name2": "Qwen2.5-VL-7B-Instruct-mmproj-F16.gguf", "type": "qwen_image",
+                                       **distorch(4.0)}, (0, 330)),
+        (3, "DisTorchVAELoader", {"vae_name": "qwen_image_vae.safetensors", **distorch(0.0)}, (0, 660)),
+        (4, "LoadImage", {"image": "example.png"}, (0, 900)),
+        (5, "FluxKontextImageScale", {"image": Link(4)}, (420, 900)),
+        (6, "TextEncodeQwenImageEdit", {"clip": Link(2), "prompt": "make it a snowy winter evening, warm light in "
+                                        "the windows", "vae": Link(3), "image": Link(5)}, (420, 330)),
+        (7, "TextEncodeQwenImageEdit", {"clip": Link(2), "prompt": "", "vae": Link(3), "image": Link(5)},
+         (420, 560)),
+        (8, "ModelSamplingAuraFlow", {"model": Link(1), "shift": 3.0}, (420, 0)),
+        (9, "CFGNorm", {"model": Link(8), "strength": 1.0}, (420, 160)),
+        (10, "VAEEncode", {"pixels": Link(5), "vae": Link(3)}, (840, 560)),
+        (11, "KSampler", sampler(Link(9), Link(6), Link(7), Link(10), steps=20, cfg=2.5), (840, 0)),
+        (12, "VAEDecode", {"samples": Link(11), "vae": Link(3)}, (1260, 0)),
+        (13, "SaveImage", {"images": Link(12), "filename_prefix": "DisTorch_qwen_image_edit"}, (1260, 160)),
+    ]
+
+
 WORKFLOWS = {"flux1_dev_gguf": flux_gguf, "wan22_14b_t2v": wan22_t2v, "wan22_14b_t2v_gguf": wan22_t2v_gguf,
-             "hunyuan_video_t2v": hunyuan_video, "sd35_large": sd35_large}
+             "hunyuan_video_t2v": hunyuan_video, "sd35_large": sd35_large, "ltx2_t2v_gguf": ltx2_t2v_gguf,
+             "flux2_dev_gguf": flux2_dev_gguf, "qwen_image_edit_gguf": qwen_image_edit_gguf}
+# The oldest ComfyUI each workflow's core nodes exist in (as recorded in tests/data/core_nodes.json, whose "since"
+# is the oldest recorded version that has a node); the others run on OLDEST_COMFYUI.
+MIN_COMFYUI = {"ltx2_t2v_gguf": "0.8.0", "flux2_dev_gguf": "0.8.0"}
 
 
 def main() -> None:
@@ -219,7 +322,8 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     for name, build in WORKFLOWS.items():
         graph = build()
-        (out / f"{name}.json").write_text(json.dumps(ui_format(graph), indent=1) + "\n")
+        (out / f"{name}.json").write_text(json.dumps(ui_format(graph, MIN_COMFYUI.get(name, OLDEST_COMFYUI)),
+                                                     indent=1) + "\n")
         (out / f"{name}_api.json").write_text(json.dumps(api_format(graph), indent=1) + "\n")
         print(f"wrote workflows/{name}.json and workflows/{name}_api.json")
 

@@ -1,8 +1,9 @@
 """The example workflows: every JSON is well formed, its nodes exist, its widget counts and links
 match the node signatures, and the UI and API twins describe the same graph.
 
-Core node signatures come from tests/data/core_nodes.json (recorded from ComfyUI 0.3.64 and 0.8.0
-by scripts/snapshot_core_nodes.py); the live-server check is in test_comfyui_integration.py.
+Core node signatures come from tests/data/core_nodes.json (recorded from ComfyUI 0.3.64, 0.8.0 and 0.33.0
+by scripts/snapshot_core_nodes.py; a node newer than 0.3.64 carries the version it first appears in as "since");
+the live-server check, per declared minimum ComfyUI version, is in test_comfyui_integration.py.
 """
 
 import json
@@ -12,6 +13,9 @@ import pytest
 from distorch_pack.nodes.catalog import NODE_TITLES, output_type, widget_inputs
 from distorch_pack.nodes.settings import DisTorchSettings
 
+from scripts.make_workflows import MIN_COMFYUI, OLDEST_COMFYUI
+from scripts.snapshot_core_nodes import version_key
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.endswith("_api.json"))
 CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
@@ -19,18 +23,20 @@ CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
 
 def signature(class_type: str) -> dict:
     if class_type in NODE_TITLES:
-        return {"sockets": [], "widgets": [(n, False) for n in widget_inputs(class_type)],
+        return {"sockets": [], "widgets": [(n, False) for n in widget_inputs(class_type)], "uploads": set(),
                 "outputs": [output_type(class_type)]}
     assert class_type in CORE, f"{class_type} is neither a core node nor a DisTorch node"
     spec = CORE[class_type]
     return {"sockets": [(s["name"], s["type"], s["optional"]) for s in spec["inputs"] if not s["widget"]],
             "widgets": [(s["name"], s["control_after_generate"]) for s in spec["inputs"] if s["widget"]],
+            "uploads": {s["name"] for s in spec["inputs"] if s.get("upload")},
             "outputs": spec["outputs"]}
 
 
 def test_all_example_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
-    assert names == {"flux1_dev_gguf", "wan22_14b_t2v", "wan22_14b_t2v_gguf", "hunyuan_video_t2v", "sd35_large"}
+    assert names == {"flux1_dev_gguf", "wan22_14b_t2v", "wan22_14b_t2v_gguf", "hunyuan_video_t2v", "sd35_large",
+                     "ltx2_t2v_gguf", "flux2_dev_gguf", "qwen_image_edit_gguf"}
     assert all((p.parent / f"{p.stem}_api.json").exists() for p in WORKFLOWS)
 
 
@@ -42,7 +48,7 @@ def test_ui_workflow_links_and_widgets(path):
     for node in nodes.values():
         sig = signature(node["type"])
         assert [(i["name"], i["type"]) for i in node["inputs"]] == [(n, t) for n, t, _ in sig["sockets"]], node["type"]
-        expected_widgets = sum(1 + int(control) for _, control in sig["widgets"])
+        expected_widgets = sum(1 + int(control) for _, control in sig["widgets"]) + len(sig["uploads"])
         assert len(node["widgets_values"]) == expected_widgets, f"{node['type']}: widget count"
         assert [o["type"] for o in node["outputs"]] == sig["outputs"]
         for socket, (_, _, optional) in zip(node["inputs"], sig["sockets"]):
@@ -72,6 +78,8 @@ def ui_to_api(workflow: dict) -> dict:
             inputs[name] = next(values)
             if control:
                 next(values)
+            if name in sig["uploads"]:
+                assert next(values) == "image"  # LoadImage's upload button, not an input
         for socket in node["inputs"]:
             if socket["link"] is not None:
                 link = links[socket["link"]]
@@ -143,3 +151,59 @@ def test_nodes_do_not_overlap_and_loaders_have_room_for_their_plan(path):
         if node["type"] in NODE_TITLES:
             rows = len(node["widgets_values"]) + len(node.get("inputs", []))
             assert node["size"][1] >= 60 + 26 * rows + 188, f"{node['type']} has no room for its plan view"
+
+
+def core_nodes_of(path: Path) -> set[str]:
+    return {n["type"] for n in json.loads(path.read_text())["nodes"] if n["type"] not in NODE_TITLES}
+
+
+def declared_minimum(path: Path) -> str:
+    return json.loads(path.read_text())["extra"]["distorch"]["min_comfyui"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_workflow_declares_the_oldest_comfyui_its_core_nodes_exist_in(path):
+    """The declared minimum is the newest "since" of the workflow's core nodes: lower and an older ComfyUI would be
+    offered a graph it cannot run, higher and it would be withheld from one that can."""
+    declared = declared_minimum(path)
+    assert declared == MIN_COMFYUI.get(path.stem, OLDEST_COMFYUI)
+    needed = max((CORE[n].get("since", OLDEST_COMFYUI) for n in core_nodes_of(path)), key=version_key)
+    assert declared == needed, f"{path.stem} declares ComfyUI {declared}, its core nodes need {needed}"
+
+
+def test_minimum_versions_are_recorded_versions():
+    assert set(MIN_COMFYUI) <= {p.stem for p in WORKFLOWS}
+    recorded = {spec.get("since", OLDEST_COMFYUI) for spec in CORE.values()}
+    assert set(MIN_COMFYUI.values()) <= recorded
+
+
+def api_of(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
+
+
+def test_flux2_builds_its_text_encoder_from_a_mistral_gguf():
+    (clip,) = [n["inputs"] for n in api_of("flux2_dev_gguf").values() if n["class_type"] == "DisTorchCLIPLoader"]
+    assert clip["type"] == "flux2" and clip["clip_name"].endswith(".gguf") and "Mistral" in clip["clip_name"]
+
+
+def test_ltx2_builds_its_text_encoder_from_a_gemma_gguf_and_the_text_projection():
+    (clip,) = [n["inputs"] for n in api_of("ltx2_t2v_gguf").values() if n["class_type"] == "DisTorchDualCLIPLoader"]
+    assert clip["type"] == "ltxv" and clip["clip_name1"].startswith("gemma-3-12b") and \
+        clip["clip_name1"].endswith(".gguf") and "embeddings_connector" in clip["clip_name2"]
+
+
+def test_qwen_image_edit_pairs_the_qwen25vl_gguf_with_its_mmproj():
+    api = api_of("qwen_image_edit_gguf")
+    (clip_id,) = [k for k, n in api.items() if n["class_type"] == "DisTorchDualCLIPLoader"]
+    clip = api[clip_id]["inputs"]
+    assert clip["type"] == "qwen_image" and clip["clip_name1"].startswith("Qwen2.5-VL-7B")
+    assert "mmproj" not in clip["clip_name1"] and "mmproj" in clip["clip_name2"]
+    assert all(name.endswith(".gguf") for name in (clip["clip_name1"], clip["clip_name2"]))
+    encoders = [n["inputs"] for n in api.values() if n["class_type"] == "TextEncodeQwenImageEdit"]
+    assert len(encoders) == 2 and all(e["clip"] == [clip_id, 0] and "image" in e and "vae" in e for e in encoders)
+
+
+@pytest.mark.parametrize("name", ["ltx2_t2v_gguf", "flux2_dev_gguf", "qwen_image_edit_gguf"])
+def test_new_gguf_workflows_stream_their_diffusion_model(name):
+    (unet,) = [n["inputs"] for n in api_of(name).values() if n["class_type"] == "DisTorchUNetLoader"]
+    assert unet["unet_name"].endswith(".gguf") and unet["virtual_vram_gb"] > 0
