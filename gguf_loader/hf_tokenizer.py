@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from gguf import Keys, TokenType
 
-from .vocab import Vocabulary, echo, read_vocabulary, tokenizer_error
+from .vocab import Vocabulary, echo, merge_pairs, read_vocabulary, tokenizer_error
 
 # tiktoken's o200k_base split (GPT-4o, gpt-oss's o200k_harmony), as written in their tokenizer.json.
 _O200K_SPLIT = (
@@ -37,7 +37,6 @@ _O200K_SPLIT = (
 # llama.cpp `tokenizer.ggml.pre` name -> the original's Split regex.
 PRE_TOKENIZER_SPLITS: dict[str, str] = {"gpt-4o": _O200K_SPLIT}
 
-_MERGES = "tokenizer.ggml.merges"
 _VOCABULARY_TYPES = frozenset({int(TokenType.NORMAL), int(TokenType.BYTE), int(TokenType.UNKNOWN)})
 _ADDED_TYPES = frozenset({int(TokenType.CONTROL), int(TokenType.USER_DEFINED)})
 _UNUSED = int(TokenType.UNUSED)
@@ -79,7 +78,7 @@ def hf_tokenizer_json(metadata: Mapping, source: str = "tokenizer") -> bytes:
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": bpe_vocab, "merges": _merges(metadata, source, bpe_vocab)},
+                  "vocab": bpe_vocab, "merges": merge_pairs(metadata, source, bpe_vocab)},
     }
     return json.dumps(document, ensure_ascii=False).encode("utf-8")
 
@@ -111,26 +110,6 @@ def _split_vocabulary(vocab: Vocabulary) -> tuple[dict[str, int], list[dict]]:
     if not bpe_vocab:
         raise tokenizer_error(vocab.source, Keys.Tokenizer.TOKEN_TYPE, "no NORMAL tokens: the BPE vocabulary is empty")
     return bpe_vocab, added
-
-
-def _merges(metadata: Mapping, source: str, bpe_vocab: Mapping[str, int]) -> list[list[str]]:
-    """The merges as [left, right] pairs; both sides and their concatenation must be vocabulary tokens (the
-    `tokenizers` library refuses the file otherwise, with a message that names neither file nor merge)."""
-    merges = metadata.get(_MERGES)
-    if not isinstance(merges, list):
-        raise tokenizer_error(source, _MERGES, f"missing or not an array (got {echo(merges)}); a byte-level BPE "
-                                               "needs its merges")
-    pairs: list[list[str]] = []
-    for index, merge in enumerate(merges):
-        parts = merge.split(" ") if type(merge) is str else None
-        if parts is None or len(parts) != 2 or not all(parts):
-            raise tokenizer_error(source, f"{_MERGES}[{index}]", f"{echo(merge)} is not 'left right'")
-        missing = next((p for p in (*parts, parts[0] + parts[1]) if p not in bpe_vocab), None)
-        if missing is not None:
-            raise tokenizer_error(source, f"{_MERGES}[{index}]",
-                                  f"{echo(merge)}: {echo(missing)} is not a vocabulary token")
-        pairs.append(parts)
-    return pairs
 
 
 def _is_byte_level(token: str) -> bool:

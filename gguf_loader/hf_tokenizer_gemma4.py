@@ -26,8 +26,7 @@ from collections.abc import Mapping
 
 from gguf import Keys, TokenType
 
-from .errors import echo
-from .vocab import Vocabulary, flag, read_vocabulary, special_token_id, tokenizer_error
+from .vocab import Vocabulary, flag, merge_pairs, read_vocabulary, special_token_id, tokenizer_error
 
 GEMMA4_TOKENIZER_MODEL = "gemma4"
 _SPACE = "\u2581"
@@ -50,7 +49,7 @@ def gemma4_tokenizer_json(metadata: Mapping, source: str = "tokenizer") -> bytes
         return None
     vocab = read_vocabulary(metadata, source, with_scores=False)
     ids = {token: index for index, token in enumerate(vocab.tokens)}  # a repeated text keeps its later id
-    merges = _merges(metadata, source, ids)
+    merges = merge_pairs(metadata, source, ids)
     unknown = special_token_id(metadata, Keys.Tokenizer.UNK_ID, vocab)
     bos = special_token_id(metadata, Keys.Tokenizer.BOS_ID, vocab)
     add_bos = flag(metadata, Keys.Tokenizer.ADD_BOS, True, source)
@@ -78,39 +77,6 @@ def gemma4_tokenizer_json(metadata: Mapping, source: str = "tokenizer") -> bytes
         },
     }
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _merges(metadata: Mapping, source: str, ids: Mapping[str, int]) -> list[list[str]]:
-    """The merges as [left, right] pairs. Split as llama.cpp splits them (at the first space after the first
-    character); both sides and their concatenation must be tokens, or `tokenizers` refuses the file."""
-    key = Keys.Tokenizer.MERGES
-    merges = metadata.get(key)
-    if not isinstance(merges, list) or not merges:
-        raise tokenizer_error(source, key, f"missing or not a non-empty array (got {echo(merges)}); Gemma 4's BPE "
-                                           "needs its merges")
-    # Set operations first (Gemma 4 has 515k merges); the slow scan only runs to name a bad one.
-    cuts = [merge.find(" ", 1) for merge in merges] if all(type(m) is str for m in merges) else None
-    pairs = [[merge[:cut], merge[cut + 1:]] for merge, cut in zip(merges, cuts)] if cuts and -1 not in cuts else None
-    if pairs is not None:
-        lefts, rights = {pair[0] for pair in pairs}, {pair[1] for pair in pairs}
-        if "" not in rights and lefts <= ids.keys() and rights <= ids.keys() \
-                and {left + right for left, right in pairs} <= ids.keys():
-            return pairs
-    for index, merge in enumerate(merges):
-        cut = merge.find(" ", 1) if type(merge) is str else -1
-        left, right = (merge[:cut], merge[cut + 1:]) if cut > 0 else ("", "")
-        if not right or left not in ids or right not in ids or left + right not in ids:
-            raise tokenizer_error(source, f"{key}[{index}]", _merge_problem(merge, cut, left, right, ids))
-    raise AssertionError("unreachable: the set checks failed, so some merge is invalid")
-
-
-def _merge_problem(merge: object, cut: int, left: str, right: str, ids: Mapping[str, int]) -> str:
-    if type(merge) is not str:
-        return f"not a string: {echo(merge)}"
-    if cut <= 0 or not right:
-        return f"{echo(merge)} is not two tokens separated by a space"
-    missing = next(part for part in (left, right, left + right) if part not in ids)
-    return f"{echo(merge)}: {echo(missing)} is not a token of {Keys.Tokenizer.LIST}"
 
 
 def _added_tokens(vocab: Vocabulary) -> list[dict]:

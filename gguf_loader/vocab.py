@@ -135,3 +135,40 @@ def flag(metadata: Mapping, key: str, default: bool, source: str) -> bool:
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
     raise tokenizer_error(source, key, f"not a boolean: {echo(value)}")
+
+
+def merge_pairs(metadata: Mapping, source: str, ids: Mapping[str, int]) -> list[list[str]]:
+    """A BPE vocabulary's merges (`tokenizer.ggml.merges`) as [left, right] pairs for a tokenizer.json.
+
+    Split as llama.cpp splits them (at the first space after the first character); both sides and their
+    concatenation must be tokens in `ids`, or `tokenizers` refuses the file with a message that names neither the
+    file nor the merge.
+    """
+    key = Keys.Tokenizer.MERGES
+    merges = metadata.get(key)
+    if not isinstance(merges, list) or not merges:
+        raise tokenizer_error(source, key, f"missing or not a non-empty array (got {echo(merges)}); a BPE vocabulary "
+                                           "needs its merges")
+    # Set operations first (real vocabularies have 400-500k merges); the slow scan only runs to name a bad one.
+    cuts = [merge.find(" ", 1) for merge in merges] if all(type(m) is str for m in merges) else None
+    pairs = [[merge[:cut], merge[cut + 1:]] for merge, cut in zip(merges, cuts)] if cuts and -1 not in cuts else None
+    if pairs is not None:
+        lefts, rights = {pair[0] for pair in pairs}, {pair[1] for pair in pairs}
+        if "" not in rights and lefts <= ids.keys() and rights <= ids.keys() \
+                and {left + right for left, right in pairs} <= ids.keys():
+            return pairs
+    for index, merge in enumerate(merges):
+        cut = merge.find(" ", 1) if type(merge) is str else -1
+        left, right = (merge[:cut], merge[cut + 1:]) if cut > 0 else ("", "")
+        if not right or left not in ids or right not in ids or left + right not in ids:
+            raise tokenizer_error(source, f"{key}[{index}]", _merge_problem(merge, cut, left, right, ids))
+    raise AssertionError("unreachable: the set checks failed, so some merge is invalid")
+
+
+def _merge_problem(merge: object, cut: int, left: str, right: str, ids: Mapping[str, int]) -> str:
+    if type(merge) is not str:
+        return f"not a string: {echo(merge)}"
+    if cut <= 0 or not right:
+        return f"{echo(merge)} is not two tokens separated by a space"
+    missing = next(part for part in (left, right, left + right) if part not in ids)
+    return f"{echo(merge)}: {echo(missing)} is not a token of {Keys.Tokenizer.LIST}"
