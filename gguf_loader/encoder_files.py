@@ -64,11 +64,15 @@ def text_encoder_state_dict(gguf_file: GGUFFile) -> dict:
     """ComfyUI names for the file's tensors, plus the tokenizer entry its ComfyUI encoder reads.
 
     Raises:
-        GGUFError: malformed tokenizer metadata, or a Gemma file whose vocabulary is not SentencePiece.
+        GGUFError: tensors the family's name map cannot place, malformed tokenizer metadata, or a Gemma file whose
+            vocabulary is not SentencePiece; the message starts with the file.
     """
     _check_known_text_architecture(gguf_file)
     _check_gemma4_variant(gguf_file)
-    state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
+    try:
+        state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
+    except GGUFError as error:  # the name maps know tensors and metadata, not the file they came from
+        raise GGUFError(f"{gguf_file.path}: {error}") from None
     state_dict.update(tokenizer_entries(gguf_file.metadata, gguf_file.architecture, gguf_file.path))
     return state_dict
 

@@ -102,6 +102,26 @@ def test_a_llama_cpp_architecture_without_a_name_map_is_a_clear_error(tmp_path, 
     assert str(caught.value).startswith(str(path)) and len(str(caught.value)) < 400
 
 
+NAME_MAP_ERRORS = {
+    # llama: Q/K cannot be un-permuted without the head count the file should declare
+    "llama": ({"blk.0.attn_q.weight": torch.randn(8, 8)}, "metadata has no 'llama.attention.head_count'"),
+    "gpt-oss": ({"blk.0.ffn_gate_exps.weight": torch.zeros(2, 4, 32)}, "ffn_gate_exps and ffn_up_exps must both"),
+}
+
+
+@pytest.mark.parametrize("architecture", NAME_MAP_ERRORS)
+def test_a_name_map_error_names_the_file(tmp_path, architecture):
+    tensors, message = NAME_MAP_ERRORS[architecture]
+    path = tmp_path / "encoder.gguf"
+    writer = GGUFFileWriter(path, architecture=architecture)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write()
+    with pytest.raises(GGUFError, match=message) as caught:
+        text_encoder_state_dict(read_gguf(path))
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
 def test_a_file_already_in_comfyuis_names_passes_whatever_its_architecture(tmp_path):
     path = tmp_path / "encoder.gguf"
     writer = GGUFFileWriter(path, architecture="gemma4")
