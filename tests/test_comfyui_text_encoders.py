@@ -89,25 +89,15 @@ def test_conditioning_from_gguf_equals_core_on_the_same_weights(server, encoders
     assert_identical(core, ours)
 
 
-def test_streamed_gguf_text_encoder_equals_resident(server, encoders):
-    """Gemma 2 (Lumina 2) with part of its 26 layers streamed from RAM gives the same conditioning."""
-    entry = encoders["gemma2"]
+@pytest.mark.parametrize("family", ["gemma2", "gptoss"])
+def test_streamed_gguf_text_encoder_equals_resident(server, encoders, family):
+    """Gemma 2 (Lumina 2, 26 layers) and GPT-OSS (Lens, MXFP4 expert banks; ComfyUI 0.33+) with part of their layers
+    streamed from RAM give the same conditioning."""
+    entry = encoders[family]
     if "unsupported" in entry:
         pytest.skip(entry["unsupported"])
-    resident, plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_resident")
-    streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gemma2_streamed",
-                                           virtual_vram_gb=0.001)
-    assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
-    assert_identical(resident, streamed)
-
-
-def test_streamed_gpt_oss_encoder_equals_resident(server, encoders):
-    """GPT-OSS (Lens) with MXFP4 expert banks in its streamed layers gives the same conditioning (ComfyUI 0.33+)."""
-    entry = encoders["gptoss"]
-    if "unsupported" in entry:
-        pytest.skip(entry["unsupported"])
-    resident, plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gptoss_resident")
-    streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, "te_gptoss_streamed",
+    resident, plan = conditioning(server, "distorch", entry["gguf"], entry, f"te_{family}_resident")
+    streamed, streamed_plan = conditioning(server, "distorch", entry["gguf"], entry, f"te_{family}_streamed",
                                            virtual_vram_gb=0.001)
     assert "streamed" not in plan and "streamed" in streamed_plan, streamed_plan
     assert_identical(resident, streamed)
