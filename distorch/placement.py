@@ -111,9 +111,9 @@ class Placement:
         release() / close()                every weight back where it came from, the ledger entry gone
 
     Example:
-        >>> placement = Placement.planned(model, PlacementRequest("cuda:0", 8))
+        >>> placement = Placement.planned(model, PlacementRequest.validate("cuda:0", 8))
         >>> placement.open()
-        >>> placement.move_to(placement.replan(PlacementRequest("cuda:0", 4)))  # 4 GB of blocks come back
+        >>> placement.move_to(placement.replan(PlacementRequest.validate("cuda:0", 4)))  # 4 GB of blocks back
         >>> placement.release()
     """
 
