@@ -268,7 +268,8 @@ class Placement:
             self.plan, self.request, self._layout = new_plan, request or self.request, None
             self.reserve()
             return
-        _check_against(new_plan, layout)
+        _check_devices_exist(new_plan)
+        _check_disk_blocks(new_plan, layout)
         self.plan, self.request = new_plan, request or self.request
         self.reserve()
         was_open = old.is_open
