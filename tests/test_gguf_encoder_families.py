@@ -26,6 +26,25 @@ def test_a_family_guesses_only_its_own_architectures(family):
     assert all(family_for(architecture) is family for architecture in family.architectures)
 
 
+BLOCK = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.ffn_up.weight"]
+
+
+@pytest.mark.parametrize("architecture, extra", [
+    ("gemma4", ["blk.0.attn_q_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.layer_output_scale.weight"]),
+    ("gemma3", ["blk.0.attn_q_norm.weight", "blk.0.post_ffw_norm.weight"]),
+    ("gemma2", ["blk.0.post_ffw_norm.weight"]),
+    ("qwen3", ["blk.0.attn_q_norm.weight"]),
+    ("qwen2", ["blk.0.attn_q.bias"]),
+    ("gpt-oss", ["blk.0.attn_sinks.weight", "blk.0.ffn_gate_inp.weight", "blk.0.attn_q.bias"]),
+    ("llama", []),
+])
+def test_a_whole_decoder_block_is_guessed_as_its_own_architecture(architecture, extra):
+    """The order of the table decides between families whose signatures contain one another's."""
+    from gguf_loader.arch import guess_from_names
+
+    assert guess_from_names(BLOCK + extra) == architecture
+
+
 def test_every_architecture_has_one_family():
     assert TEXT_ARCHITECTURES == {architecture for family in FAMILIES for architecture in family.architectures}
     assert family_for("minimax-m2") is None and family_for(None) is None
