@@ -10,6 +10,7 @@ safetensors model cannot be reproduced: the GGUF Embedding layer refuses such id
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from gguf import Keys, TokenType
@@ -26,6 +27,14 @@ _MAX_NAMED = 16  # ids named from the file's own vocabulary; the rest get the pl
 _UNUSED = int(TokenType.UNUSED)
 
 
+class NamedId(NamedTuple):
+    """An id past a table that a tokenizer emits for known text, and what the user can do about it."""
+
+    token_id: int
+    text: str
+    hint: str
+
+
 @dataclass(frozen=True)
 class EmbeddingTable:
     """A GGUF file's token embedding table and the ids its tokenizer can emit past it (for error messages).
@@ -33,12 +42,12 @@ class EmbeddingTable:
     Attributes:
         source: "model.gguf: tensor 'token_embd.weight'".
         rows: the table's row count.
-        named_ids: (id, token text, what to do) for ids >= rows that a tokenizer emits for known text.
+        named_ids: the ids >= rows that a tokenizer emits for known text.
     """
 
     source: str
     rows: int
-    named_ids: tuple[tuple[int, str, str], ...] = ()
+    named_ids: tuple[NamedId, ...] = ()
 
 
 def embedding_table(gguf_file) -> EmbeddingTable | None:
@@ -47,13 +56,13 @@ def embedding_table(gguf_file) -> EmbeddingTable | None:
     if table is None or len(table.shape) != 2:
         return None
     rows = table.shape[0]
-    named = [(token_id, text, hint) for text, token_id, hint in COMFY_FIXED_IDS.get(gguf_file.architecture, ())
+    named = [NamedId(token_id, text, hint) for text, token_id, hint in COMFY_FIXED_IDS.get(gguf_file.architecture, ())
              if token_id >= rows]
-    named += _vocabulary_past(gguf_file.metadata, rows, {token_id for token_id, _, _ in named})
+    named += _vocabulary_past(gguf_file.metadata, rows, {entry.token_id for entry in named})
     return EmbeddingTable(f"{gguf_file.path}: tensor {echo(EMBEDDING_TENSOR)}", rows, tuple(named))
 
 
-def _vocabulary_past(metadata, rows: int, known: set[int]) -> list[tuple[int, str, str]]:
+def _vocabulary_past(metadata, rows: int, known: set[int]) -> list[NamedId]:
     """Tokens of the file's vocabulary past the table that a rebuilt tokenizer can match (UNUSED ones never are)."""
     tokens, types = metadata.get(Keys.Tokenizer.LIST), metadata.get(Keys.Tokenizer.TOKEN_TYPE)
     if not isinstance(tokens, list) or len(tokens) <= rows:
@@ -62,8 +71,8 @@ def _vocabulary_past(metadata, rows: int, known: set[int]) -> list[tuple[int, st
     for token_id in range(rows, len(tokens)):
         kind = types[token_id] if isinstance(types, list) and token_id < len(types) else None
         if kind != _UNUSED and token_id not in known and type(tokens[token_id]) is str:
-            named.append((token_id, tokens[token_id], "the file's vocabulary has the token but its embedding table "
-                                                      "lacks the row; remove it from the prompt"))
+            named.append(NamedId(token_id, tokens[token_id], "the file's vocabulary has the token but its embedding "
+                                                             "table lacks the row; remove it from the prompt"))
             if len(named) == _MAX_NAMED:
                 break
     return named
@@ -86,8 +95,8 @@ def check_token_ids(ids: torch.Tensor, rows: int, source: str, tables: tuple[Emb
     bad = high if high >= rows else low
     table = next((t for t in tables if t.rows == rows), None)
     where = table.source if table is not None else source or "GGUF embedding table"
-    named = next((entry for entry in table.named_ids if entry[0] == bad), None) if table is not None else None
+    named = next((entry for entry in table.named_ids if entry.token_id == bad), None) if table is not None else None
     if named is not None:
-        raise GGUFError(f"{where}: the prompt holds {echo(named[1])}, token id {bad}, past the {rows} rows of the "
-                        f"embedding table: {named[2]}")
+        raise GGUFError(f"{where}: the prompt holds {echo(named.text)}, token id {bad}, past the {rows} rows of the "
+                        f"embedding table: {named.hint}")
     raise GGUFError(f"{where}: token id {bad} is outside the embedding table's {rows} rows (0..{rows - 1})")

@@ -117,7 +117,7 @@ def test_a_vocabulary_longer_than_the_table_names_its_tokens(tmp_path):
     writer.write()
     gguf_file = read_gguf(path)
     table = embedding_table(gguf_file)
-    assert table.rows == 3 and [entry[:2] for entry in table.named_ids] == [(3, "<extra>")]
+    assert table.rows == 3 and [(entry.token_id, entry.text) for entry in table.named_ids] == [(3, "<extra>")]
     layer = make_ops(GGUFOpsConfig(embedding_tables=(table,))).Embedding(5, WIDTH)
     layer.load_state_dict({"weight": gguf_file.tensors["token_embd.weight"]})
     with pytest.raises(GGUFError, match=r"the prompt holds '<extra>', token id 3, past the 3 rows"):
