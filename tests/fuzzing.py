@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -189,19 +190,29 @@ def mutate_bytes(data: bytes, rng: random.Random, hot: int) -> bytes:
     return bytes(mutated)
 
 
+class Hostile(NamedTuple):
+    kind: str
+    fragment: str  # what its error message must say
+    path: Path
+
+
 class _FileTarget:
     """Writes each mutant to a fresh file: an earlier mutant's tensors may still map the previous one."""
 
     def __init__(self, workdir: Path, suffix: str):
         self.path = workdir / f"mutant{suffix}"
+        self.written: dict[str, Hostile] = {}  # hostile kind -> its file
 
-    def hostile(self, rng: random.Random, kinds: dict) -> tuple[str, str] | None:
-        """For a HOSTILE_RATE share of mutants: writes a hostile file of a random kind, returns (kind, fragment of its
-        expected error); otherwise None."""
+    def hostile(self, rng: random.Random, kinds: dict) -> Hostile | None:
+        """For a HOSTILE_RATE share of mutants a hostile file of a random kind (each kind written once: its bytes
+        never change), otherwise None."""
         if rng.random() >= HOSTILE_RATE:
             return None
         kind = rng.choice(sorted(kinds))
-        return kind, write_hostile(kind, self.path)
+        if kind not in self.written:
+            path = self.path.with_name(f"hostile-{kind}{self.path.suffix}")
+            self.written[kind] = Hostile(kind, write_hostile(kind, path), path)
+        return self.written[kind]
 
     def write(self, data: bytes, size: int | None = None) -> Path:
         """`data`, then zeros up to `size` bytes (a sparse file: large data sections cost no disk)."""
@@ -219,7 +230,7 @@ def _gguf_reader(workdir: Path) -> Callable[[random.Random, int], Outcome]:
 
     def run(rng: random.Random, index: int) -> Outcome:
         hostile = files.hostile(rng, HOSTILE_GGUF)
-        path = files.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
+        path = hostile.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
         try:
             gguf_file = read_gguf(path)
             for tensor in gguf_file.tensors.values():
@@ -233,11 +244,11 @@ def _gguf_reader(workdir: Path) -> Callable[[random.Random, int], Outcome]:
     return run
 
 
-def _expected(hostile: tuple[str, str] | None, outcome: Outcome) -> Outcome:
+def _expected(hostile: Hostile | None, outcome: Outcome) -> Outcome:
     """A hostile file must be refused by its bound: accepted, or refused for another reason, is an escape."""
     if hostile is None or outcome.kind == "escape":
         return outcome
-    kind, fragment = hostile
+    kind, fragment = hostile.kind, hostile.fragment
     if outcome.kind == "ok":
         return Outcome("escape", f"hostile file {kind} accepted")
     if fragment not in outcome.message:
@@ -289,7 +300,7 @@ def _gguf_plan(workdir: Path) -> Callable[[random.Random, int], Outcome]:
 
     def run(rng: random.Random, index: int) -> Outcome:
         hostile = files.hostile(rng, HOSTILE_GGUF)
-        path = files.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
+        path = hostile.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
         return _expected(hostile, plan_in_process(["plan", str(path), *plan_args(rng)], path.name))
 
     return run
@@ -435,7 +446,7 @@ def _safetensors_plan(workdir: Path) -> Callable[[random.Random, int], Outcome]:
 
     def run(rng: random.Random, index: int) -> Outcome:
         hostile = files.hostile(rng, HOSTILE_SAFETENSORS)
-        path = files.path if hostile else files.write(*mutate_safetensors(header, data_size, rng))
+        path = hostile.path if hostile else files.write(*mutate_safetensors(header, data_size, rng))
         return _expected(hostile, plan_in_process(["plan", str(path), *plan_args(rng)], path.name))
 
     return run
