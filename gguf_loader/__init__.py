@@ -31,6 +31,7 @@ _EXPORTS = {
     "detect_architecture": "arch", "model_kind": "arch",
     "dequantize_blocks": "dequant", "supported_qtypes": "dequant",
     "GGUFError": "errors",
+    "EmbeddingTable": "embedding_rows", "embedding_table": "embedding_rows",
     "EncoderPart": "encoder_files", "attach_vision_towers": "encoder_files", "is_vision_projector": "encoder_files",
     "text_encoder_state_dict": "encoder_files", "tokenizer_entries": "encoder_files",
     "vision_projector_state_dict": "encoder_files",
@@ -69,5 +70,5 @@ __all__ = [
     "read_gguf_header", "sentencepiece_model", "supported_qtypes", "tekken_model", "text_encoder_state_dict",
     "tokenizer_entries", "unpermute_qk", "vision_projector_state_dict", "write_gguf",
     "hf_tokenizer_json", "GGUFMoEExperts", "make_moe_experts", "map_gpt_oss",
-    "gemma4_tokenizer_json",
+    "gemma4_tokenizer_json", "EmbeddingTable", "embedding_table",
 ]
