@@ -15,13 +15,9 @@ from typing import NamedTuple
 import torch
 from gguf import Keys, TokenType
 
+from .encoders import family_for
 from .errors import GGUFError, echo
 
-# Text that ComfyUI's tokenizer for an architecture turns into a fixed id, and what the user can do about it.
-COMFY_FIXED_IDS: dict[str, tuple[tuple[str, int, str], ...]] = {
-    "gemma3": (("<image_soft_token>", 262144, "ComfyUI reads it as Gemma 3's image placeholder; remove it from the "
-                                              "prompt, or use the safetensors text encoder"),),
-}
 EMBEDDING_TENSOR = "token_embd.weight"
 _MAX_NAMED = 16  # ids named from the file's own vocabulary; the rest get the plain message
 _UNUSED = int(TokenType.UNUSED)
@@ -56,7 +52,7 @@ def embedding_table(gguf_file) -> EmbeddingTable | None:
     if table is None or len(table.shape) != 2:
         return None
     rows = table.shape[0]
-    named = [NamedId(token_id, text, hint) for text, token_id, hint in COMFY_FIXED_IDS.get(gguf_file.architecture, ())
+    named = [NamedId(token_id, text, hint) for text, token_id, hint in _fixed_ids(gguf_file.architecture)
              if token_id >= rows]
     named += _vocabulary_past(gguf_file.metadata, rows, {entry.token_id for entry in named})
     return EmbeddingTable(f"{gguf_file.path}: tensor {echo(EMBEDDING_TENSOR)}", rows, tuple(named))
@@ -100,3 +96,9 @@ def check_token_ids(ids: torch.Tensor, rows: int, source: str, tables: tuple[Emb
         raise GGUFError(f"{where}: the prompt holds {echo(named.text)}, token id {bad}, past the {rows} rows of the "
                         f"embedding table: {named.hint}")
     raise GGUFError(f"{where}: token id {bad} is outside the embedding table's {rows} rows (0..{rows - 1})")
+
+
+def _fixed_ids(architecture: str | None) -> tuple[tuple[str, int, str], ...]:
+    """(text, id, hint) that ComfyUI's tokenizer for `architecture` emits whatever the vocabulary (its family's)."""
+    family = family_for(architecture)
+    return () if family is None else family.fixed_token_ids(architecture)

@@ -81,6 +81,11 @@ class TextEncoderFamily:
         if check is not None:
             check(gguf_file)
 
+    def fixed_token_ids(self, architecture: str) -> tuple[tuple[str, int, str], ...]:
+        """(text, id, hint) its ComfyUI tokenizer emits whatever the file's vocabulary: the module's
+        `FIXED_TOKEN_IDS[architecture]`, if any."""
+        return getattr(self.code(), "FIXED_TOKEN_IDS", {}).get(architecture, ())
+
     def code(self) -> ModuleType:
         """The family's module; imported here, on first use, so that reading the table never imports torch."""
         return importlib.import_module(f".{self.module}", __name__)

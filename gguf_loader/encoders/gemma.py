@@ -20,6 +20,12 @@ from ..tensor import GGMLTensor
 from .names import GEMMA2_BLOCK, LLAMA_BLOCK, decoder_name
 from .sentencepiece import sentencepiece_model
 
+# Text that ComfyUI's tokenizer turns into a fixed id whatever the vocabulary (comfy/text_encoders/lt.py, lumina2.py),
+# and what the user can do when a llama.cpp table is too short for it (gguf_loader/embedding_rows.py).
+FIXED_TOKEN_IDS: dict[str, tuple[tuple[str, int, str], ...]] = {
+    "gemma3": (("<image_soft_token>", 262144, "ComfyUI reads it as Gemma 3's image placeholder; remove it from the "
+                                              "prompt, or use the safetensors text encoder"),),
+}
 _FOUR_NORM_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 _SENTENCEPIECE_BPE = "llama"  # llama.cpp's name for a SentencePiece BPE vocabulary
 
