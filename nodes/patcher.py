@@ -82,12 +82,20 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         state = DisTorchState.of(self.model)
         side_paths = self._lora_routing(state).nbytes
         if state is None or not state.streams:
-            return super().model_size() + side_paths
+            return self._weights_size() + side_paths
         return self._resident_size() + state.slot_bytes + side_paths
 
     def get_ram_usage(self) -> int:
         """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
         return comfy.model_management.module_size(self.model)
+
+    def _weights_size(self) -> int:
+        """The model's weights, as core's own `model_size()` counts them, cached. Not core's `self.size`: from
+        ComfyUI 0.8 a clone starts with its parent's `model_size()`, side paths of the parent's LoRAs included."""
+        cached = self.__dict__.get("_distorch_weights_size")
+        if cached is None:
+            cached = self._distorch_weights_size = comfy.model_management.module_size(self.model)
+        return cached
 
     def _resident_size(self) -> int:
         """What core counts for the modules it loads (`module_size` of every `_load_list()` entry), cached:
@@ -124,7 +132,7 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_quantized_patches(state)
             # A full load counts model_size(), which has the side paths in it already.
-            weights = min(self.model.model_loaded_weight_memory, super().model_size())
+            weights = min(self.model.model_loaded_weight_memory, self._weights_size())
             self.model.model_loaded_weight_memory = weights + lora.install(self, self._lora_routing(state, device_to))
             return
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
