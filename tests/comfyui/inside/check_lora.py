@@ -199,8 +199,10 @@ def test_a_key_with_a_patch_that_is_not_plain_low_rank_stays_on_cores_merge(kind
 
 
 def test_a_patch_with_a_function_or_an_offset_off_the_rows_stays_on_cores_merge():
+    """The offset narrows the (96, 64) weight's columns to (96, 32); core reshapes the LoRA's (48, 64) product onto
+    that slice, which no side path on output rows reproduces, though the factors' sizes would fit the layer."""
     layer = linear("Q8_0", torch.float32)
-    tensors = lora_file("lin", 96, (32,), 8, seed=3)
+    tensors = lora_file("lin", 48, (64,), 8, seed=3)
     for key in (("layer.weight", (1, 0, 32)), ("layer.weight", None, lambda w: w * 2)):
         patcher = comfy.model_patcher.ModelPatcher(nn.ModuleDict({"layer": layer}), torch.device("cpu"),
                                                    torch.device("cpu"))
