@@ -17,12 +17,14 @@ runs a KSampler with and without two chained LoraLoaderModelOnly nodes, in one s
 A step's time is the server's execution time (its execution_start to execution_success messages) of a prompt
 whose loaders are cached: each prompt runs first with one seed (loading, patching) and is timed with the
 next seed, so only the sampler and SaveLatent execute. Rounds alternate without and with the LoRAs; the
-fastest of `--rounds` counts for each. Also reported: each latent's relative difference (Frobenius) to core's
-with the same LoRAs and seed.
+fastest of `--rounds` counts for each. Beside it, the server process's CPU time for the same prompt (user +
+system, /proc): on a shared machine, wall time swings with the neighbours' load, CPU time much less. Also
+reported: each latent's relative difference (Frobenius) to core's with the same LoRAs and seed, and for the
+Q8_0 loaders to ComfyUI-GGUF's (the same quantized weights).
 """
 
 import argparse
-import json
+import os
 import platform
 import shutil
 import subprocess
@@ -86,6 +88,12 @@ def execution_seconds(result) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the server process so far (Linux): steadier than wall time on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loaders(args, reference: bool) -> dict[str, dict]:
     streamed_gb = args.streamed
     distorch = {"weight_dtype": "default", "compute_device": "cpu", "virtual_vram_gb": streamed_gb,
@@ -107,20 +115,24 @@ def loaders(args, reference: bool) -> dict[str, dict]:
 def measure(server, name: str, loader: dict, args, seeds) -> dict:
     """Fastest step time without and with the LoRAs (alternating rounds), and the last latent of each."""
     times = {False: [], True: []}
+    cpu = {False: [], True: []}
     latents = {}
     for _ in range(args.rounds):
         for loras in (False, True):
             warm = server.run(prompt(loader, loras, next(seeds), args, "warm"), timeout=3600)
+            before = cpu_seconds(server.process.pid)
             timed = server.run(prompt(loader, loras, args.seed, args, f"t{int(loras)}"), timeout=3600)
+            cpu[loras].append(cpu_seconds(server.process.pid) - before)
             for result in (warm, timed):
                 if not result.ok:
                     raise RuntimeError(f"{name}: {result.error_text()[:2000]}\n{server.log()[-3000:]}")
             times[loras].append(execution_seconds(timed))
             latents[loras] = server.latent(timed)
-            args.seed_runs.append(timed)
-    row = {"plain_s": min(times[False]), "lora_s": min(times[True]), "latents": latents}
+    row = {"plain_s": min(times[False]), "lora_s": min(times[True]), "plain_cpu": min(cpu[False]),
+           "lora_cpu": min(cpu[True]), "latents": latents}
     print(f"{name}: {row['plain_s']:.2f} s without, {row['lora_s']:.2f} s with the LoRAs: "
-          f"{row['lora_s'] / row['plain_s']:.3f}x  (all: {times})", flush=True)
+          f"{row['lora_s'] / row['plain_s']:.3f}x; CPU {row['lora_cpu'] / row['plain_cpu']:.3f}x  "
+          f"(wall: {times}, cpu: {cpu})", flush=True)
     return row
 
 
@@ -181,16 +193,20 @@ def run(server, args, reference: bool) -> None:
           f"{commit}: Wan 2.1 1.3B shape x {args.layers} blocks, {args.size}x{args.size} x 1 frame, "
           f"{args.steps} steps cfg 2.5, two rank-{RANK} LoRAs, fastest of {args.rounds} rounds", flush=True)
     seeds = iter(range(1000, 10**6))
-    args.seed_runs = []
     rows = {name: measure(server, name, loader, args, seeds) for name, loader in loaders(args, reference).items()}
     core = rows["core UNETLoader (resident)"]["latents"]
-    print("\n| loader | step s, no LoRA | step s, 2 LoRAs | × no LoRA | latent vs core's, 2 LoRAs |")
-    print("|---|---|---|---|---|")
+    same_weights = rows.get("ComfyUI-GGUF UnetLoaderGGUF Q8_0", {}).get("latents")
+    print("\n| loader | step s, no LoRA | step s, 2 LoRAs | × no LoRA | server CPU s × no LoRA "
+          "| latent vs core's (bf16 weights) | latent vs ComfyUI-GGUF's (Q8_0 weights) |")
+    print("|---" * 7 + "|")
     for name, row in rows.items():
+        versus_gguf = f"{relative(row['latents'][True], same_weights[True]):.2e}" if same_weights and "Q8_0" in name \
+            else "–"
         print(f"| {name} | {row['plain_s']:.2f} | {row['lora_s']:.2f} | {row['lora_s'] / row['plain_s']:.3f} | "
-              f"{relative(row['latents'][True], core[True]):.2e} |")
-    plans = [line for line in server.log().splitlines() if "streaming" in line and "blocks" in line]
-    print("\n" + json.dumps({"streaming": plans[-1:] if plans else None}))
+              f"{row['lora_cpu'] / row['plain_cpu']:.3f} | {relative(row['latents'][True], core[True]):.2e} | "
+              f"{versus_gguf} |")
+    plans = [line for line in server.log().splitlines() if "distorch: streaming" in line]
+    print("\n" + "\n".join(dict.fromkeys(plans)))  # one line per DisTorch model
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ without reloading the model. The tolerance is distorch/lowrank.py's: per layer w
 dtype plus 8 of float32 of core's merge (relative, Frobenius); float32 models agree to 1e-4 after every layer.
 """
 
+import gc
+import weakref
+
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -367,3 +370,36 @@ def test_unloading_frees_the_factors_and_what_core_is_told():
     mm.unload_all_models()
     assert lora.installed(patched_unet.model) is None and side_paths.nbytes == 0 and not side_paths.layers
     assert patched_unet.loaded_size() == 0
+
+
+def test_the_older_tuple_form_of_a_lora_runs_as_the_adapter_does():
+    """Cores before the weight adapters kept a LoRA as ("lora", (up, down, alpha, mid, dora_scale, reshape))."""
+    layer = linear("Q8_0", torch.float32)
+    adapter_patcher = patched(layer, [(lora_file("lin", 96, (64,), 8, seed=3), {"lin": "layer.weight"}, 0.8)])
+    (strength, adapter, strength_model, offset, function), = adapter_patcher.patches["layer.weight"]
+    tuple_patcher = comfy.model_patcher.ModelPatcher(nn.ModuleDict({"layer": layer}), torch.device("cpu"),
+                                                     torch.device("cpu"))
+    tuple_patcher.patches["layer.weight"] = [(strength, ("lora", tuple(adapter.weights)), strength_model, offset,
+                                              function)]
+    x = torch.randn(3, 64, generator=generator(6))
+    torch.testing.assert_close(side_path_output(layer, tuple_patcher, x), side_path_output(layer, adapter_patcher, x),
+                               rtol=0, atol=0)
+
+
+def test_a_model_with_side_paths_is_freed_by_reference_counting():
+    """model -> side paths -> factors and layer -> hook -> factors: no cycle keeps a dropped model (core warns
+    "memory leak" and the factors stay on the compute device until a garbage collection)."""
+    gc.collect()
+    gc.disable()
+    try:
+        unet, _ = load_unet("tiny_wan21_Q8_0.gguf", "default", DisTorchSettings("cpu", HALF, "cpu"))
+        patched_unet = with_loras(unet, (LORA_A, 1.0), (LORA_B, 0.5))
+        loaded_forward(patched_unet)
+        references = [weakref.ref(unet.model), weakref.ref(lora.installed(unet.model))]
+        references += [weakref.ref(f) for f in lora.installed(unet.model).layers.values()]
+        mm.unload_all_models()
+        mm.current_loaded_models.clear()
+        del unet, patched_unet
+        assert all(r() is None for r in references)
+    finally:
+        gc.enable()
