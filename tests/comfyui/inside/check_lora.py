@@ -386,20 +386,20 @@ def test_the_older_tuple_form_of_a_lora_runs_as_the_adapter_does():
                                rtol=0, atol=0)
 
 
-def test_a_model_with_side_paths_is_freed_by_reference_counting():
-    """model -> side paths -> factors and layer -> hook -> factors: no cycle keeps a dropped model (core warns
-    "memory leak" and the factors stay on the compute device until a garbage collection)."""
+def test_a_loaded_model_with_side_paths_is_freed_by_reference_counting():
+    """ComfyUI drops a model by dropping its patchers (a loader's output leaves the cache), loaded or not. model ->
+    side paths -> factors and layer -> hook -> factors make no cycle, so the model and its factors go at once
+    (with a cycle they would wait for a garbage collection, and core would warn "memory leak")."""
     gc.collect()
     gc.disable()
     try:
         unet, _ = load_unet("tiny_wan21_Q8_0.gguf", "default", DisTorchSettings("cpu", HALF, "cpu"))
         patched_unet = with_loras(unet, (LORA_A, 1.0), (LORA_B, 0.5))
         loaded_forward(patched_unet)
-        references = [weakref.ref(unet.model), weakref.ref(lora.installed(unet.model))]
-        references += [weakref.ref(f) for f in lora.installed(unet.model).layers.values()]
-        mm.unload_all_models()
-        mm.current_loaded_models.clear()
-        del unet, patched_unet
+        side_paths = lora.installed(unet.model)
+        references = [weakref.ref(unet.model), weakref.ref(side_paths)] + [weakref.ref(f) for f in
+                                                                             side_paths.layers.values()]
+        del unet, patched_unet, side_paths
         assert all(r() is None for r in references)
     finally:
         gc.enable()
