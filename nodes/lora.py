@@ -193,8 +193,9 @@ def install(patcher, routing: LoraRouting) -> int:
         if factors is not None:
             side_paths.add(name, module, factors)
     setattr(model, _ATTRIBUTE, side_paths)
-    logger.info("distorch: LoRA on %d streamed or GGUF layers as a low-rank side path (%.1f MB on %s)",
-                len(side_paths), side_paths.nbytes / 2**20, device)
+    if len(side_paths):
+        logger.info("distorch: LoRA on %d streamed or GGUF layers as a low-rank side path (%.1f MB on %s)",
+                    len(side_paths), side_paths.nbytes / 2**20, device)
     return side_paths.nbytes
 
 
