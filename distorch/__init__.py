@@ -12,12 +12,14 @@ import importlib
 
 from .allocation import AllocationError, AllocationMode, AllocationSpec, parse_allocation
 from .memory import MemoryInventory, safe_pinned_bytes
-from .planner import ModelSizes, Plan, PlanError, Tier, plan, plan_sizes
+from .planner import ModelSizes, Plan, Tier, plan_sizes
+from .request import PlacementRequest, PlanError
 
 # The runtime half (torch) loads on first use: `python -m distorch plan` answers from a file header
-# without importing torch.
+# without importing torch. `plan` (of a live model) is runtime: it discovers the model's blocks.
 _LAZY = {
     "StreamHandle": "api", "stream": "api",
+    "LayoutMismatch": "placement", "Placement": "placement", "plan": "placement",
     "ModelLayout": "blocks", "discover": "blocks",
     "CpuCopyEngine": "engine", "CudaCopyEngine": "engine",
     "BlockStreamer": "streamer", "StreamStats": "streamer",
@@ -40,11 +42,14 @@ __all__ = [
     "BlockStreamer",
     "CpuCopyEngine",
     "CudaCopyEngine",
+    "LayoutMismatch",
     "MemoryInventory",
     "ModelLayout",
     "ModelSizes",
     "Plan",
     "PlanError",
+    "Placement",
+    "PlacementRequest",
     "StreamHandle",
     "StreamStats",
     "Tier",

@@ -12,7 +12,7 @@ import torch
 
 from .api import stream
 from .blocks import discover
-from .planner import plan
+from .placement import plan
 from .toy import make_toy_dit
 from .units import GIB, format_gb
 

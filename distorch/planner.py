@@ -13,7 +13,9 @@ models reserved and have not allocated yet comes from the ledger (ledger.py), as
 they hold.
 
 Everything here is pure arithmetic on block sizes and free memory, so it is deterministic and runs
-without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI).
+without a GPU; `ModelSizes` can come from a live model or from a file header (the CLI). The inputs arrive
+validated (`request.PlacementRequest`); the ledger is read only for `plan_sizes`'s default `others` and never
+written: reserving a plan for a model is the placement's job (placement.py).
 """
 
 import enum
@@ -21,24 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from .allocation import AllocationMode, AllocationSpec, is_device_name, parse_allocation
-from .ledger import LEDGER, Holding, Ledger
+from .allocation import AllocationMode, AllocationSpec
+from .ledger import LEDGER, Holding
 from .memory import MemoryInventory
 from .report import format_report
+from .request import PlacementRequest, PlanError
 from .units import format_gb, gb_to_bytes
 
 if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (the CLI)
-    from torch import nn
-
     from .blocks import ModelLayout
-
-
-
-class PlanError(ValueError):
-    """The requested placement cannot be honoured; the message says why and what to change."""
-
-    __module__ = "distorch"  # the import path users see in ComfyUI's error (not the custom_nodes file path)
-
 
 @dataclass(frozen=True)
 class ModelSizes:
@@ -186,16 +179,14 @@ class Plan:
         return format_report(self)
 
 
-def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
-         expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-         prefetch: int = 2, ledger: Ledger | None = None) -> Plan:
-    """Plans which blocks of `model` stay on `compute_device` and which are streamed from where.
-
-    The plan is reserved in the ledger under `model` (replacing its earlier plan) until the model is
-    freed, so later plans of other models leave room for it.
+def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
+               expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
+               prefetch: int = 2, others: tuple[Holding, ...] | None = None) -> Plan:
+    """Plans which blocks stay on `compute_device` and which are streamed from where, on block sizes alone (from a
+    live model or from a file header); reserves nothing (`distorch.plan` plans a live model and reserves it).
 
     Args:
-        model: any torch model; its repeated blocks are found by `distorch.blocks.discover`.
+        sizes: the model's blocks in execution order and the rest (`ModelSizes`).
         compute_device: where the forward runs, "cuda:N" or "cpu" (then streaming copies between CPU buffers).
         virtual_vram_gb: GB (GiB) of the model to move off the compute device (normal mode).
         donor_device: where moved blocks are stored in normal mode: "cpu" (pinned RAM) or another GPU;
@@ -203,46 +194,30 @@ def plan(model: "nn.Module", *, compute_device: str, virtual_vram_gb: float = 0.
         expert_mode_allocations: ComfyUI-MultiGPU expert string; when non-empty it replaces the two above.
         memory: free bytes per device (plus an optional "pinned" budget), or an inventory; probed when None.
         prefetch: streaming slots (blocks in flight) the plan reserves on the compute device.
-        ledger: where models' memory is recorded; the process-wide `distorch.ledger.LEDGER` by default.
+        others: the memory other models hold or reserved (default: every entry of the process-wide ledger).
 
     Raises:
         PlanError: when the placement does not fit the free memory, or the devices are unusable.
         AllocationError: when the expert string is malformed.
-
-    Example:
-        >>> p = plan(model, compute_device="cuda:0", virtual_vram_gb=6, memory={"cuda:0": 12 << 30, "cpu": 64 << 30})
-        >>> print(p.report())
     """
-    from .blocks import bytes_by_dtype, discover
-
-    ledger = LEDGER if ledger is None else ledger
-    sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
-    sizes = replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
-    result = plan_sizes(sizes, compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
-                        donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                        memory=memory, prefetch=prefetch, others=ledger.others(model))
-    ledger.reserve(model, result.holding())
-    return result
+    request = PlacementRequest.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
+                                        prefetch=prefetch)
+    return plan_request(sizes, request, memory=memory, others=LEDGER.holdings() if others is None else others)
 
 
-def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
-               expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-               prefetch: int = 2, others: tuple[Holding, ...] | None = None) -> Plan:
-    """`plan` on block sizes alone (from a live model or from a file header); reserves nothing.
-
-    `others`: the memory other models hold or reserved (default: every entry of the process-wide ledger).
-    """
-    compute_device = _check_device(compute_device, "compute_device")
-    if prefetch < 1:
-        raise PlanError(f"prefetch must be at least 1, got {prefetch}")
+def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
+                 memory: Mapping[str, int] | MemoryInventory | None = None, others: tuple[Holding, ...] = ()) -> Plan:
+    """The plan for a validated request: `plan_sizes` without the checks, and `others` given, never looked up."""
+    compute_device = request.compute_device
+    prefetch = request.prefetch
     inventory = _inventory(memory)
     inventory_device(inventory, compute_device)
-    expert = (expert_mode_allocations or "").strip()
-    if expert:
-        offload, tiers = _expert_targets(sizes, compute_device, parse_allocation(expert), inventory)
+    spec = request.allocation
+    if spec is not None:
+        offload, tiers = _expert_targets(sizes, compute_device, spec, inventory)
     else:
-        offload, tiers = _normal_targets(sizes, compute_device, virtual_vram_gb, donor_device)
-    others = LEDGER.holdings() if others is None else tuple(others)
+        offload, tiers = _normal_targets(sizes, request.virtual_vram_gb, request.donor_device)
+    others = tuple(others)
     warnings = _offload_warnings(sizes, offload)
     streamed = choose_streamed([n for _, n in sizes.blocks], offload)
     host = _HostRoom.of(sizes, compute_device, streamed, prefetch, inventory, others)
@@ -296,14 +271,7 @@ class _Tier:
     quota: int | None  # None: no limit beyond the device's free memory
 
 
-def _normal_targets(sizes: ModelSizes, compute: str, virtual_vram_gb: float, donor: str):
-    if virtual_vram_gb < 0:
-        raise PlanError(f"virtual_vram_gb must not be negative, got {virtual_vram_gb}")
-    donor = _check_device(donor, "donor_device")
-    if compute == "cpu" and donor != "cpu":
-        raise PlanError(f"compute_device 'cpu' streams from RAM only; donor_device {donor!r} is not usable")
-    if donor == compute and compute != "cpu":
-        raise PlanError(f"donor_device {donor!r} is the compute device; choose 'cpu' or another GPU")
+def _normal_targets(sizes: ModelSizes, virtual_vram_gb: float, donor: str):
     tiers = [_Tier(donor, None)]
     if donor != "cpu":
         tiers.append(_Tier("cpu", None))  # what does not fit the donor GPU spills into RAM
@@ -311,9 +279,6 @@ def _normal_targets(sizes: ModelSizes, compute: str, virtual_vram_gb: float, don
 
 
 def _expert_targets(sizes: ModelSizes, compute: str, spec: AllocationSpec, inventory: MemoryInventory):
-    if compute == "cpu":
-        raise PlanError("expert allocations place blocks across devices for a GPU compute device; "
-                        "with compute_device 'cpu' use virtual_vram_gb instead")
     amounts = _expert_amounts(sizes, spec, inventory)
     remainder = spec.remainder_device
     # The remainder device has no cap: what another device has no room for spills there.
@@ -568,12 +533,3 @@ def inventory_device(inventory: MemoryInventory, device: str):
         return inventory.get(device)
     except ValueError as error:
         raise PlanError(str(error)) from None
-
-
-def _check_device(device: str, what: str) -> str:
-    name = str(device).strip().lower()
-    if name == "cuda":
-        name = "cuda:0"
-    if not is_device_name(name):
-        raise PlanError(f"{what} {device!r} is not a device DisTorch can use: write 'cpu' or 'cuda:N'")
-    return name

@@ -196,6 +196,22 @@ class _StreamedBlock:
         self.homes, self.tensors, self.host_views = [], [], []
         self.slot_views.clear()
 
+    def take_over(self, other: "_StreamedBlock") -> None:
+        """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing."""
+        self.buffer, self.homes = other.buffer, other.homes
+        self.tensors, self.host_views = other.tensors, other.host_views
+        other.buffer, other.homes, other.tensors, other.host_views = None, [], [], []
+        other.slot_views.clear()
+
+    def let_go(self) -> None:
+        """Forgets the staged bytes without moving them: the model's tensors keep viewing them (unpinned now, freed
+        with the last view), so whoever places the block next copies it from there."""
+        if self.buffer is not None:
+            self.buffer.release()
+        self.buffer = None
+        self.homes, self.tensors, self.host_views = [], [], []
+        self.slot_views.clear()
+
     def _resolve(self) -> list[list[torch.Tensor]]:
         module = self.module()
         if module is None:
@@ -303,6 +319,29 @@ class BlockStreamer:
                     block.unstage()
             if self._account is not None:
                 self._account.update(staged=False)
+
+    def stage(self, progress: StagingProgress | None = None) -> None:
+        """Stages the blocks not staged yet without starting to stream (`open()` does both)."""
+        self._stage_all(progress)
+
+    def hand_over(self, successor: "BlockStreamer") -> None:
+        """Passes the staged blocks that `successor` (a streamer of the same model) stores alike to it, without a copy.
+
+        Re-placing a model: this streamer must be closed. Its other staged blocks are let go where they lie, their
+        tensors still viewing the staging buffers, so `successor` (or the resident placement) copies them from there.
+        Afterwards this streamer holds nothing, and the ledger entry says what `successor` holds.
+        """
+        if self._open:
+            raise RuntimeError("distorch: close() the streamer before handing its blocks over")
+        staged = {block.name: block for block in self._blocks if block.is_staged}
+        for block in successor._blocks:
+            mine = staged.get(block.name)
+            if mine is not None and mine.placement == block.placement:
+                block.take_over(staged.pop(block.name))
+        for block in staged.values():
+            block.let_go()
+        if successor._account is not None and any(b.is_staged for b in successor._blocks):
+            successor._account.update(staged=True, **successor._held())
 
     # -- staging -----------------------------------------------------------------------------------
 

@@ -14,23 +14,19 @@ from comfy_api.latest import io
 import nodes as core_nodes
 
 from ..distorch.catalog import NODE_TITLES
-from ..distorch.compat import GGUF, GGUF_DTYPES, MULTIGPU, LegacyLoader, Machine, loaders_of
+from ..distorch.compat import GGUF, GGUF_DTYPES, MULTIGPU, LegacyLoader, loaders_of
 from .checkpoint import load_checkpoint
 from .compat_detect import installed_packs
-from .extension import _core_choices, _devices
+from .devices import compute_devices, machine
 from .folders import UNET_GGUF_KEY, text_encoder_files, unet_files, vae_files
+from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .progress import executing_node_id
-from .settings import TOOLTIPS, VIRTUAL_VRAM_STEP_GB, CheckpointSettings, DisTorchSettings
+from .settings import TOOLTIPS, VIRTUAL_VRAM_STEP_GB
 
 logger = logging.getLogger("distorch.nodes")
 
 CATEGORY = "DisTorch/compat"
-_ABSENT = object()  # a validate_inputs parameter the node does not have (None means: driven by a link)
-_SETTINGS_INPUTS = ("compute_device", "device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
-                    "use_other_vram", "unet_device", "clip_device", "vae_device", "unet_compute_device",
-                    "unet_virtual_vram_gb", "unet_donor_device", "clip_compute_device", "clip_virtual_vram_gb",
-                    "clip_donor_device", "unet_expert_mode_allocations", "clip_expert_mode_allocations")
 
 
 def compat_nodes() -> list[type[io.ComfyNode]]:
@@ -56,15 +52,12 @@ def _whitelist() -> list[str] | None:
     return list(args.whitelist_custom_nodes) if getattr(args, "disable_all_custom_nodes", False) else None
 
 
-def machine() -> Machine:
-    devices, _ = _devices()
-    return Machine(default_device=devices[0], gpus=tuple(d for d in devices if d != "cpu"))
-
-
 def stand_in(entry: LegacyLoader) -> type[io.ComfyNode]:
     """A V3 node with `entry`'s inputs that runs the DisTorch loader they map onto."""
 
-    class StandIn(io.ComfyNode):
+    class StandIn(LoaderNode):
+        TARGET = entry.target
+
         @classmethod
         def define_schema(cls):
             return io.Schema(
@@ -75,37 +68,17 @@ def stand_in(entry: LegacyLoader) -> type[io.ComfyNode]:
                 inputs=[_widget(i) for i in entry.inputs], outputs=[_OUTPUTS[t]() for t in entry.outputs])
 
         @classmethod
-        def validate_inputs(cls, compute_device=_ABSENT, device=_ABSENT, virtual_vram_gb=_ABSENT,
-                            donor_device=_ABSENT, expert_mode_allocations=_ABSENT, use_other_vram=_ABSENT,
-                            unet_device=_ABSENT, clip_device=_ABSENT, vae_device=_ABSENT,
-                            unet_compute_device=_ABSENT, unet_virtual_vram_gb=_ABSENT, unet_donor_device=_ABSENT,
-                            clip_compute_device=_ABSENT, clip_virtual_vram_gb=_ABSENT, clip_donor_device=_ABSENT,
-                            unet_expert_mode_allocations=_ABSENT, clip_expert_mode_allocations=_ABSENT):
-            given = {k: v for k, v in locals().items() if k in _SETTINGS_INPUTS and v is not _ABSENT}
-            if any(v is None for v in given.values()):
-                return True  # driven by a link; checked again when the node runs
-            try:
-                _settings(entry, entry.to_native(given, machine()))
-            except ValueError as error:
-                return str(error)
-            return True
+        def native_values(cls, values: dict) -> dict:
+            return entry.to_native(values, machine())
 
         @classmethod
         def execute(cls, **values) -> io.NodeOutput:
-            native = entry.to_native(values, machine())
-            outputs, plan_ui = _load(entry.target, native, _settings(entry, native), executing_node_id())
+            native = cls.native_values(values)
+            outputs, plan_ui = _load(entry.target, native, cls.settings(values), executing_node_id())
             return io.NodeOutput(*outputs, ui=plan_ui)
 
     StandIn.__name__ = StandIn.__qualname__ = entry.node_id
     return StandIn
-
-
-def _settings(entry: LegacyLoader, native: dict):
-    available = _devices()[0]
-    if entry.target == "DisTorchCheckpointLoader":
-        return CheckpointSettings.validate(native, available)
-    return DisTorchSettings.validate(native["compute_device"], native["virtual_vram_gb"], native["donor_device"],
-                                     native["expert_mode_allocations"], available)
 
 
 def _load(target: str, native: dict, settings, node_id: str | None) -> tuple[tuple, dict]:
@@ -115,7 +88,7 @@ def _load(target: str, native: dict, settings, node_id: str | None) -> tuple[tup
     if target == "DisTorchVAELoader":
         vae, plan_ui = load_vae(native["vae_name"], settings, node_id)
         return (vae,), plan_ui
-    if target == "DisTorchCheckpointLoader":
+    if target == CHECKPOINT_LOADER:
         return load_checkpoint(native["ckpt_name"], settings, node_id)
     files = [native[k] for k in sorted(native) if k.startswith("clip_name")]
     clip, plan_ui = load_clip(files, native.get("type") or "stable_diffusion", settings, node_id)
@@ -129,7 +102,7 @@ def _widget(spec):
     tooltip = spec.note or TOOLTIPS.get(_setting_name(spec.name), "") or _FILE_TOOLTIPS.get(spec.kind, "")
     common = {"optional": spec.optional, "tooltip": tooltip or None}
     if spec.kind == "device":
-        devices = list(_devices()[0])
+        devices = list(compute_devices())
         default = devices[0] if spec.default is None else spec.default
         return io.Combo.Input(spec.name, options=devices, default=default, **common)
     if spec.kind == "gb":
@@ -150,9 +123,9 @@ def _choices(kind: str) -> list[str]:
     if kind == "gguf_dtype":
         return list(GGUF_DTYPES)
     if kind == "clip_type":
-        return _core_choices("CLIPLoader", "type", ["stable_diffusion"])
+        return core_choices("CLIPLoader", "type", ["stable_diffusion"])
     if kind == "dual_clip_type":
-        return _core_choices("DualCLIPLoader", "type", ["sdxl"])
+        return core_choices("DualCLIPLoader", "type", ["sdxl"])
     return {"unet_file": unet_files, "clip_file": text_encoder_files, "vae_file": vae_files,
             "unet_gguf_file": lambda: folder_paths.get_filename_list(UNET_GGUF_KEY),
             "ckpt_file": lambda: folder_paths.get_filename_list("checkpoints")}[kind]()

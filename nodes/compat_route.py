@@ -6,6 +6,7 @@ import logging
 from aiohttp import web
 
 from ..distorch.convert import ConvertError, convert_workflow
+from .devices import machine
 
 logger = logging.getLogger("distorch.nodes")
 
@@ -21,8 +22,6 @@ def register_convert_route(routes: web.RouteTableDef) -> None:
 
 async def convert(request: web.Request) -> web.Response:
     """Body {"workflow": <UI or API workflow>} → {"workflow", "changes", "skipped", "report"}; 400 with {"error"}."""
-    from .compat import machine
-
     try:
         body = await request.json()
     except ValueError:

@@ -1,88 +1,31 @@
 """The DisTorch loader nodes (ComfyUI V3 API) and their registration.
 
-Each node is declarative: a schema, an optional `validate_inputs` that rejects bad DisTorch inputs
-before the queue runs, and an `execute` that calls one loading function and returns the standard
+Each node is declarative: a schema, the `validate_inputs` every loader shares (inputs.py: it rejects bad
+DisTorch inputs before the queue runs), and an `execute` that calls one loading function and returns the standard
 MODEL / CLIP / VAE plus the plan for the node's block map and table (nodes/web/js/distorch.js):
 `ui` carries `text` (the table) and `distorch_plan` (distorch.report.plan_to_dict).
 """
 
-import comfy.model_management as mm
 import folder_paths
-import torch
 from comfy_api.latest import ComfyExtension, io
-
-import nodes as core_nodes
 
 from .catalog import FILE_INPUTS, NODE_TITLES
 from .checkpoint import load_checkpoint
+from .compat import compat_nodes
+from .compat_route import register_convert_route
+from .devices import compute_devices
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
+from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices, distorch_inputs
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .progress import executing_node_id
-from .settings import (
-    CheckpointSettings,
-    ChoiceSpec,
-    DisTorchSettings,
-    NumberSpec,
-    device_choices,
-    distorch_specs,
-    donor_choices,
-)
 
 WEB_DIRECTORY = "./nodes/web"
 CATEGORY = "DisTorch"
 
 
-def _devices() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    cpu_only = getattr(mm, "cpu_state", None) == mm.CPUState.CPU
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return device_choices(count, cpu_only), donor_choices(count, cpu_only)
+class DisTorchUNetLoader(LoaderNode):
+    TARGET = "DisTorchUNetLoader"
 
-
-def distorch_inputs(kind: str, prefix: str = "") -> list:
-    """The four DisTorch widgets, built from the pure specs in settings.py (names `prefix` + name)."""
-    devices, donors = _devices()
-    widgets = []
-    for spec in distorch_specs(kind, devices, donors):
-        name = prefix + spec.name
-        if isinstance(spec, ChoiceSpec):
-            widgets.append(io.Combo.Input(name, options=list(spec.options), default=spec.default,
-                                          tooltip=spec.tooltip))
-        elif isinstance(spec, NumberSpec):
-            widgets.append(io.Float.Input(name, default=spec.default, min=spec.minimum, max=spec.maximum,
-                                          step=spec.step, round=0.01, display_mode=io.NumberDisplay.slider,
-                                          tooltip=spec.tooltip))
-        else:
-            widgets.append(io.String.Input(name, default=spec.default, optional=spec.optional,
-                                           tooltip=spec.tooltip))
-    return widgets
-
-
-def validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations) -> bool | str:
-    if None in (compute_device, virtual_vram_gb, donor_device):
-        return True  # driven by a link; checked again when the node runs
-    try:
-        DisTorchSettings.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
-                                  _devices()[0])
-    except ValueError as error:
-        return str(error)
-    return True
-
-
-def settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations) -> DisTorchSettings:
-    return DisTorchSettings.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
-                                     _devices()[0])
-
-
-def _core_choices(node_id: str, input_name: str, fallback: list[str]) -> list[str]:
-    """A core loader's combo options (CLIP types), so new model families appear with the core that knows them."""
-    node = core_nodes.NODE_CLASS_MAPPINGS.get(node_id)
-    try:
-        return list(node.INPUT_TYPES()["required"][input_name][0])
-    except (AttributeError, KeyError, TypeError, IndexError):
-        return fallback
-
-
-class DisTorchUNetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -103,13 +46,10 @@ class DisTorchUNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
-        return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-
-    @classmethod
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
                 expert_mode_allocations="") -> io.NodeOutput:
-        settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+        settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
+                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
         model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
         return io.NodeOutput(model, ui=plan_ui)
 
@@ -118,7 +58,9 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
     """Builds a text-encoder loader with the file inputs of the catalog (and core's `type` choices when it has them;
     `more_types_from` appends another core loader's choices it lacks)."""
 
-    class Loader(io.ComfyNode):
+    class Loader(LoaderNode):
+        TARGET = node_id
+
         @classmethod
         def define_schema(cls):
             names = [n for n in FILE_INPUTS[node_id] if n.startswith("clip_name")]
@@ -126,9 +68,9 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
                                      tooltip="Text encoder from models/text_encoders or models/clip (.gguf too).")
                       for n in names]
             if type_node is not None:
-                types = _core_choices(type_node, "type", ["stable_diffusion"])
+                types = core_choices(type_node, "type", ["stable_diffusion"])
                 if more_types_from is not None:
-                    types += [t for t in _core_choices(more_types_from, "type", []) if t not in types]
+                    types += [t for t in core_choices(more_types_from, "type", []) if t not in types]
                 inputs.append(io.Combo.Input("type", options=types, default=types[0],
                                              tooltip="Model family, as in the core loader."))
             return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY,
@@ -136,13 +78,10 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
                              outputs=[io.Clip.Output()])
 
         @classmethod
-        def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
-            return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-
-        @classmethod
         def execute(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="", type=None,
                     **files) -> io.NodeOutput:
-            settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+            settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
+                                         donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
             ordered = [files[k] for k in sorted(files)]
             clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
             return io.NodeOutput(clip, ui=plan_ui)
@@ -168,7 +107,9 @@ DisTorchQuadrupleCLIPLoader = _clip_node(
     "Loads four text encoders (HiDream: clip_l, clip_g, t5xxl, llama) with DisTorch placement.")
 
 
-class DisTorchVAELoader(io.ComfyNode):
+class DisTorchVAELoader(LoaderNode):
+    TARGET = "DisTorchVAELoader"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -182,20 +123,19 @@ class DisTorchVAELoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
-        return validate_distorch(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
-
-    @classmethod
     def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
-        settings = settings_from(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations)
+        settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
+                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
         vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
         return io.NodeOutput(vae, ui=plan_ui)
 
 
-class DisTorchCheckpointLoader(io.ComfyNode):
+class DisTorchCheckpointLoader(LoaderNode):
+    TARGET = CHECKPOINT_LOADER
+
     @classmethod
     def define_schema(cls):
-        devices, _ = _devices()
+        devices = compute_devices()
         unet, clip = distorch_inputs("unet", "unet_"), distorch_inputs("clip", "clip_")
         return io.Schema(
             node_id="DisTorchCheckpointLoader",
@@ -215,22 +155,8 @@ class DisTorchCheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, unet_compute_device, unet_virtual_vram_gb, unet_donor_device, clip_compute_device,
-                        clip_virtual_vram_gb, clip_donor_device, vae_device, unet_expert_mode_allocations="",
-                        clip_expert_mode_allocations=""):
-        values = dict(locals())
-        values.pop("cls")
-        if any(v is None for v in values.values()):
-            return True  # driven by a link; checked again when the node runs
-        try:
-            CheckpointSettings.validate(values, _devices()[0])
-        except ValueError as error:
-            return str(error)
-        return True
-
-    @classmethod
     def execute(cls, ckpt_name, **values) -> io.NodeOutput:
-        settings = CheckpointSettings.validate(values, _devices()[0])
+        settings = cls.settings(values)
         outputs, plan_ui = load_checkpoint(ckpt_name, settings, executing_node_id())
         return io.NodeOutput(*outputs, ui=plan_ui)
 
@@ -241,10 +167,7 @@ NODES = [DisTorchUNetLoader, DisTorchCLIPLoader, DisTorchDualCLIPLoader, DisTorc
 
 class DisTorchExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from server import PromptServer
-
-        from .compat import compat_nodes  # builds on this module's widgets
-        from .compat_route import register_convert_route
+        from server import PromptServer  # ComfyUI's server module: importable once ComfyUI runs
 
         register_gguf_folders()
         register_convert_route(PromptServer.instance.routes)

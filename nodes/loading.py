@@ -15,10 +15,9 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..distorch import MemoryInventory
-from ..distorch.memory import DeviceMemory, safe_pinned_bytes
 from ..distorch.report import plan_to_dict
 from .folders import full_path
+from .memory_policy import loader_inventory
 from .patcher import DisTorchModelPatcher
 from .settings import DisTorchSettings
 from .state import DisTorchState
@@ -137,42 +136,3 @@ def combined_ui(parts: list[dict], note: str = "") -> dict:
     the tables one after the other, the plans in the same order (the node's view draws the first)."""
     text = "\n\n".join(part["text"][0] for part in parts) + (f"\n\n{note}" if note else "")
     return {"text": [text], "distorch_plan": [plan for part in parts for plan in part["distorch_plan"]]}
-
-
-def loader_inventory(settings: DisTorchSettings) -> MemoryInventory:
-    """Memory as DisTorch plans it: the compute GPU as ComfyUI can free it, donors and RAM as they are.
-
-    ComfyUI evicts other models before loading this one, so the compute GPU counts with its total
-    memory minus ComfyUI's own inference reserve; a donor GPU is not managed by ComfyUI for us, so
-    only its free memory counts.
-    """
-    probed = MemoryInventory.probe()
-    devices = dict(probed.devices)
-    compute = settings.compute_device
-    if compute != "cpu":
-        total = int(mm.get_total_memory(torch.device(compute)))
-        devices[compute] = DeviceMemory(compute, max(0, total - int(mm.minimum_inference_memory()) - _headroom()),
-                                        total)
-    budget, pinned_by_core = _pinned_budget(devices["cpu"].total)
-    return MemoryInventory(devices, budget, pinned_elsewhere=pinned_by_core)
-
-
-def _headroom() -> int:
-    """--vram-headroom (ComfyUI 2026): VRAM core keeps completely free, counting other applications."""
-    gigabytes = getattr(getattr(mm, "args", None), "vram_headroom", 0) or 0
-    return int(gigabytes * 1024**3)
-
-
-def _pinned_budget(ram_total: int) -> tuple[int, int]:
-    """The pinned-RAM budget DisTorch models share with ComfyUI, and what ComfyUI pinned of it.
-
-    Newer cores pin their own offloaded weights under MAX_PINNED_MEMORY and count them in TOTAL_PINNED_MEMORY;
-    the ledger subtracts what other DisTorch models pinned.
-    """
-    budget = safe_pinned_bytes(ram_total, 0)
-    if getattr(getattr(mm, "args", None), "disable_pinned_memory", False):
-        return 0, 0
-    limit = getattr(mm, "MAX_PINNED_MEMORY", None)
-    if limit is None:
-        return budget, 0
-    return min(budget, max(0, int(limit))), max(0, int(getattr(mm, "TOTAL_PINNED_MEMORY", 0)))

@@ -29,6 +29,7 @@ import torch
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
 from . import lora
+from .memory_policy import loader_inventory, may_pin
 from .progress import StagingProgressBar
 from .state import DisTorchState
 
@@ -102,9 +103,9 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         the set of modules and their dtypes are fixed once the loader has run."""
         state = DisTorchState.of(self.model)
         cached = self.__dict__.get("_distorch_resident_size")
-        if cached is None or cached[0] is not state:  # a new plan (another compute device) hides other blocks
+        if cached is None or cached[0] is not state.plan:  # a new plan (a re-placement) hides other blocks
             modules = (next(item for item in entry if isinstance(item, torch.nn.Module)) for entry in self._load_list())
-            cached = (state, sum(comfy.model_management.module_size(module) for module in modules))
+            cached = (state.plan, sum(comfy.model_management.module_size(module) for module in modules))
             self._distorch_resident_size = cached
         return cached[1]
 
@@ -143,7 +144,7 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         self._attach_quantized_patches(state)
         self._prepare_streamed_modules(state)
         side_path_bytes = lora.install(self, routing)
-        pin = state.streamer is not None or _may_pin(state.plan.pinned_bytes)
+        pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
         try:
             with _outside_memory_compiler():
                 opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
@@ -296,7 +297,7 @@ def _without_core_prefetch(executor, *args, **kwargs):
 
 
 def _planned_for(model: torch.nn.Module, state: DisTorchState, device: torch.device) -> DisTorchState:
-    """The model's state, planned again when core moved the patcher to another compute device.
+    """The model's state, re-placed by a new plan when core moved the patcher to another compute device.
 
     ComfyUI 2026's `deepclone_multigpu` rebuilds a DisTorch model through its `cached_patcher_init`
     factory (the plan targets the loader's compute device) and then sets the clone's `load_device`.
@@ -304,35 +305,13 @@ def _planned_for(model: torch.nn.Module, state: DisTorchState, device: torch.dev
     planned = torch.device(state.plan.compute_device)
     if planned.type == device.type and (device.type == "cpu" or planned.index == device.index):
         return state
-    if state.streamer is not None:
+    if state.placement.is_staged:
         raise RuntimeError(f"DisTorch: this model streams to {planned} and cannot move to {device} while staged; "
                            "load it again with compute_device set to the new device")
-    from .loading import loader_inventory  # loading imports this module
-
     settings = dataclasses.replace(state.settings, compute_device=str(device))
     logger.info("distorch: planning %s again for %s", type(model).__name__, device)
-    return DisTorchState.attach(model, settings, loader_inventory(settings))
-
-
-def _may_pin(nbytes: int) -> bool:
-    """Whether the streamer may page-lock `nbytes` of staging memory now.
-
-    Honours --disable-pinned-memory and core's pinned-memory cap (ComfyUI 0.8+ `MAX_PINNED_MEMORY`,
-    shared with the weights core pins itself). ComfyUI 0.33+ first asks Dynamic VRAM models to give
-    up pin registrations (`ensure_pin_registerable`). 0.3.64 never pins, so its only limit is the plan's.
-    """
-    args = getattr(comfy.model_management, "args", None)
-    if getattr(args, "disable_pinned_memory", False):
-        return False
-    limit = getattr(comfy.model_management, "MAX_PINNED_MEMORY", None)
-    if limit is None:
-        return True
-    if limit <= 0:
-        return False
-    make_room = getattr(comfy.model_management, "ensure_pin_registerable", None)
-    if make_room is not None and nbytes > 0:
-        make_room(nbytes)
-    return getattr(comfy.model_management, "TOTAL_PINNED_MEMORY", 0) + nbytes <= limit
+    state.placement.move_to(state.placement.replan(settings, memory=loader_inventory(settings)), request=settings)
+    return state
 
 
 def _outside_memory_compiler():

@@ -1,14 +1,15 @@
 """The four DisTorch inputs every loader node has, validated once into a frozen value.
 
 Pure Python (no ComfyUI import), so the schema defaults, tooltips and the validation messages are
-tested in CI; `nodes/loaders.py` turns the specs into ComfyUI widgets.
+tested in CI; `nodes/inputs.py` turns the specs into ComfyUI widgets. The rules themselves are distorch's
+(`distorch.PlacementRequest`); a loader adds this machine's devices and the slider's range.
 """
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..distorch import AllocationError, parse_allocation
-from ..distorch.allocation import is_device_name
+from ..distorch import PlacementRequest
+from ..distorch.request import check_device
 
 VIRTUAL_VRAM_MAX_GB = 128.0
 VIRTUAL_VRAM_STEP_GB = 0.1
@@ -83,23 +84,18 @@ def donor_choices(cuda_count: int, cpu_only: bool = False) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class DisTorchSettings:
-    """One loader's DisTorch inputs after validation; stored on the model it loads."""
-
-    compute_device: str
-    virtual_vram_gb: float
-    donor_device: str
-    expert_mode_allocations: str = ""
+class DisTorchSettings(PlacementRequest):
+    """One loader's DisTorch inputs after validation: a `PlacementRequest` checked against this machine's devices
+    and the slider's range (the rules are distorch/request.py's); stored on the model it loads."""
 
     @classmethod
     def validate(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                  expert_mode_allocations: str | None, available: tuple[str, ...]) -> "DisTorchSettings":
-        """Checks the inputs against the devices of this machine; raises ValueError naming the bad input."""
+        """Checks the inputs against the devices of this machine; raises ValueError naming every bad input."""
         problems = []
         settings = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
                                problems)
-        if problems:
-            raise ValueError("DisTorch: " + "; ".join(problems))
+        _raise_problems(problems)
         return settings
 
     @classmethod
@@ -107,52 +103,13 @@ class DisTorchSettings:
                 expert_mode_allocations: str | None, available: tuple[str, ...], problems: list,
                 prefix: str = "") -> "DisTorchSettings | None":
         """`validate` for one of several models of a node: appends its problems, naming inputs `prefix` + name."""
-        before = len(problems)
-        compute = _device(compute_device, f"{prefix}compute_device", available, problems)
-        donor = _device(donor_device, f"{prefix}donor_device", available, problems)
-        if not isinstance(virtual_vram_gb, (int, float)) or not 0 <= virtual_vram_gb <= VIRTUAL_VRAM_MAX_GB:
-            problems.append(f"{prefix}virtual_vram_gb must be between 0 and {VIRTUAL_VRAM_MAX_GB:g}, "
-                            f"got {virtual_vram_gb!r}")
-        expert = (expert_mode_allocations or "").strip()
-        if compute and donor and compute == donor and compute != "cpu" and virtual_vram_gb > 0 and not expert:
-            problems.append(f"{prefix}donor_device {donor!r} is the compute device: choose 'cpu' or another GPU")
-        if compute == "cpu" and donor and donor != "cpu":
-            problems.append(f"{prefix}compute_device 'cpu' streams from RAM only; set {prefix}donor_device to 'cpu', "
-                            f"not {donor!r}")
-        if expert:
-            _check_expert(expert, compute, available, problems, prefix)
-        return None if len(problems) > before else cls(compute, float(virtual_vram_gb), donor, expert)
-
-    @property
-    def streams(self) -> bool:
-        return self.virtual_vram_gb > 0 or bool(self.expert_mode_allocations)
+        return super().collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
+                               problems, prefix, max_virtual_vram_gb=VIRTUAL_VRAM_MAX_GB)
 
 
-def _device(name: str, what: str, available: tuple[str, ...], problems: list) -> str | None:
-    device = str(name).strip().lower()
-    if not is_device_name(device):
-        problems.append(f"{what} {name!r} is not a device DisTorch can use ('cpu' or 'cuda:N')")
-        return None
-    if device not in available:
-        problems.append(f"{what} {device!r} is not available on this machine (devices: {', '.join(available)})")
-        return None
-    return device
-
-
-def _check_expert(expert: str, compute: str | None, available: tuple[str, ...], problems: list,
-                  prefix: str = "") -> None:
-    try:
-        spec = parse_allocation(expert)
-    except AllocationError as error:
-        problems.append(f"{prefix}expert_mode_allocations: {error}")
-        return
-    missing = [d for d in spec.devices if d not in available]
-    if missing:
-        problems.append(f"{prefix}expert_mode_allocations names {', '.join(missing)}, not available on this machine "
-                        f"(devices: {', '.join(available)})")
-    if compute == "cpu":
-        problems.append(f"{prefix}expert_mode_allocations needs a GPU {prefix}compute_device; with 'cpu' use "
-                        f"{prefix}virtual_vram_gb")
+def _raise_problems(problems: list) -> None:
+    if problems:
+        raise ValueError("DisTorch: " + "; ".join(str(p) for p in problems))
 
 
 @dataclass(frozen=True)
@@ -171,7 +128,6 @@ class CheckpointSettings:
         unet, clip = (DisTorchSettings.collect(
             values[f"{p}_compute_device"], values[f"{p}_virtual_vram_gb"], values[f"{p}_donor_device"],
             values.get(f"{p}_expert_mode_allocations"), available, problems, prefix=f"{p}_") for p in ("unet", "clip"))
-        vae = _device(values["vae_device"], "vae_device", available, problems)
-        if problems:
-            raise ValueError("DisTorch: " + "; ".join(problems))
+        vae = check_device(values["vae_device"], "vae_device", available, problems)
+        _raise_problems(problems)
         return cls(unet, clip, vae)

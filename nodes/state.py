@@ -1,22 +1,22 @@
-"""Per-model DisTorch state: the settings, the plan and the streamer of one loaded model.
+"""The node pack's attachment on a model: its `distorch.Placement`, and what only the nodes need (the UI node).
 
 It lives on the torch module ComfyUI wraps (BaseModel, a CLIP's cond_stage_model, a VAE's
 first_stage_model), so every ModelPatcher clone of that model shares it and nothing is stored on a
-class. The state owns its streamer and holds no reference back to the model (the streamer reaches the
-model's modules by weakref), so the model is freed by reference counting, with its staged and pinned
-memory and its ledger entry, the moment ComfyUI drops it. No ComfyUI import: the patcher in
+class. The placement owns the plan, the ledger entry and the streamer and holds no reference back to
+the model (weakrefs only), so the model is freed by reference counting, with its staged and pinned
+memory and its ledger entry, the moment ComfyUI drops it. ComfyUI places the weights outside the
+streamed blocks itself, so the placement leaves them alone. No ComfyUI import: the patcher in
 `patcher.py` calls into this.
 """
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from torch import nn
 
-from ..distorch import BlockStreamer, MemoryInventory, Plan, discover, plan
-from ..distorch.ledger import LEDGER
-from ..distorch.streamer import StagingProgress, StoragePlacement
-from .settings import DisTorchSettings
+from ..distorch import MemoryInventory, PlacementRequest, Plan
+from ..distorch.placement import LayoutMismatch, Placement, StagingProgress
 
 logger = logging.getLogger("distorch.nodes")
 
@@ -24,30 +24,40 @@ _ATTRIBUTE = "_distorch_state"
 
 
 class DisTorchState:
-    """What DisTorch decided for one model, and the streamer that carries it out."""
+    """A loaded model's placement, as the node pack drives it, and the loader node that planned it."""
 
-    def __init__(self, settings: DisTorchSettings, model_plan: Plan):
-        self.settings = settings  # the loader's inputs, validated
-        self.plan = model_plan  # fixed when the loader ran; the same placement on every queue run
-        self.streamer: BlockStreamer | None = None  # created at the first load, kept while the model lives
+    def __init__(self, placement: Placement):
+        self.placement = placement  # the model's plan, ledger entry and streamer
         self.ui_node: str | None = None  # id of the loader node that planned it: its progress bar shows staging
-        self._streamed_prefixes = tuple(f"{name}." for name in model_plan.streamed)
-        self._streamed_names = model_plan.streamed
+        self._streamed: tuple[Plan, frozenset[str], tuple[str, ...]] | None = None  # per plan: names, prefixes
 
     @classmethod
     def of(cls, model: nn.Module) -> "DisTorchState | None":
         return getattr(model, _ATTRIBUTE, None)
 
     @classmethod
-    def attach(cls, model: nn.Module, settings: DisTorchSettings, inventory: MemoryInventory,
-               prefetch: int = 2) -> "DisTorchState":
+    def attach(cls, model: nn.Module, settings: PlacementRequest, inventory: MemoryInventory,
+               prefetch: int | None = None) -> "DisTorchState":
         """Plans `model` for `settings` (reserving it in the ledger) and stores the state on it."""
-        model_plan = plan(model, compute_device=settings.compute_device, virtual_vram_gb=settings.virtual_vram_gb,
-                          donor_device=settings.donor_device, expert_mode_allocations=settings.expert_mode_allocations,
-                          memory=inventory, prefetch=prefetch)
-        state = cls(settings, model_plan)
+        if prefetch is not None:
+            settings = dataclasses.replace(settings, prefetch=prefetch)
+        state = cls(Placement.planned(model, settings, memory=inventory))
         setattr(model, _ATTRIBUTE, state)
         return state
+
+    @property
+    def settings(self) -> PlacementRequest:
+        """The loader's inputs, validated (what the plan was made for)."""
+        return self.placement.request
+
+    @property
+    def plan(self) -> Plan:
+        return self.placement.plan
+
+    @property
+    def streamer(self):
+        """The placement's streamer: None until the model is first loaded."""
+        return self.placement.streamer
 
     @property
     def streams(self) -> bool:
@@ -59,7 +69,8 @@ class DisTorchState:
         return self.plan.prefetch * self.plan.slot_bytes if self.streams else 0
 
     def is_streamed(self, module_name: str) -> bool:
-        return module_name in self._streamed_names or module_name.startswith(self._streamed_prefixes)
+        names, prefixes = self._streamed_names()
+        return module_name in names or module_name.startswith(prefixes)
 
     def without_streamed(self, load_list: Iterable[tuple]) -> list[tuple]:
         """ComfyUI's `_load_list()` minus the modules inside streamed blocks, whatever its tuple layout.
@@ -83,34 +94,30 @@ class DisTorchState:
         return [(name, module) for name, module in model.named_modules() if self.is_streamed(name)]
 
     def open(self, model: nn.Module, pin: bool = True, progress: StagingProgress | None = None) -> bool:
-        """Starts streaming (staging the weights the first time, reporting to `progress`). Returns True when it
-        was not open."""
-        if not self.streams or (self.streamer is not None and self.streamer.is_open):
+        """Starts streaming `model` (the model this state is attached to), staging the weights the first time and
+        reporting to `progress`. Returns True when it was not open."""
+        if not self.streams:
             return False
-        if self.streamer is None:
-            self.streamer = self._make_streamer(model, pin)
-        self.streamer.open(progress=progress)
-        return True
+        try:
+            return self.placement.open(progress, pin=pin)
+        except LayoutMismatch as error:
+            raise RuntimeError(f"DisTorch: blocks {list(error.names[:3])} changed size since the loader planned "
+                               "them; re-run the loader node") from None
 
     def close(self, unstage: bool = False) -> None:
-        """Stops streaming; staged weights stay in their flat buffers unless `unstage`."""
-        if self.streamer is not None:
-            self.streamer.close(unstage=unstage)
+        """Stops streaming; staged weights stay in their flat buffers (`Placement.pause`) unless `unstage`, which
+        gives every weight back and drops the ledger entry (`Placement.release`)."""
+        if unstage:
+            self.placement.release()
+        else:
+            self.placement.pause()
 
-    def _make_streamer(self, model: nn.Module, pin: bool) -> BlockStreamer:
-        layout = discover(model)
-        found = {b.name: b.nbytes for b in layout.blocks}
-        changed = [b.name for b in self.plan.blocks if b.streamed and found.get(b.name) != b.nbytes]
-        if changed:
-            raise RuntimeError(f"DisTorch: blocks {changed[:3]} changed size since the loader planned them; "
-                               "re-run the loader node")
-        blocks = [b for b in layout.blocks if b.name in self.plan.streamed]
-        storage: Mapping[str, StoragePlacement] = {
-            b.name: StoragePlacement(b.device, b.pinned and pin, b.disk) for b in self.plan.blocks if b.streamed
-        }
-        account = LEDGER.account(model) or LEDGER.reserve(model, self.plan.holding())
-        return BlockStreamer(model, blocks, storage, self.plan.compute_device, prefetch=self.plan.prefetch,
-                             account=account)
+    def _streamed_names(self) -> tuple[frozenset[str], tuple[str, ...]]:
+        # Asked for every module of the model on each load: derived once per plan (a re-placement brings a new one).
+        if self._streamed is None or self._streamed[0] is not self.plan:
+            names = self.plan.streamed
+            self._streamed = (self.plan, names, tuple(f"{name}." for name in names))
+        return self._streamed[1], self._streamed[2]
 
 
 def _entry_name(entry: tuple) -> str:

@@ -16,9 +16,10 @@ import folder_paths
 import pytest
 import torch
 from conftest import HAS_DYNAMIC, MODELS
-from distorch_pack.nodes import loading
+from distorch_pack.nodes import loading, memory_policy
 from distorch_pack.nodes import patcher as distorch_patcher
-from distorch_pack.nodes.loading import load_clip, load_unet, load_vae, loader_inventory
+from distorch_pack.nodes.loading import load_clip, load_unet, load_vae
+from distorch_pack.nodes.memory_policy import loader_inventory
 from distorch_pack.nodes.patcher import DisTorchModelPatcher
 from distorch_pack.nodes.settings import DisTorchSettings
 from distorch_pack.nodes.state import DisTorchState
@@ -148,9 +149,9 @@ def test_slots_and_staging_are_allocated_outside_the_memory_compiler_recording(m
 
 
 def test_pinning_honours_core_flags_and_budget(monkeypatch):
-    may_pin = distorch_patcher._may_pin
+    may_pin, pinned_budget = memory_policy.may_pin, memory_policy.pinned_budget
     if not hasattr(mm, "MAX_PINNED_MEMORY"):  # 0.3.64 pins nothing itself: the plan's budget is the only limit
-        budget, pinned_by_core = loading._pinned_budget(64 << 30)
+        budget, pinned_by_core = pinned_budget(64 << 30)
         assert may_pin(1 << 30) and budget > 0 and pinned_by_core == 0
         return
     asked = []
@@ -159,12 +160,12 @@ def test_pinning_honours_core_flags_and_budget(monkeypatch):
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 6 << 30)
     assert may_pin(1 << 30) and asked == [1 << 30]
     assert not may_pin(3 << 30), "beyond what core's pinned budget has left"
-    assert loading._pinned_budget(64 << 30) == (8 << 30, 6 << 30), "the shared cap, and core's part of it"
+    assert pinned_budget(64 << 30) == (8 << 30, 6 << 30), "the shared cap, and core's part of it"
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)  # --disable-pinned-memory, or a GPU core does not pin on
-    assert not may_pin(1) and loading._pinned_budget(64 << 30)[0] == 0
+    assert not may_pin(1) and pinned_budget(64 << 30)[0] == 0
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 8 << 30)
     monkeypatch.setattr(mm.args, "disable_pinned_memory", True, raising=False)
-    assert not may_pin(1) and loading._pinned_budget(64 << 30) == (0, 0)
+    assert not may_pin(1) and pinned_budget(64 << 30) == (0, 0)
 
 
 def test_vram_headroom_is_left_free_by_the_plan(monkeypatch):
