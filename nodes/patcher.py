@@ -2,12 +2,13 @@
 
 Core keeps doing everything it does for the rest of the model (loading, LoRA baking, partial unloads,
 pinning, accounting); the override of `_load_list()` hides the streamed blocks from it. For those
-blocks this patcher does what core's lowvram path does for an offloaded layer (mark it cast-on-use,
-attach `LowVramPatch` for LoRA so the patch is applied on the compute device each forward) and opens
-the streamer, which copies their weights into a slot just before each block runs. `loaded_size()`
-counts the resident weights (core) plus the slots (here), and `model_size()` is what the model takes on
-the compute device when fully loaded (resident weights plus slots), so core's memory request for it,
-`model_size() - loaded_size()` plus its activation estimate, is what loading it really needs.
+blocks this patcher does what core's lowvram path does for an offloaded layer (mark it cast-on-use) and
+opens the streamer, which copies their weights into a slot just before each block runs. A LoRA on a
+streamed or GGUF layer runs as a low-rank side path beside the layer (nodes/lora.py) when it is a plain
+LoRA, else core's `LowVramPatch` merges it on the compute device each forward. `loaded_size()` counts
+the resident weights (core) plus the slots and the side paths' factors (here), and `model_size()` is what
+the model takes on the compute device when fully loaded (the same three), so core's memory request for
+it, `model_size() - loaded_size()` plus its activation estimate, is what loading it really needs.
 
 With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
 dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
@@ -27,6 +28,7 @@ import torch
 
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
+from . import lora
 from .memory_policy import loader_inventory, may_pin
 from .progress import StagingProgressBar
 from .state import DisTorchState
@@ -79,13 +81,22 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         would evict other models (a text encoder, the VAE) on every queue run.
         """
         state = DisTorchState.of(self.model)
+        side_paths = self._lora_routing(state).nbytes
         if state is None or not state.streams:
-            return super().model_size()
-        return self._resident_size() + state.slot_bytes
+            return self._weights_size() + side_paths
+        return self._resident_size() + state.slot_bytes + side_paths
 
     def get_ram_usage(self) -> int:
         """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
         return comfy.model_management.module_size(self.model)
+
+    def _weights_size(self) -> int:
+        """The model's weights, as core's own `model_size()` counts them, cached. Not core's `self.size`: from
+        ComfyUI 0.8 a clone starts with its parent's `model_size()`, side paths of the parent's LoRAs included."""
+        cached = self.__dict__.get("_distorch_weights_size")
+        if cached is None:
+            cached = self._distorch_weights_size = comfy.model_management.module_size(self.model)
+        return cached
 
     def _resident_size(self) -> int:
         """What core counts for the modules it loads (`module_size` of every `_load_list()` entry), cached:
@@ -116,15 +127,23 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         state = DisTorchState.of(self.model)
         if state is None or not state.streams:
+            side_paths = self._lora_routing(state, device_to).nbytes
+            if not full_load and side_paths and lowvram_model_memory > 0:
+                lowvram_model_memory = max(lowvram_model_memory - side_paths, 1)
             super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_quantized_patches(state)
+            # A full load counts model_size(), which has the side paths in it already.
+            weights = min(self.model.model_loaded_weight_memory, self._weights_size())
+            self.model.model_loaded_weight_memory = weights + lora.install(self, self._lora_routing(state, device_to))
             return
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
+        routing = self._lora_routing(state, device_to)
         unlimited = full_load or lowvram_model_memory <= 0
-        budget = 1e32 if unlimited else max(lowvram_model_memory - state.slot_bytes, 1)
+        budget = 1e32 if unlimited else max(lowvram_model_memory - state.slot_bytes - routing.nbytes, 1)
         super().load(device_to, lowvram_model_memory=budget, force_patch_weights=force_patch_weights, full_load=False)
         self._attach_quantized_patches(state)
         self._prepare_streamed_modules(state)
+        side_path_bytes = lora.install(self, routing)
         pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
         try:
             with _outside_memory_compiler():
@@ -136,7 +155,7 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             self.detach()
             raise
         self.model.model_lowvram = True
-        self.model.model_loaded_weight_memory += state.slot_bytes
+        self.model.model_loaded_weight_memory += state.slot_bytes + side_path_bytes
         if opened:
             self._log_load(state)
 
@@ -147,7 +166,15 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
                 # Frees the slots; streamed weights stay staged in pinned RAM for the next load.
                 state.close(unstage=False)
             self._detach_quantized_patches()
+            lora.remove(self.model)
         return super().unpatch_model(device_to, unpatch_weights)
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        # Core gives each layer it moves off the device a LowVramPatch per patched key, beside the one a GGUF layer
+        # already has (and beside a side path): the chains are set again from the patch routing.
+        freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)
+        self._attach_quantized_patches(DisTorchState.of(self.model))
+        return freed
 
     # -- streamed blocks ----------------------------------------------------------------------------
 
@@ -162,31 +189,50 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
                 module.comfy_cast_weights = True
 
     def _set_weight_functions(self, name: str, module: torch.nn.Module) -> None:
+        routing = self._lora_routing(DisTorchState.of(self.model))
         for param, functions in _FUNCTION_LISTS:
             key = f"{name}.{param}"
             chain = []
-            if key in self.patches:
+            if key in self.patches and not routing.on_side_path(key):
                 _, set_func, convert_func = comfy.model_patcher.get_key_weight(self.model, key)
                 chain.append(comfy.model_patcher.LowVramPatch(key, self.patches, convert_func, set_func))
             chain.extend(self.weight_wrapper_patches.get(key, []))
             setattr(module, functions, chain)
 
-    # -- LoRA on resident GGUF layers -----------------------------------------------------------------
+    # -- LoRA on GGUF layers, and which keys run as a side path -------------------------------------------
 
     def _attach_quantized_patches(self, state: DisTorchState | None) -> None:
-        """LoRA for resident GGUF layers, applied on the compute device after dequantization each forward.
+        """LoRA for resident GGUF layers: a side path, or merged on the compute device after dequantization.
 
-        Core's load clears `weight_function` of every fully loaded layer on each call, so this runs
-        after every `load()`.
+        Core's load clears `weight_function` of every fully loaded layer on each call (and its lowvram branch
+        and partial unload set core's own chain, a merge for every patched key), so this runs after both.
         """
         for name, module in self.model.named_modules():
             if state is not None and state.is_streamed(name):
                 continue
-            if hasattr(module, "prev_comfy_cast_weights") or not hasattr(module, "comfy_cast_weights"):
-                continue  # core's lowvram path already attached its LowVramPatch
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
             patched = [p for p, _ in _FUNCTION_LISTS if f"{name}.{p}" in self.patches]
             if any(is_quantized(getattr(module, p, None)) for p in patched):
                 self._set_weight_functions(name, module)
+
+    def _lora_routing(self, state: DisTorchState | None, device_to=None) -> lora.LoraRouting:
+        """Which LoRA keys of this patcher run as a side path (nodes/lora.py), for its patch set and plan; cached.
+
+        Only keys core would merge on every forward qualify: on streamed layers and on GGUF weights.
+        """
+        if not getattr(self, "patches", None):  # none, or core's __init__ asking for model_size() before it set them
+            return lora.NO_ROUTING
+        device = torch.device(device_to or self.load_device)
+        dtype = lora.compute_dtype(self.model)
+        plan = state.plan if state is not None else None
+        cached = self.__dict__.get("_distorch_lora_routing")
+        if cached is not None and cached[0] is plan and cached[1].signature == (self.patches_uuid, str(device), dtype):
+            return cached[1]
+        streamed = state.is_streamed if state is not None and state.streams else (lambda name: False)
+        routing = lora.route(self, lora.candidates(self.model, streamed), device, dtype)
+        self._distorch_lora_routing = (plan, routing)
+        return routing
 
     def _detach_quantized_patches(self) -> None:
         for module in self.model.modules():
