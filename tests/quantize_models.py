@@ -2,7 +2,8 @@
 
 The shapes cover every rule: 2-D weights that quantize, 1-D norms and biases, a raw 3-D parameter
 (`modulation`), a 5-D convolution (`patch_embedding`, stored flat with orig_shape), a weight whose last dim is
-not a multiple of 32, a tiny weight, and the architecture's kept layers (`text_embedding`, `head`).
+not a multiple of 32, a tiny weight, the architecture's kept layers (`text_embedding`, `head`), and probes that
+only one rule keeps: a 1-D weight and a raw 2-D parameter, both large, with rows of whole Q8_0 blocks.
 """
 
 from pathlib import Path
@@ -41,6 +42,9 @@ def wan_state_dict(dtype=torch.bfloat16, seed: int = 0, dim: int = DIM, ffn: int
         tensors[f"{block}.ffn.2.bias"] = randn(dim, scale=0.01)
         tensors[f"{block}.odd.weight"] = randn(48, 40)  # last dim not a multiple of 32
         tensors[f"{block}.tiny.weight"] = randn(16, 32)  # 512 elements: too small to quantize
+        # Probes, each kept by one rule alone (large enough, rows of whole blocks): 1-D, a raw 2-D parameter.
+        tensors[f"{block}.norm3.weight"] = 1 + randn(1280, scale=0.01)
+        tensors[f"{block}.scale_shift_table"] = randn(6, 256)
     tensors["blocks.0.ffn.0.weight"][0, :32] = 0  # an all-zero block
     return {k: v.to(dtype).contiguous() for k, v in tensors.items()}
 

@@ -69,10 +69,11 @@ def test_unquantized_tensors_are_unchanged_bit_for_bit(model, tmp_path, capsys):
     assert quantize(capsys, model, out)[0] == 0
     source, tensors = wan_state_dict(), reader_tensors(out)
     for name in ("blocks.0.self_attn.norm_q.weight", "blocks.1.ffn.2.bias", "blocks.0.odd.weight",
-                 "blocks.0.tiny.weight", "text_embedding.2.weight", "head.head.weight"):
+                 "blocks.0.tiny.weight", "text_embedding.2.weight", "head.head.weight", "blocks.1.norm3.weight"):
         assert tensors[name].tensor_type == QT.BF16, name
         assert tensors[name].data.tobytes() == source[name].view(torch.uint8).numpy().tobytes(), name
-    for name in ("blocks.0.modulation", "head.modulation", "patch_embedding.weight"):  # raw parameters, 5-D
+    for name in ("blocks.0.modulation", "head.modulation", "patch_embedding.weight",  # raw parameters, 5-D
+                 "blocks.1.scale_shift_table"):
         assert tensors[name].tensor_type == QT.F32, name
         assert np.array_equal(tensors[name].data.reshape(-1), source[name].float().numpy().reshape(-1)), name
     field = gguf.GGUFReader(str(out)).get_field("comfy.gguf.orig_shape.patch_embedding.weight")
@@ -241,3 +242,14 @@ def test_peak_memory_is_one_tensor_not_the_file(tmp_path):
     assert source.stat().st_size > 2 * bound
     growth = peak_growth(source, tmp_path / "large.gguf")
     assert growth < bound, f"peak RSS rose {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
+
+
+def test_a_file_that_shrinks_while_it_is_read_is_named(model, tmp_path):
+    from distorch.headers import SafetensorsTensor
+    from distorch.quantize import QuantizeError, read_tensor
+
+    size = model.stat().st_size
+    beyond = SafetensorsTensor("blocks.0.ffn.0.weight", "BF16", (64, 64), size - 100, 64 * 64 * 2)
+    with open(model, "rb", buffering=0) as handle, \
+            pytest.raises(QuantizeError, match=f"ended at byte {size} inside tensor 'blocks.0.ffn.0.weight'"):
+        read_tensor(str(model), handle, beyond)
