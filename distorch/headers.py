@@ -171,7 +171,41 @@ def _block_sort_key(block: str, lists: list[str]) -> tuple[int, int]:
     return lists.index(prefix), int(index)
 
 
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """Where one tensor's bytes lie in a safetensors file (checked against the file's size)."""
+
+    name: str
+    dtype: str  # as safetensors spells it: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+
+def read_safetensors_index(path: str) -> tuple[SafetensorsTensor, ...]:
+    """Every tensor of a safetensors file with its dtype, shape and absolute byte range, in file order.
+
+    Only the header is read; offsets, shapes and sizes are bounds-checked as `read_model_sizes` does, so a
+    reader can pread each range without further checks.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        HeaderError: missing, truncated or malformed header (the message names the file).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    spans, data_start = _safetensors_spans(path)
+    ordered = sorted(spans, key=lambda s: (s.begin, s.end))
+    return tuple(SafetensorsTensor(s.name, s.dtype, s.shape, data_start + s.begin, s.end - s.begin) for s in ordered)
+
+
 def _safetensors_entries(path: str) -> list[TensorEntry]:
+    spans, _ = _safetensors_spans(path)
+    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype)) for span in spans]
+
+
+def _safetensors_spans(path: str) -> tuple[list["_Span"], int]:
+    """The checked spans of the header's tensors (offsets relative to the data section) and where that starts."""
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -192,7 +226,7 @@ def _safetensors_entries(path: str) -> list[TensorEntry]:
     spans = [_safetensors_span(path, name, info, data_size) for name, info in header.items()
              if name != "__metadata__"]
     _check_disjoint(path, spans)
-    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype)) for span in spans]
+    return spans, 8 + length
 
 
 def _parse_json(path: str, raw: bytes) -> dict:
@@ -217,6 +251,7 @@ class _Span:
     begin: int
     end: int
     dtype: str
+    shape: tuple[int, ...] = ()
 
 
 def _safetensors_span(path: str, name: str, info, data_size: int) -> _Span:
@@ -239,7 +274,7 @@ def _safetensors_span(path: str, name: str, info, data_size: int) -> _Span:
             f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
         raise HeaderError(f"{tensor}: data_offsets {echo(offsets)} span {end - begin} bytes, but shape "
                           f"{echo(shape)} of {dtype} needs {needs}")
-    return _Span(name, begin, end, dtype)
+    return _Span(name, begin, end, dtype, tuple(shape))
 
 
 def _bounded_product(values: list[int], limit: int) -> int | None:
