@@ -119,4 +119,4 @@ def _strip_prefixes(names: Collection[str]) -> set[str]:
 def image_signatures() -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(architecture, keys that must all be present) for each diffusion-model signature, in matching order:
     what `guess_from_names` looks for, for messages that say so."""
-    return tuple((s.arch, s.keys) for s in _SIGNATURES if s.arch in IMAGE_ARCHITECTURES)
+    return tuple((s.architecture, s.tensors) for s in _IMAGE_SIGNATURES)
