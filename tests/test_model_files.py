@@ -118,6 +118,32 @@ def test_a_file_rewritten_in_place_is_an_error_never_new_weights(tmp_path, kind,
                 forward(model)
 
 
+def test_a_read_that_failed_leaves_no_slot_holding_the_block(tmp_path):
+    """One streamed block, one slot: after its read failed, the next forward must read it again (and fail again), not
+    find it loaded and compute on what the failed read left in the slot."""
+    path, other = write_aged("gguf", tmp_path / "model"), write_aged("gguf", tmp_path / "other", seed=1)
+    model = load("gguf", path)
+    block = distorch.discover(model).blocks[0].nbytes
+    model_plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=block / GIB, prefetch=1,
+                               memory=ram_usable(block), ledger=Ledger())
+    assert [b.tier for b in model_plan.blocks if b.streamed] == [Tier.DISK]
+    with distorch.stream(model, model_plan, prefetch=1, ledger=Ledger()):
+        rewrite_in_place(path, other)
+        for _ in range(2):
+            with pytest.raises(ModelFileChanged, match=changed(path, "was rewritten")):
+                forward(model)
+
+
+def test_a_file_rewritten_between_plan_and_stream_is_refused(tmp_path):
+    """The loader plans, the first run stages: the identity taken when planning is the one every read checks."""
+    path, other = write_aged("gguf", tmp_path / "model"), write_aged("gguf", tmp_path / "other", seed=1)
+    model = load("gguf", path)
+    model_plan = plan(model, "staging")
+    rewrite_in_place(path, other)
+    with pytest.raises(ModelFileChanged, match=changed(path, "was rewritten")):
+        distorch.stream(model, model_plan, ledger=Ledger())
+
+
 def test_a_file_rewritten_after_planning_is_not_staged_and_nothing_stays_half_staged(tmp_path):
     """The loader plans, the first run stages: a file rewritten in between (or while staging) is refused at the block
     that reads it; the blocks staged before stay consistent and release() gives every weight back."""
