@@ -30,6 +30,7 @@ import distorch
 from distorch import CpuCopyEngine, ModelFileChanged, ModelSizes, PlanError, Tier
 from distorch.files import Backing, MappedFiles, _maps_this_file
 from distorch.ledger import Ledger
+from distorch.memory import RAM_RESERVE_FIXED, RAM_RESERVE_SHARE, DeviceMemory, MemoryInventory
 from distorch.pages import MappingTable, memory_filesystem
 from distorch.placement import Placement
 from distorch.request import PlacementRequest
@@ -200,6 +201,42 @@ def test_a_file_replaced_or_deleted_keeps_the_planned_weights_and_replans_as_mem
         assert torch.equal(forward(model), expected)
 
 
+def test_a_block_staged_after_its_file_was_replaced_is_copied_from_its_mapping(tmp_path):
+    """Half the blocks stay with the model (as ComfyUI places resident weights), then the file is renamed over and a
+    re-placement streams them all: the newly staged blocks come from the old file's mapping (no name reaches it, no
+    descriptor is open), never from the new file under the old name."""
+    path, other = write_aged("gguf", tmp_path / "model"), write_aged("gguf", tmp_path / "other", seed=1)
+    model = load("gguf", path)
+    expected = forward(model)
+    blocks = distorch.discover(model).block_bytes / GIB
+    placement = Placement.planned(model, PlacementRequest("cpu", blocks / 2), memory=ROOMY, ledger=Ledger())
+    placement.open()
+    assert torch.equal(forward(model), expected)
+    replace_by_rename(path, other)
+    placement.move_to(placement.replan(PlacementRequest("cpu", blocks), memory=ROOMY))
+    assert placement.plan.streamed == {b.name for b in placement.plan.blocks}
+    assert torch.equal(forward(model), expected)
+    placement.release()
+
+
+def test_a_file_moved_away_keeps_streaming_from_the_disk_across_a_re_placement(tmp_path):
+    """`mv model.gguf elsewhere/`: the file is the same, under another name. A re-placement that keeps the disk tier
+    hands its open descriptor to the new streamer, which never looks the old name up again."""
+    path = write_aged("gguf", tmp_path / "model")
+    model = load("gguf", path)
+    expected = forward(model)
+    request = PlacementRequest("cpu", distorch.discover(model).block_bytes / GIB)
+    slots_only = ram_usable(plan(model, "disk").prefetch * plan(model, "disk").slot_bytes)
+    placement = Placement.planned(model, request, memory=slots_only, ledger=Ledger())
+    placement.open()
+    assert torch.equal(forward(model), expected)
+    path.rename(tmp_path / "moved")
+    placement.move_to(placement.replan(memory=slots_only))
+    assert {b.tier for b in placement.plan.blocks} == {Tier.DISK}
+    assert torch.equal(forward(model), expected)
+    placement.release()
+
+
 def test_a_model_on_tmpfs_is_memory_that_staging_copies(tmp_path):
     """/dev/shm is tmpfs: its pages are RAM the file keeps. Staging adds its bytes (plan and ledger) and it is no disk
     to stream from. Regression: /dev/shm paths counted as anonymous RAM that staging moves."""
@@ -257,10 +294,31 @@ def test_shared_memory_blocks_are_copied_and_never_left_on_disk():
     with pytest.raises(PlanError):
         distorch.plan_sizes(sizes, compute_device="cpu", virtual_vram_gb=10 * block / GIB,
                             memory=ram_usable(11 * block), others=())
+    # Compute on the CPU with the rest on a GPU: the resident blocks lie in host memory already, the rest does not.
+    half = dataclasses.replace(sizes, rest_bytes=3 * block, bytes_on={"cpu": 10 * block, "cuda:0": 3 * block})
+    resident_rest = distorch.plan_sizes(half, compute_device="cpu", virtual_vram_gb=5 * block / GIB,
+                                        memory=ram_usable(20 * block), others=())
+    assert resident_rest.ram_added == 5 * block + 2 * block + 3 * block  # staged, slots, the rest coming to RAM
     as_file = dataclasses.replace(sizes, in_shared_ram={}, in_file=dict(blocks))
     spilled = distorch.plan_sizes(as_file, compute_device="cpu", virtual_vram_gb=10 * block / GIB,
                                   memory=ram_usable(11 * block), others=())
     assert spilled.disk_bytes > 0, "the control: the same blocks in a file on a disk may stay there"
+
+
+def test_the_plan_counts_the_bounce_buffer_a_gpu_reads_the_disk_tier_through():
+    """On a GPU the disk tier is read into one page-locked host buffer of a slot's size before its copy: RAM the plan
+    adds (and makes room for, by leaving one more block in the file)."""
+    block = 100 << 20
+    blocks = tuple((f"b.{i}", block) for i in range(10))
+    sizes = ModelSizes("M", blocks, 0, {"cpu": 10 * block}, in_file=dict(blocks))
+    machine = {"cpu": 6 * block + int(RAM_RESERVE_FIXED + RAM_RESERVE_SHARE * 64 * GIB), "cuda:0": 64 * GIB}
+    memory = MemoryInventory({"cpu": DeviceMemory("cpu", machine["cpu"], 64 * GIB),
+                              "cuda:0": DeviceMemory("cuda:0", machine["cuda:0"], 64 * GIB)})
+    gpu = distorch.plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=10 * block / GIB, memory=memory,
+                              others=())
+    staged = sum(b.nbytes for b in gpu.blocks if b.tier in (Tier.PINNED, Tier.PAGEABLE))
+    assert gpu.disk_bytes == 5 * block and staged == 5 * block, "one block more on the disk for the bounce buffer"
+    assert gpu.ram_added == staged + block
 
 
 def test_a_weight_written_in_memory_is_streamed_as_written(tmp_path):
@@ -285,10 +343,12 @@ def test_descriptors_are_closed_with_the_streamer_and_with_the_model(tmp_path):
     model_plan = plan(model, "disk")
     loader = descriptors_of(path)  # gguf_loader's mapping holds one
     for _ in range(5):
-        with distorch.stream(model, model_plan, ledger=Ledger()):
+        with distorch.stream(model, model_plan, ledger=Ledger()) as handle:
+            streamer = handle.streamer  # kept alive: close() itself must close the descriptor
             forward(model)
             assert descriptors_of(path) == loader + 1
         assert descriptors_of(path) == loader
+        del streamer
     handle = distorch.stream(model, model_plan, ledger=Ledger())
     handle.pause()  # ComfyUI unloads between runs: the disk-tier blocks stay ready, their descriptor too
     assert descriptors_of(path) == loader + 1
