@@ -115,7 +115,6 @@ class MappedFiles:
         backing, file = self._seen[key]
         return backing, None if file is None else FileSpan(file, mapping.file_offset(address), nbytes)
 
-
     def _as_planned(self, backing: Backing, file: FileIdentity | None) -> tuple[Backing, FileIdentity | None]:
         earlier = self._planned.get(file.mapped_as) if file is not None else None
         if earlier is None or (earlier.device, earlier.inode) != (file.device, file.inode):
