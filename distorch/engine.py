@@ -7,12 +7,18 @@ the same protocol between CPU buffers so CI exercises the streamer without a GPU
 streams lagging the host, as on a GPU: the kernels of a forward count as running until a wait
 orders something after them, so a copy that skips the wait on a slot's `free` event, or a forward
 that skips the wait on its `ready` event, raises instead of passing by luck.
+
+A copy's source is a tensor, or a host read (`files.FileRead`: a disk-tier block read from its model file
+through a descriptor). The host performs the read where the engine says: straight into the slot on the CPU,
+into a page-locked bounce buffer on a GPU, whose copy into the slot is then ordered like any other.
 """
 
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+
+from .hostbuf import FlatBuffer
 
 POISON_BYTE = 0xFF  # all-ones bytes read as NaN in fp32/fp16/bf16 and in GGUF block scales
 
@@ -24,11 +30,16 @@ class CudaCopyEngine:
         self.device = torch.device(device)
         self.copy_stream = torch.cuda.Stream(self.device)
         self._donor_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._bounce: FlatBuffer | None = None  # page-locked host buffer host reads land in (disk tier), a slot's size
+        self._bounce_free = torch.cuda.Event()  # recorded on the copy stream after the latest copy out of `_bounce`
 
     def new_event(self) -> torch.cuda.Event:
         return torch.cuda.Event()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, after: torch.cuda.Event, ready: torch.cuda.Event) -> None:
+    def copy(self, dst: torch.Tensor, src, *, after: torch.cuda.Event, ready: torch.cuda.Event) -> None:
+        if not isinstance(src, torch.Tensor):
+            self._read(dst, src, after=after, ready=ready)
+            return
         with torch.cuda.stream(self.copy_stream):
             # Write-after-read guard: the slot may still be read by kernels queued on the compute stream
             # for its previous block; without this wait the copy would overwrite weights in use.
@@ -43,6 +54,33 @@ class CudaCopyEngine:
             # Consumers wait for this event, never for the host: no synchronisation in steady state.
             ready.record(self.copy_stream)
 
+    def _read(self, dst: torch.Tensor, src, *, after: torch.cuda.Event, ready: torch.cuda.Event) -> None:
+        """The host reads `src` into the bounce buffer; the copy stream moves it into the slot after `after`."""
+        bounce = self._bounce_for(dst)[:src.nbytes]
+        # The host overwrites the bounce buffer: the copy that last read it must have landed, or that copy would
+        # move part of this block into the other slot. The streaming loop's only host wait, on the disk tier only.
+        self._bounce_free.synchronize()
+        src.read_into(bounce)  # raises, with nothing enqueued, when the file changed
+        with torch.cuda.stream(self.copy_stream):
+            # As for every copy: the slot may still be read by queued kernels of its previous block.
+            self.copy_stream.wait_event(after)
+            dst.copy_(bounce, non_blocking=True)
+            ready.record(self.copy_stream)
+            self._bounce_free.record(self.copy_stream)
+
+    def _bounce_for(self, dst: torch.Tensor) -> torch.Tensor:
+        size = dst.untyped_storage().nbytes()  # the whole slot: every block fits
+        if self._bounce is None or self._bounce.nbytes < size:
+            self._drop_bounce()
+            self._bounce = FlatBuffer(size, "cpu", pin=True)
+        return self._bounce.tensor
+
+    def _drop_bounce(self) -> None:
+        if self._bounce is not None:
+            self._bounce_free.synchronize()  # never unpin memory a copy may still read
+            self._bounce.release()
+            self._bounce = None
+
     def compute_wait(self, event: torch.cuda.Event) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
 
@@ -56,11 +94,13 @@ class CudaCopyEngine:
         """Bookkeeping hook of the CPU engine's overwrite check; the GPU orders this with events."""
 
     def synchronize(self) -> None:
-        """Teardown only: waits for every copy and for the compute kernels that may still read a slot."""
+        """Teardown only: waits for every copy and for the compute kernels that may still read a slot, and frees the
+        bounce buffer."""
         self.copy_stream.synchronize()
         for stream in self._donor_streams.values():
             stream.synchronize()
         torch.cuda.synchronize(self.device)
+        self._drop_bounce()
 
     def _donor_stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self._donor_streams:
@@ -120,11 +160,25 @@ class CpuCopyEngine:
     def new_event(self) -> CpuEvent:
         return CpuEvent()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, *, after: CpuEvent, ready: CpuEvent) -> None:
+    def copy(self, dst: torch.Tensor, src, *, after: CpuEvent, ready: CpuEvent) -> None:
+        if not isinstance(src, torch.Tensor):
+            self._read(dst, src, after=after, ready=ready)
+            return
         ready.enqueued += 1
         self._copies.append(_CpuCopy(dst, src, after, after.enqueued, ready))
         if not self.deferred:
             self._run_copies()
+
+    def _read(self, dst: torch.Tensor, src, *, after: CpuEvent, ready: CpuEvent) -> None:
+        """A host read straight into the slot: the host itself waits for what a copy would wait for."""
+        self._run_copies()  # it joins the copy stream behind the copies issued before it
+        # The slot's free event: the compute work still reading the slot completes first (the write-after-read
+        # guard of every copy; a read that skips it is refused by the overwrite check below).
+        self._complete_compute(after, after.enqueued)
+        self._check_no_reader(dst)
+        src.read_into(dst)  # raises when the file changed; the event then orders nothing new
+        ready.enqueued += 1
+        ready.completed += 1
 
     def compute_wait(self, event: CpuEvent) -> None:
         target = event.enqueued

@@ -4,7 +4,9 @@ Per streamed block, one flat buffer on its storage device (pinned or pageable RA
 holds all its weights. Staging copies the block into it and re-points the block's parameters and
 buffers there, block by block: nothing of ours keeps the original memory, so it is freed as each block
 is staged and a streamed byte lives in one place (peak: the model plus one block). A block on the disk
-tier is not copied at all: it stays in the model file's mapping and is copied from there into its slot.
+tier is not copied at all: it stays in the model file, and each load reads it into its slot through a
+descriptor of that file, never through the mapping, so a file changed under the model raises
+`ModelFileChanged` instead of a SIGBUS or new weights (files.py). Staging reads a file-backed block the same way.
 The streamer holds no reference to the model: hooks reach it through a weakref, so dropping the model
 frees the streamer and its pinned memory without waiting for the garbage collector.
 
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .blocks import Block, TensorCluster, cluster_tensors, live_bytes
 from .engine import CpuCopyEngine, CudaCopyEngine
+from .files import FileRead, FileReader, FileSpan, ModelFileChanged, readable_span
 from .hostbuf import FlatBuffer, align_up
 from .ledger import Account
 from .pages import MappingTable, release_file_pages, trim_heap
@@ -109,16 +112,18 @@ class _StreamedBlock:
     when the last view of it goes.
     """
 
-    def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module):
+    def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module, files: FileReader):
         self.index = index
         self.name = block.name
         self.module = weakref.ref(module)  # the block's module; the model owns it
         self.placement = placement
+        self.files = files  # the streamer's descriptors of the model files (it owns them)
         self.clusters = block.clusters
         self.offsets = _cluster_offsets(block.clusters)
         self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
         self.buffer: FlatBuffer | None = None  # the staging buffer (RAM or donor GPU), None on the disk tier
         self.homes: list[torch.Tensor] = []  # per cluster, its bytes between forwards (empty: not staged)
+        self.spans: list[FileSpan] = []  # on the disk tier: per cluster, where its bytes lie in its model file
         self.tensors: list[list[torch.Tensor]] = []  # per cluster, the model's tensors of its views
         self.host_views: list[torch.Tensor] = []
         self.slot_views: dict[int, list[torch.Tensor]] = {}
@@ -133,15 +138,24 @@ class _StreamedBlock:
         return bool(self.homes) or self.buffer is not None
 
     def stage(self, buffer: FlatBuffer, mappings: MappingTable) -> int:
-        """Copies the block into `buffer` and points its tensors there, releasing the originals.
+        """Copies the block into `buffer` and points its tensors there, releasing the originals. Bytes that lie in
+        their model file are read through its descriptor; a changed file raises `ModelFileChanged` before anything
+        points into the buffer (the block stays unstaged).
 
         Returns the bytes that came from ordinary RAM (now free for the heap to give back).
         """
         self.tensors = self._resolve()
-        flat, from_ram, file_ranges = buffer.tensor, 0, []
+        flat, from_ram, file_ranges, read = buffer.tensor, 0, [], []
         for cluster, tensors, offset in zip(self.clusters, self.tensors, self.offsets):
             source = live_bytes(cluster, tensors)
-            flat[offset:offset + cluster.nbytes].copy_(source)
+            destination = flat[offset:offset + cluster.nbytes]
+            span = readable_span(cluster.source, source.data_ptr(), mappings, self.files) \
+                if source.device.type == "cpu" else None
+            if span is None:
+                destination.copy_(source)
+            else:
+                self.files.read(span, destination)
+                read.append(span.file)
             if source.device.type == "cpu":
                 mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes)
                 if mapping is None:
@@ -149,6 +163,8 @@ class _StreamedBlock:
                 else:
                     file_ranges.append((source.data_ptr(), cluster.nbytes, mapping))
             del source  # the last reference of ours to the original memory
+        for file in dict.fromkeys(read):
+            self.files.check(file)
         self.buffer = buffer
         self.homes = [flat[offset:offset + c.nbytes] for c, offset in zip(self.clusters, self.offsets)]
         self.host_views = self._views_on_homes()
@@ -157,19 +173,32 @@ class _StreamedBlock:
             release_file_pages(address, nbytes, mapping)
         return from_ram
 
-    def stay_on_disk(self) -> None:
-        """Leaves the block where it is, in the model file's mapping; each load copies from there."""
-        self.tensors = self._resolve()
-        self.homes = [live_bytes(cluster, tensors) for cluster, tensors in zip(self.clusters, self.tensors)]
+    def stay_on_disk(self, mappings: MappingTable) -> None:
+        """Leaves the block where it is, in its model file; each load reads it from there through the file's
+        descriptor, opened (and checked to be the file discovered) now."""
+        tensors = self._resolve()
+        homes = [live_bytes(cluster, group) for cluster, group in zip(self.clusters, tensors)]
+        spans = [readable_span(cluster.source, home.data_ptr(), mappings, self.files)
+                 for cluster, home in zip(self.clusters, homes)]
+        for cluster, span in zip(self.clusters, spans):
+            if span is None and cluster.source is not None:
+                raise ModelFileChanged(f"distorch: block {self.name!r} streams from the model file "
+                                       f"{cluster.source.file.path!r}, which was deleted or replaced since the model "
+                                       "was loaded; reload the model")
+            if span is None:
+                raise ValueError(f"distorch: block {self.name!r} is planned on the disk tier but its weights do not "
+                                 "lie in a model file; plan it again")
+        for file in dict.fromkeys(span.file for span in spans):
+            self.files.check(file)
+        self.tensors, self.homes, self.spans = tensors, homes, spans
         self.host_views = self._views_on_homes()
 
-    def copies(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) pairs that load this block into `slot`: one for a staged block, one per cluster
-        (in its place in the file) on the disk tier."""
+    def copies(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, object]]:
+        """(destination, source) pairs that load this block into `slot`: from the staging buffer, or on the disk
+        tier a read of its clusters from the model file (`FileRead`, which the copy engine performs)."""
         if self.buffer is not None:
             return [(slot[:self.nbytes], self.buffer.tensor[:self.nbytes])]
-        return [(slot[offset:offset + c.nbytes], home) for c, offset, home in zip(self.clusters, self.offsets,
-                                                                                   self.homes)]
+        return [(slot[:self.nbytes], FileRead(self.files, tuple(zip(self.offsets, self.spans)), self.nbytes))]
 
     def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -193,14 +222,14 @@ class _StreamedBlock:
                     for view, tensor in zip(cluster.views, tensors):
                         tensor.data = view.rebuild_on(restored, view.offset)
         self.buffer = None
-        self.homes, self.tensors, self.host_views = [], [], []
+        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
         self.slot_views.clear()
 
     def take_over(self, other: "_StreamedBlock") -> None:
         """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing."""
-        self.buffer, self.homes = other.buffer, other.homes
+        self.buffer, self.homes, self.spans = other.buffer, other.homes, other.spans
         self.tensors, self.host_views = other.tensors, other.host_views
-        other.buffer, other.homes, other.tensors, other.host_views = None, [], [], []
+        other.buffer, other.homes, other.tensors, other.host_views, other.spans = None, [], [], [], []
         other.slot_views.clear()
 
     def let_go(self) -> None:
@@ -209,7 +238,7 @@ class _StreamedBlock:
         if self.buffer is not None:
             self.buffer.release()
         self.buffer = None
-        self.homes, self.tensors, self.host_views = [], [], []
+        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
         self.slot_views.clear()
 
     def _resolve(self) -> list[list[torch.Tensor]]:
@@ -240,7 +269,9 @@ class BlockStreamer:
         self.prefetch = prefetch
         self.debug = debug  # poison released slots so a missing wait reads NaN
         self.engine = engine or _default_engine(self.device)
-        self._blocks = [_StreamedBlock(i, b, storage[b.name], model.get_submodule(b.name))
+        # Descriptors of the model files read from: open while disk-tier blocks stream from them (and while staging).
+        self._files = FileReader()
+        self._blocks = [_StreamedBlock(i, b, storage[b.name], model.get_submodule(b.name), self._files)
                         for i, b in enumerate(blocks)]
         self._passes = _make_passes(model, blocks)
         self._pass_of = {i: p for p in self._passes for i in p.schedule}
@@ -317,6 +348,7 @@ class BlockStreamer:
             for block in self._blocks:
                 if block.is_staged:
                     block.unstage()
+            self._files.close()
             if self._account is not None:
                 self._account.update(staged=False)
 
@@ -340,6 +372,7 @@ class BlockStreamer:
                 block.take_over(staged.pop(block.name))
         for block in staged.values():
             block.let_go()
+        successor._files.adopt(self._files)  # its disk-tier blocks keep reading the files they were planned on
         if successor._account is not None and any(b.is_staged for b in successor._blocks):
             successor._account.update(staged=True, **successor._held())
 
@@ -366,19 +399,22 @@ class BlockStreamer:
         pin = True  # until a registration fails: then the rest stays pageable without a warning per block
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
                   disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
-            for block in pending:
-                if block.placement.disk:
-                    block.stay_on_disk()
-                else:
-                    buffer = FlatBuffer(block.nbytes, block.placement.device)
-                    if block.stage(buffer, mappings):
-                        trim_heap()  # the freed sources go back to the OS now, not at the end
-                    if block.placement.pinned and pin:
-                        pin = buffer.pin()
-                done += block.nbytes
-                bar.update(block.nbytes)
-                if progress is not None:
-                    progress(done, total)
+            try:
+                for block in pending:
+                    if block.placement.disk:
+                        block.stay_on_disk(mappings)
+                    else:
+                        buffer = FlatBuffer(block.nbytes, block.placement.device)
+                        if block.stage(buffer, mappings):
+                            trim_heap()  # the freed sources go back to the OS now, not at the end
+                        if block.placement.pinned and pin:
+                            pin = buffer.pin()
+                    done += block.nbytes
+                    bar.update(block.nbytes)
+                    if progress is not None:
+                        progress(done, total)
+            finally:
+                self._keep_needed_files()
         # Every donor holding a staged block, also those staged by an earlier open() that `progress` cancelled.
         donors = {torch.device(b.placement.device) for b in self._blocks
                   if b.is_staged and b.placement.device != "cpu"}
@@ -388,6 +424,13 @@ class BlockStreamer:
             torch.cuda.synchronize(device)
         if pending and self._account is not None:
             self._account.update(staged=True, **self._held())
+
+    def _keep_needed_files(self) -> None:
+        """Keeps descriptors open only while disk-tier blocks stream from them: a staged block never reads its file
+        again, and an open descriptor would hold on to a deleted file's disk space."""
+        self._files.finish()
+        if not any(block.spans for block in self._blocks):
+            self._files.close()
 
     def _held(self) -> dict:
         """What the staged blocks actually hold, by the ledger's fields."""
@@ -586,10 +629,10 @@ class BlockStreamer:
         self._forget(slot_index)
         slot = self._slots[slot_index]
         block = self._blocks[index]
-        slot.block = index
-        self._where[index] = slot_index
         for destination, source in block.copies(slot.buffer):
             self.engine.copy(destination, source, after=slot.free, ready=slot.ready)
+        slot.block = index  # only now: a read that failed (a changed model file) leaves the slot empty
+        self._where[index] = slot_index
         self._stats.copies += 1
         self._stats.bytes_copied += block.nbytes
 
