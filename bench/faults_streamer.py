@@ -10,6 +10,8 @@ Cases (tests/fault_injection.py has the trials and what each outcome means):
     forward-warm  the second forward (its schedule learned, prefetch wrapping around) interrupted at each point
     open          BlockStreamer.open() interrupted at each point, and from the progress callback at each call
     stream        distorch.stream() interrupted at each point inside the streamer
+    close         close() interrupted at each point, unstaging (distorch.stream's handle) and keeping the staged
+                  buffers (ComfyUI's unload)
 
 Exit code 1 when any trial is not "ok".
 """
@@ -27,15 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fault_injection import (  # noqa: E402
+    CLOSE_MODES,
     CONFIGS,
     FORWARD_PHASES,
     KINDS,
+    close_trial,
     forward_trial,
     open_trial,
     run_sweep,
 )
 
-CASES = ("forward-cold", "forward-warm", "open", "stream")
+CASES = ("forward-cold", "forward-warm", "open", "stream", "close")
 
 
 def main() -> int:
@@ -65,13 +69,15 @@ def sweeps(case: str, config, every: str):
         runs = [(forward_trial, phase, every)]
     elif case == "open":
         runs = [(open_trial, "open", every), (open_trial, "open", "progress")]
-    else:
+    elif case == "stream":
         runs = [(open_trial, "stream", every)]
+    else:
+        runs = [(close_trial, mode, every) for mode in CLOSE_MODES]
     for trial, mode, points in runs:
         start = time.perf_counter()
         sweep = run_sweep(trial, config, mode, points)
         counts = ", ".join(f"{k} {n}" for k, n in sorted(sweep.counts.items()))
-        print(f"{case:13} {points:8} {config}: {len(sweep.outcomes)} points: {counts} "
+        print(f"{case:13} {mode:7} {points:8} {config}: {len(sweep.outcomes)} points: {counts} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
         yield sweep
 

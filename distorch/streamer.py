@@ -309,15 +309,16 @@ class BlockStreamer:
 
     def _detach(self) -> None:
         """Removes the hooks, ends the forwards an interrupt left on the slots, waits for the queued copies
-        and kernels, points every block back to its host views and drops the slots. Each step may repeat."""
+        and kernels, points every block back to its host views (also a staging an interrupt cut between two
+        tensors) and drops the slots. Each step may repeat."""
         _remove_hooks(self._hooks)
         if self._slots:
             self._release_all()
             self.engine.synchronize()
-            for block in self._blocks:
-                if block.is_staged:
-                    block.point_to(block.host_views)
-            self._slots = []
+        for block in self._blocks:
+            if block.is_staged:
+                block.point_to(block.host_views)
+        self._slots = []
         for streaming_pass in self._passes:
             streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
 

@@ -2,7 +2,7 @@
 
 A trial streams the quirky DiT (half its blocks streamed, half resident) on the CPU engine, through a
 BlockStreamer with a ledger account as `distorch.stream` and the ComfyUI loader drive it, and raises a
-KeyboardInterrupt (`Injected`) at one injection point of one forward, of `open()` or of `distorch.stream()`;
+KeyboardInterrupt (`Injected`) at one injection point of one forward, of `open()`, `distorch.stream()` or `close()`;
 then it checks what must still hold and names the first thing that does not:
 
     ok        the next two forwards equal the resident model bit for bit, close() works, restores every weight
@@ -41,6 +41,7 @@ INSTRUMENTED = (streamer.__file__, engine.__file__)
 SHARE = 0.5  # of the block bytes on the compute device: half the blocks streamed, half resident
 ROOMY = {"cpu": 64 * GIB, "cuda:0": 64 * GIB, "pinned": 32 * GIB}
 FORWARD_PHASES = ("cold", "warm")  # interrupt the first forward after open(), or the second (schedule learned)
+CLOSE_MODES = ("close", "unload")  # close(unstage=True), or close(unstage=False) as ComfyUI unloads
 OPEN_WAYS = ("open", "stream")  # BlockStreamer.open() directly, or through distorch.stream()
 KINDS = ("ok", "wrong", "stuck", "degraded", "leftover")
 
@@ -249,6 +250,39 @@ def open_trial(config: Config, way: str, target: int, every: str = "line") -> Ou
         return Outcome("stuck", site, f"second open raised {type(error).__name__}: {error}")
     outcome = _after_interrupt(model, streamer_, close, ledger, 0, site)
     del kept
+    s.done_with(model, outcome)
+    return outcome
+
+
+def close_trial(config: Config, mode: str, target: int, every: str = "line") -> Outcome | None:
+    """Interrupts `close()` (`mode` "close": unstaging, as distorch.stream's handle; "unload": keeping the staged
+    buffers, as ComfyUI's unload) after a forward; then a forward must still be right, and close() again, a new
+    open() and the checks of a forward trial must work. None once `target` is past the last point."""
+    s = subject()
+    model, ledger = s.model(), Ledger()
+    streamer_ = _streamer(model, ledger, config, CpuCopyEngine(deferred=config.deferred)).open()
+    x, t, skip = s.calls[0]
+    model(x, t, skip=skip)
+    with Injector(target, every) as injector:
+        try:
+            streamer_.close(unstage=mode == "close")
+        except Injected:
+            pass
+    if injector.fired_at is None:
+        _closer(streamer_, ledger, model)()
+        s.done_with(model, None)
+        return None
+    site = injector.fired_at
+    x, t, skip = s.calls[1]
+    try:
+        got = model(x, t, skip=skip)
+        streamer_.close(unstage=mode == "close")
+        close = _closer(streamer_.open(), ledger, model)
+    except Exception as error:  # noqa: BLE001
+        return Outcome("stuck", site, f"forward, close() or open() after it raised {type(error).__name__}: {error}")
+    if not torch.equal(got, s.expected[1]):
+        return Outcome("wrong", site, "the forward after the interrupted close() differs")
+    outcome = _after_interrupt(model, streamer_, close, ledger, 2, site)
     s.done_with(model, outcome)
     return outcome
 
