@@ -8,7 +8,8 @@ then it checks what must still hold and names the first thing that does not:
     ok        the next two forwards equal the resident model bit for bit, close() works, restores every weight
               and leaves no hook on any module and no ledger entry (after a failed open(): no hook survives
               while the exception object lives, and a second open() streams bit-exact)
-    wrong     a forward returned other bits than the resident model (the silent failure)
+    wrong     a forward returned other bits than the resident model, or between forwards a streamed block's
+              weights do not view its host buffer (the silent failures)
     stuck     a forward or close() raised
     degraded  the forwards were right, but afterwards a pass or a slot is still marked running (its prefetching
               lost) or the ledger entry does not say staged
@@ -314,6 +315,9 @@ def _after_interrupt(model, streamer_: streamer.BlockStreamer, close, ledger: Le
             return Outcome("stuck", site, f"forward {index} raised {type(error).__name__}: {error}")
         if not torch.equal(got, s.expected[index]):
             return Outcome("wrong", site, f"forward {index} differs by {(got - s.expected[index]).abs().max():.3g}")
+    if not _views_host_buffers(streamer_):
+        return Outcome("wrong", site, "between forwards a streamed block's weights do not view its host buffer "
+                                      "(they show whatever the slot holds next, also after close())")
     state = _recovered(streamer_, ledger)
     if state:
         return Outcome("degraded", site, state)
@@ -330,6 +334,15 @@ def _after_interrupt(model, streamer_: streamer.BlockStreamer, close, ledger: Le
     if ledger.holdings():
         return Outcome("leftover", site, "the ledger entry stayed after close()")
     return Outcome("ok", site)
+
+
+def _views_host_buffers(streamer_: streamer.BlockStreamer) -> bool:
+    for block in streamer_._blocks:
+        tensors = [tensor for tensors in block.tensors for tensor in tensors]
+        if len(tensors) != len(block.host_views) or any(
+                t.data_ptr() != view.data_ptr() for t, view in zip(tensors, block.host_views)):
+            return False
+    return True
 
 
 def _recovered(streamer_: streamer.BlockStreamer, ledger: Ledger) -> str:
