@@ -109,29 +109,36 @@ class CudaCopyEngine:
 
 
 @dataclass(eq=False)
-class CpuEvent:
-    """A CUDA-like event: a wait covers the records enqueued before it."""
+class _CpuMark:
+    """A point in one of the CPU engine's streams; `done` once that stream has run past it."""
 
-    enqueued: int = 0  # records issued on either stream
-    completed: int = 0  # records that have run
+    done: bool = False
+
+
+@dataclass(eq=False)
+class CpuEvent:
+    """A CUDA-like event: a wait covers its latest record (and, streams being FIFO, all work before it)."""
+
+    latest: _CpuMark | None = None
 
 
 @dataclass(eq=False)
 class _CpuCopy:
     dst: torch.Tensor
     src: torch.Tensor
-    after: CpuEvent
-    after_target: int  # `after.enqueued` when the copy was issued: the wait covers only earlier records
-    ready: CpuEvent
+    after: _CpuMark | None  # the `after` event's latest record when the copy was issued: the wait covers only it
+    landed: _CpuMark = field(default_factory=_CpuMark)  # done once the copy ran (what its `ready` event records)
 
 
 @dataclass(eq=False)
 class _CpuRead:
-    """Compute work reading a byte range: from the forward's start until the compute stream passes `until`."""
+    """Compute work reading a byte range: from the forward's start until the first compute record issued after
+    its end is done."""
 
     start: int
     end: int
-    until: int | None = None  # compute-stream position that ends the read; None while the forward runs
+    ended: bool = False  # the host issued the forward's last kernel
+    until: _CpuMark | None = None  # that first record after the end; None until it is issued
 
 
 @dataclass(eq=False)
@@ -146,14 +153,16 @@ class CpuCopyEngine:
     Copies go into a FIFO "copy stream": eagerly they run when issued, deferred they run only when
     something waits for their `ready` event (or on `synchronize`), so a missing wait also leaves
     the slot's poisoned bytes in place.
+
+    An interrupt may cut any method, as it may cut the streamer between two CUDA calls: what it leaves is
+    what a GPU would hold after part of the calls (a copy queued but its event not recorded; a record
+    queued but not yet the event's latest), and the steps that run queued work can simply run again.
     """
 
     deferred: bool = False
     _copies: deque = field(default_factory=deque)  # copy stream: issued, not yet run
-    _compute: deque = field(default_factory=deque)  # compute stream: records issued, not yet completed
-    _compute_issued: int = 0
-    _compute_done: int = 0
-    _reads: list = field(default_factory=list)  # _CpuRead of slot buffers by compute work not yet completed
+    _compute: deque = field(default_factory=deque)  # compute stream: records issued, not yet done
+    _reads: list = field(default_factory=list)  # _CpuRead of slot buffers by compute work not yet done
 
     device = torch.device("cpu")
 
@@ -164,8 +173,9 @@ class CpuCopyEngine:
         if not isinstance(src, torch.Tensor):
             self._read(dst, src, after=after, ready=ready)
             return
-        ready.enqueued += 1
-        self._copies.append(_CpuCopy(dst, src, after, after.enqueued, ready))
+        op = _CpuCopy(dst, src, after.latest)
+        self._copies.append(op)
+        ready.latest = op.landed
         if not self.deferred:
             self._run_copies()
 
@@ -174,24 +184,28 @@ class CpuCopyEngine:
         self._run_copies()  # it joins the copy stream behind the copies issued before it
         # The slot's free event: the compute work still reading the slot completes first (the write-after-read
         # guard of every copy; a read that skips it is refused by the overwrite check below).
-        self._complete_compute(after, after.enqueued)
+        mark = after.latest
+        while mark is not None and not mark.done:
+            self._complete_next_compute()
         self._check_no_reader(dst)
         src.read_into(dst)  # raises when the file changed; the event then orders nothing new
-        ready.enqueued += 1
-        ready.completed += 1
+        ready.latest = _CpuMark(done=True)
 
     def compute_wait(self, event: CpuEvent) -> None:
-        target = event.enqueued
-        while event.completed < target:
+        mark = event.latest
+        while mark is not None and not mark.done:
             if self._copies:
                 self._run_next_copy()
             else:
-                self._complete_compute(event, target)
+                self._complete_next_compute()
 
     def compute_record(self, event: CpuEvent) -> None:
-        event.enqueued += 1
-        self._compute_issued += 1
-        self._compute.append(event)
+        mark = _CpuMark()
+        self._compute.append(mark)
+        for read in self._reads:
+            if read.ended and read.until is None:
+                read.until = mark
+        event.latest = mark
 
     def poison(self, buffer: torch.Tensor) -> None:
         buffer.fill_(POISON_BYTE)
@@ -200,7 +214,7 @@ class CpuCopyEngine:
         self._run_copies()
         while self._compute:
             self._complete_next_compute()
-        self._reads = [r for r in self._reads if r.until is None]
+        self._reads = [r for r in self._reads if not r.ended]
 
     def mark_reading(self, buffer: torch.Tensor, delta: int) -> None:
         """The streamer reports a forward starting (+1) or ending (-1) on a slot buffer.
@@ -210,14 +224,14 @@ class CpuCopyEngine:
         """
         start, end = _byte_range(buffer)
         if delta > 0:
-            if any(_overlaps(start, end, *_byte_range(op.dst)) for op in self._copies):
+            if any(_overlaps(start, end, *_byte_range(op.dst)) for op in self._copies if not op.landed.done):
                 raise RuntimeError("distorch: a forward read a slot before its copy landed (no wait on the slot's "
                                    "ready event)")
             self._reads.append(_CpuRead(start, end))
             return
-        running = [r for r in self._reads if r.until is None and (r.start, r.end) == (start, end)]
+        running = [r for r in self._reads if not r.ended and (r.start, r.end) == (start, end)]
         if running:
-            running[-1].until = self._compute_issued + 1
+            running[-1].ended = True
 
     def _run_copies(self) -> None:
         while self._copies:
@@ -225,30 +239,28 @@ class CpuCopyEngine:
 
     def _run_next_copy(self) -> None:
         op = self._copies[0]
-        # The copy stream waits for `after`: the compute stream runs on until it is recorded.
-        self._complete_compute(op.after, op.after_target)
-        self._check_no_reader(op.dst)
+        if not op.landed.done:
+            # The copy stream waits for `after`: the compute stream runs on until it is recorded.
+            while op.after is not None and not op.after.done:
+                self._complete_next_compute()
+            self._check_no_reader(op.dst)
+            op.dst.copy_(op.src)
+            op.landed.done = True
         self._copies.popleft()
-        op.dst.copy_(op.src)
-        op.ready.completed += 1
-
-    def _complete_compute(self, event: CpuEvent, target: int) -> None:
-        while event.completed < target:
-            if not self._compute:
-                raise RuntimeError("distorch: deadlock, waiting for an event that no stream will record")
-            self._complete_next_compute()
 
     def _complete_next_compute(self) -> None:
-        self._compute.popleft().completed += 1
-        self._compute_done += 1
-        self._reads = [r for r in self._reads if r.until is None or r.until > self._compute_done]
+        if not self._compute:
+            raise RuntimeError("distorch: deadlock, waiting for an event that no stream will record")
+        self._compute[0].done = True
+        self._compute.popleft()
+        self._reads = [r for r in self._reads if r.until is None or not r.until.done]
 
     def _check_no_reader(self, dst: torch.Tensor) -> None:
         start, end = _byte_range(dst)
         for read in self._reads:
-            if not _overlaps(start, end, read.start, read.end):
+            if not _overlaps(start, end, read.start, read.end) or (read.until is not None and read.until.done):
                 continue
-            if read.until is None:
+            if not read.ended:
                 raise RuntimeError("distorch: a copy overwrote a slot while a forward was reading it")
             raise RuntimeError("distorch: a copy overwrote a slot that queued compute work still reads (the copy "
                                "is not ordered after the slot's free event)")
