@@ -57,7 +57,8 @@ def settings_for(target: str, native: Mapping) -> DisTorchSettings | CheckpointS
     if target == CHECKPOINT_LOADER:
         return CheckpointSettings.validate(native, available)
     return DisTorchSettings.validate(native.get("compute_device"), native.get("virtual_vram_gb"),
-                                     native.get("donor_device"), native.get("expert_mode_allocations"), available)
+                                     native.get("donor_device"), native.get("expert_mode_allocations"), available,
+                                     native.get("stream_format", "stored"))
 
 
 class LoaderNode(io.ComfyNode):

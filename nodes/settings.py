@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..distorch import PlacementRequest
-from ..distorch.request import check_device
+from ..distorch.request import check_device, check_stream_format
 
 VIRTUAL_VRAM_MAX_GB = 128.0
 VIRTUAL_VRAM_STEP_GB = 0.1
@@ -90,21 +90,22 @@ class DisTorchSettings(PlacementRequest):
 
     @classmethod
     def validate(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
-                 expert_mode_allocations: str | None, available: tuple[str, ...]) -> "DisTorchSettings":
+                 expert_mode_allocations: str | None, available: tuple[str, ...],
+                 stream_format: str = "stored") -> "DisTorchSettings":
         """Checks the inputs against the devices of this machine; raises ValueError naming every bad input."""
         problems = []
         settings = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                               problems)
+                               problems, stream_format=stream_format)
         _raise_problems(problems)
         return settings
 
     @classmethod
     def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                 expert_mode_allocations: str | None, available: tuple[str, ...], problems: list,
-                prefix: str = "") -> "DisTorchSettings | None":
+                prefix: str = "", stream_format: str = "stored") -> "DisTorchSettings | None":
         """`validate` for one of several models of a node: appends its problems, naming inputs `prefix` + name."""
         return super().collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                               problems, prefix, max_virtual_vram_gb=VIRTUAL_VRAM_MAX_GB)
+                               problems, prefix, max_virtual_vram_gb=VIRTUAL_VRAM_MAX_GB, stream_format=stream_format)
 
 
 def _raise_problems(problems: list) -> None:
@@ -123,11 +124,14 @@ class CheckpointSettings:
 
     @classmethod
     def validate(cls, values: Mapping, available: tuple[str, ...]) -> "CheckpointSettings":
-        """`values`: the checkpoint loader's inputs by name (`unet_compute_device`, ..., `vae_device`)."""
+        """`values`: the checkpoint loader's inputs by name (`unet_compute_device`, ..., `vae_device`, and one
+        `stream_format` for the streamed blocks of the diffusion model and of the text encoders)."""
         problems = []
+        stream_format = check_stream_format(values.get("stream_format", "stored"), "stream_format", problems)
         unet, clip = (DisTorchSettings.collect(
             values[f"{p}_compute_device"], values[f"{p}_virtual_vram_gb"], values[f"{p}_donor_device"],
-            values.get(f"{p}_expert_mode_allocations"), available, problems, prefix=f"{p}_") for p in ("unet", "clip"))
+            values.get(f"{p}_expert_mode_allocations"), available, problems, prefix=f"{p}_",
+            stream_format=stream_format) for p in ("unet", "clip"))
         vae = check_device(values["vae_device"], "vae_device", available, problems)
         _raise_problems(problems)
         return cls(unet, clip, vae)
