@@ -33,8 +33,10 @@ again before another decode runs on its bytes without decoding twice, and no blo
 Between forwards an encoded weight has no stored bytes anywhere, so the model's tensor is a placeholder: its shape,
 dtype and device over one NaN element (zero strides; its own storage, so nothing aliases). Shapes, dtypes,
 `nbytes` and ComfyUI's size accounting are right, and moving the model to its own device is free; a value read
-outside the block's forward (a forward while the streamer is closed, a saved state_dict, a model merge) reads NaN,
-never plausible weights. `close()` gives the stored weights back (`_StreamedBlock.unstage`).
+outside the block's forward (a saved state_dict, a model merge) reads NaN, never plausible weights. While the
+streamer is closed and the block still staged (ComfyUI's unload, or a `close()` an interrupt cut short), a pair of
+hooks installed with the staging decodes the block on its buffer's device for each call instead, so the model
+still computes the same values. `close()` gives the stored weights back (`_StreamedBlock.unstage`).
 """
 
 import functools
@@ -162,6 +164,7 @@ class _StreamedBlock:
         self.host_views: list[torch.Tensor] = []  # what the tensors view between forwards (placeholders if encoded)
         # Taken over from a streamer that stored it encoded in another tier: `stage` moves the bytes into this tier.
         self.misplaced = False
+        self.host_readers: list = []  # module-call frames of forwards running on it decoded on the host (closed)
 
     @property
     def host(self) -> torch.Tensor | None:
@@ -288,8 +291,9 @@ class _StreamedBlock:
                 if moved or self.codec is not None:
                     for view, tensor in zip(cluster.views, tensors):
                         tensor.data = view.rebuild_on(home, view.offset)
-        self.buffer, self.misplaced = None, False
-        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
+        # One statement: an interrupt leaves it staged (restored again by the next unstage) or unstaged, never a block
+        # without a buffer whose views a close() would point its tensors back to.
+        self.buffer, self.misplaced, self.homes, self.tensors, self.host_views, self.spans = None, False, [], [], [], []
 
     def take_over(self, other: "_StreamedBlock") -> None:
         """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing.
@@ -309,8 +313,32 @@ class _StreamedBlock:
                     tensor.data = view.rebuild_on(home, view.offset)
         if self.buffer is not None:
             self.buffer.release()
-        self.buffer, self.misplaced = None, False
-        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
+        # One statement: an interrupt leaves it staged (restored again by the next unstage) or unstaged, never a block
+        # without a buffer whose views a close() would point its tensors back to.
+        self.buffer, self.misplaced, self.homes, self.tensors, self.host_views, self.spans = None, False, [], [], [], []
+
+    def enter_on_host(self, frame) -> None:
+        """A forward while the streamer is closed: the staged encoded block decoded on its buffer's device for it
+        (the first forward of a nesting; readers whose frames are gone, cut by an interrupt, no longer count)."""
+        if self.codec is None or self.buffer is None:
+            return
+        live = _stack_frame_ids()
+        self.host_readers = [r for r in self.host_readers if _is_live(r, live)]
+        if not self.host_readers:
+            self.point_to(self.views_on(self._decoded_on_host()))
+        self.host_readers.append(frame)
+
+    def exit_on_host(self) -> None:
+        if not self.host_readers:
+            return
+        self.host_readers.pop()
+        if not self.host_readers and self.buffer is not None:
+            self.point_to(self.host_views)  # the decoded bytes go with their last view
+
+    def _decoded_on_host(self) -> torch.Tensor:
+        stored = FlatBuffer(self.stored_nbytes, self.buffer.tensor.device).tensor
+        self.codec.decode_into(self.buffer.tensor[:self.nbytes], stored)
+        return stored
 
     def _resolve(self) -> list[list[torch.Tensor]]:
         module = self.module()
@@ -386,8 +414,12 @@ class BlockStreamer:
         self._decode: _DecodeBuffer | None = None  # while open, when a block streams encoded
         self._current: _Pass | None = None  # pass whose schedule predicts the next calls
         self._hooks: list = []
+        # Per block staged encoded, from its staging until it is unstaged: the hooks that decode it on the host while
+        # the streamer is closed (`_StreamedBlock.enter_on_host`).
+        self._host_hooks: dict[int, list] = {}
         # Hooks hold only a weakref to the streamer; if it is dropped while attached, its hooks go with it.
         weakref.finalize(self, _remove_hooks, self._hooks)
+        weakref.finalize(self, _remove_host_hooks, self._host_hooks)
         self._tick = 0
         self._stats = StreamStats()
         self._open = False  # True only between a complete open() and the start of close(); hooks act only then
@@ -461,6 +493,7 @@ class BlockStreamer:
             for block in self._blocks:
                 if block.is_staged:
                     block.unstage()
+                self._remove_host_hooks(block)  # after: until the weights are back, a forward decodes on the host
             self._files.close()
             if self._account is not None:
                 self._account.update(staged=False)
@@ -495,9 +528,13 @@ class BlockStreamer:
         for block in successor._blocks:
             mine = staged.get(block.name)
             if mine is not None and (mine.placement == block.placement or _moves_encoded(mine, block)):
+                if block.codec is not None:
+                    successor._install_host_hooks(block)  # before: it views placeholders from the take-over on
                 block.take_over(staged.pop(block.name))
         for block in staged.values():
             block.let_go()
+        for block in self._blocks:
+            self._remove_host_hooks(block)
         successor._files.adopt(self._files)  # its disk-tier blocks keep reading the files they were planned on
         if successor._account is not None and any(b.is_staged for b in successor._blocks):
             successor._account.update(staged=True, **successor._held())
@@ -513,6 +550,7 @@ class BlockStreamer:
         for block in self._blocks:
             if block.is_staged:
                 block.point_to(block.host_views)
+            block.host_readers = []
         self._slots, self._decode = [], None
         for streaming_pass in self._passes:
             streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
@@ -546,6 +584,8 @@ class BlockStreamer:
                     if block.placement.disk:
                         block.stay_on_disk(mappings)
                     else:
+                        if block.codec is not None:
+                            self._install_host_hooks(block)  # before its tensors view placeholders
                         buffer = FlatBuffer(block.nbytes, block.placement.device)
                         if block.stage(buffer, mappings):
                             trim_heap()  # the freed sources go back to the OS now, not at the end
@@ -603,6 +643,26 @@ class BlockStreamer:
                 continue
             self._hooks.append(module.register_forward_pre_hook(self._make_pass_begin(streaming_pass)))
             self._hooks.append(module.register_forward_hook(self._make_pass_end(streaming_pass), always_call=True))
+
+    def _install_host_hooks(self, block: _StreamedBlock) -> None:
+        """Hooks that run a staged encoded block decoded on the host while the streamer is closed (idempotent)."""
+        if block.index in self._host_hooks:
+            return
+        module = block.module()
+        if module is None:
+            raise RuntimeError(f"distorch: block {block.name!r} is gone; the model was freed")
+        handles = self._host_hooks.setdefault(block.index, [])
+        # Each handle kept in the statement that registers it: an interrupt cannot lose one.
+        handles.append(module.register_forward_pre_hook(functools.partial(_host_pre_hook, weakref.ref(self),
+                                                                          block.index)))
+        handles.append(module.register_forward_hook(functools.partial(_host_post_hook, weakref.ref(self), block.index),
+                                                    always_call=True))
+
+    def _remove_host_hooks(self, block: _StreamedBlock) -> None:
+        handles = self._host_hooks.get(block.index)
+        if handles is not None:
+            _remove_hooks(handles)
+            del self._host_hooks[block.index]
 
     # Hooks live in the model's modules and reach the streamer through a weakref: a strong one would make
     # module -> hook -> streamer -> module a cycle that only the garbage collector frees (with the pinned RAM).
@@ -908,6 +968,25 @@ def _pass_end(streamer: weakref.ref, streaming_pass: _Pass, module, args, output
     owner = streamer()
     if owner is not None and owner._open:
         owner._end_pass(streaming_pass, completed=output is not None)
+
+
+@torch.compiler.disable
+def _host_pre_hook(streamer: weakref.ref, index: int, module, args) -> None:
+    owner = streamer()
+    if owner is not None and not owner._open:
+        owner._blocks[index].enter_on_host(_module_call_frame())
+
+
+@torch.compiler.disable
+def _host_post_hook(streamer: weakref.ref, index: int, module, args, output) -> None:
+    owner = streamer()
+    if owner is not None and not owner._open:
+        owner._blocks[index].exit_on_host()
+
+
+def _remove_host_hooks(handles: dict[int, list]) -> None:
+    for index in list(handles):
+        _remove_hooks(handles.pop(index))
 
 
 def _moves_encoded(mine: _StreamedBlock, successor: _StreamedBlock) -> bool:

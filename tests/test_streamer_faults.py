@@ -22,8 +22,10 @@ from distorch import CpuCopyEngine
 from distorch.ledger import Ledger
 from distorch.streamer import BlockStreamer
 
-# Each engine mode and each prefetch once per phase; the bench runs all four configurations of both phases.
-FORWARD_SWEEPS = [("warm", Config(prefetch=1, deferred=True)), ("cold", Config(prefetch=2, deferred=False))]
+# Each engine mode and each prefetch once per phase, and the decode path (blocks streamed as q8_0) once; the bench
+# runs all eight configurations of both phases.
+FORWARD_SWEEPS = [("warm", Config(prefetch=1, deferred=True)), ("cold", Config(prefetch=2, deferred=False)),
+                  ("warm", Config(prefetch=1, deferred=True, stream_format="q8_0"))]
 
 
 @pytest.fixture(autouse=True)
@@ -46,19 +48,22 @@ def test_an_interrupt_at_any_site_of_a_forward_leaves_the_next_forwards_exact(ph
     assert_all_ok(run_sweep(forward_trial, config, phase, "site"), at_least=200)
 
 
-def test_an_interrupt_at_any_site_of_open_takes_back_what_it_installed():
+@pytest.mark.parametrize("stream_format", ["stored", "q8_0"])
+def test_an_interrupt_at_any_site_of_open_takes_back_what_it_installed(stream_format):
     """Also from the progress callback; the exception is kept alive meanwhile (a REPL's sys.last_value): no hook
-    may survive it, and a second open() streams bit-exact."""
-    config = Config(prefetch=2, deferred=True)
+    may survive it, and a second open() streams bit-exact. In q8_0 the cut may land inside a block's encoding."""
+    config = Config(prefetch=2, deferred=True, stream_format=stream_format)
     assert_all_ok(run_sweep(open_trial, config, "open", "site"), at_least=60)
     assert_all_ok(run_sweep(open_trial, config, "open", "progress"), at_least=3)
 
 
-@pytest.mark.parametrize("mode", CLOSE_MODES)
-def test_an_interrupt_at_any_site_of_close_leaves_a_usable_model_and_close_works_again(mode):
+@pytest.mark.parametrize(("mode", "stream_format"), [*((m, "stored") for m in CLOSE_MODES), ("close", "q8_0")])
+def test_an_interrupt_at_any_site_of_close_leaves_a_usable_model_and_close_works_again(mode, stream_format):
     """close(unstage=True) as distorch.stream's handle calls it, close(unstage=False) as ComfyUI unloads: after the
-    interrupt a forward is still right, close() and a new open() work, and the model is restored after all."""
-    assert_all_ok(run_sweep(close_trial, Config(prefetch=2, deferred=True), mode, "site"), at_least=20)
+    interrupt a forward is still right, close() and a new open() work, and the model is restored after all. In q8_0
+    a block still staged computes decoded on the host, and one cut inside its unstaging is restored again."""
+    config = Config(prefetch=2, deferred=True, stream_format=stream_format)
+    assert_all_ok(run_sweep(close_trial, config, mode, "site"), at_least=20)
 
 
 def _raise_keyboard_interrupt(*args):
