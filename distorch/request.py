@@ -58,6 +58,9 @@ class PlacementRequest:
     prefetch: int = 2  # streaming slots on the compute device (blocks in flight)
     stream_format: StreamFormat = StreamFormat.STORED  # how streamed blocks travel (resident ones stay as loaded)
 
+    def __post_init__(self):
+        object.__setattr__(self, "stream_format", StreamFormat.parse(self.stream_format))  # "q8_0" reads as the format
+
     @property
     def streams(self) -> bool:
         """Whether the request moves anything off the compute device."""
