@@ -147,7 +147,9 @@ class PlanView {
             cell.style.background = tier.color;
             cell.dataset.tier = block.tier;
             const where = block.tier === "resident" ? "" : ` on ${block.device}`;
-            cell.title = `${index + 1}. ${block.name}: ${formatGB(block.bytes)}, ${tier.label}${where}`;
+            const encoded = block.format && block.format !== "stored"
+                ? ` (held and copied as ${block.format}: ${formatGB(block.stream_bytes)})` : "";
+            cell.title = `${index + 1}. ${block.name}: ${formatGB(block.bytes)}${encoded}, ${tier.label}${where}`;
             cell.addEventListener("mouseenter", () => { this.hover.textContent = cell.title; });
             cell.addEventListener("mouseleave", () => { this.hover.textContent = this.restingHover(); });
             this.map.append(cell);
@@ -183,9 +185,10 @@ class PlanView {
             .filter(([, bytes]) => bytes > 0).map(([what, bytes]) => ` \u00b7 ${what}: ${formatGB(bytes)}`);
         held.textContent = `RAM used: ${formatGB(t.ram_bytes)}${elsewhere.join("")}`;
         held.title = `pinned ${formatGB(t.pinned_bytes)}, pageable ${formatGB(t.pageable_bytes)}`;
-        perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}`;
+        const saved = t.saved_bytes > 0 ? ` (${this.plan.stream_format}, ${formatGB(t.saved_bytes)} less)` : "";
+        perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}${saved}`;
         perStep.title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and uncond, "
-            + "two when it runs them separately";
+            + "two when it runs them separately" + (this.plan.stream_note ? `. ${this.plan.stream_note}` : "");
     }
 
     toggleTable() {
