@@ -2,6 +2,9 @@
 workflows, the workflow converter and their tests share (pure data, no ComfyUI import)."""
 
 DISTORCH_INPUTS = ("compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations")
+# Inputs added after the first release, each appended as the last widget of every DisTorch loader (saved workflows
+# keep their widget positions; a workflow without one loads with its default).
+LATER_INPUTS = {"stream_format": "stored"}
 
 NODE_TITLES = {
     "DisTorchUNetLoader": "Load Diffusion Model (DisTorch)",
@@ -39,8 +42,8 @@ OUTPUT_TYPES = {
 def widget_inputs(node_id: str) -> tuple[str, ...]:
     """All widget inputs of a DisTorch node in the order ComfyUI lists them."""
     if node_id == "DisTorchCheckpointLoader":
-        return CHECKPOINT_INPUTS
-    return FILE_INPUTS[node_id] + DISTORCH_INPUTS
+        return CHECKPOINT_INPUTS + tuple(LATER_INPUTS)
+    return FILE_INPUTS[node_id] + DISTORCH_INPUTS + tuple(LATER_INPUTS)
 
 
 def output_types(node_id: str) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distorch.catalog import NODE_TITLES, output_types, widget_inputs  # noqa: E402
+from distorch.catalog import LATER_INPUTS, NODE_TITLES, output_types, widget_inputs  # noqa: E402
 
 CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
 # Room for the plan view the web extension adds to every DisTorch loader (nodes/web/js/distorch.js WIDGET_HEIGHT),
@@ -39,7 +39,8 @@ def signature(class_type: str) -> dict:
     if class_type in NODE_TITLES:
         names = widget_inputs(class_type)
         inputs = [{"name": n, "type": "STRING" if n.endswith("expert_mode_allocations") else "COMBO", "widget": True,
-                   "control_after_generate": False, "optional": n.endswith("expert_mode_allocations")} for n in names]
+                   "control_after_generate": False,
+                   "optional": n.endswith("expert_mode_allocations") or n in LATER_INPUTS} for n in names]
         for spec in inputs:
             if spec["name"].endswith("virtual_vram_gb"):
                 spec["type"] = "FLOAT"
@@ -48,7 +49,8 @@ def signature(class_type: str) -> dict:
 
 
 def distorch(gb: float, compute: str = "cuda:0", donor: str = "cpu", expert: str = "") -> dict:
-    return {"compute_device": compute, "virtual_vram_gb": gb, "donor_device": donor, "expert_mode_allocations": expert}
+    return {"compute_device": compute, "virtual_vram_gb": gb, "donor_device": donor, "expert_mode_allocations": expert,
+            **LATER_INPUTS}
 
 
 def api_format(graph: list) -> dict:

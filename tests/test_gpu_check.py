@@ -23,6 +23,7 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     assert "| allocations per pass, streamed vs resident |" in steady and "FAIL" not in steady, steady
     assert "| q8_0 | 16 | 1 | side |" in (tmp_path / "lora.md").read_text()
     formats = (tmp_path / "stream_formats.md").read_text()
-    assert all(f"| tiny | 64 | fp32 | 100 | interleave | {fmt} |" in formats for fmt in ("stored", "q8_0", "fp8_e4m3fn"))
+    assert all(f"| tiny | 64 | fp32 | 100 | interleave | {fmt} |" in formats
+               for fmt in ("stored", "q8_0", "fp8_e4m3fn"))
     assert {p.name for p in tmp_path.iterdir()} == {"summary.md", "env.txt", "cuda_tests.txt", "stream.md",
                                                     "dequant.md", "steady_state.md", "lora.md", "stream_formats.md"}

@@ -27,6 +27,7 @@ from distorch.lowrank import LowRankTerm, SidePaths, layer_geometry, stack_terms
 from distorch.memory import RAM_RESERVE_FIXED, RAM_RESERVE_SHARE, DeviceMemory, MemoryInventory
 from distorch.planner import ModelSizes, plan_request
 from distorch.report import plan_to_dict
+from distorch.stream_format import BlockCodec
 from distorch.toy import ToyDiT, make_toy_dit
 from distorch.units import GIB
 
@@ -153,8 +154,16 @@ def test_a_format_that_is_not_offered_is_refused_in_one_line():
     assert PlacementRequest.validate("cpu", 1, stream_format=" Q8_0 ").stream_format == "q8_0"
 
 
+@pytest.fixture(scope="module")
+def warm_up():
+    """The first stream in a process imports torch._dynamo (hooks are compiler-disabled): ~70 MB that is no copy."""
+    model = bf16_toy(dim=64, depth=2)
+    with distorch.stream(model, share_plan(model, 1.0, "q8_0"), ledger=Ledger()):
+        bf16_forward(model)
+
+
 @pytest.mark.parametrize("fmt", ["stored", *FORMATS])
-def test_host_memory_holds_the_encoded_blocks_and_not_the_bf16_source(fmt):
+def test_host_memory_holds_the_encoded_blocks_and_not_the_bf16_source(fmt, warm_up):
     """The issue's check on a bf16 model built in RAM (~110 MB): once streaming runs, the process holds the resident
     bytes, 0.6 x the streamed bytes as stored (q8_0: 0.53, fp8: 0.50) and the slots and decode buffer, no more; a
     staging that kept the bf16 source would hold the streamed bytes as stored on top. "stored" is the control."""
@@ -226,6 +235,22 @@ def test_a_block_called_again_is_decoded_once_and_never_runs_on_another_blocks_b
         assert handle.stats().decodes == calls - 1 + 3
 
 
+def test_a_slot_is_free_again_while_its_encoded_block_runs():
+    """The slot's free event is recorded right after the decode: while the block computes on the decode buffer no
+    slot is held for it, so the next copy can start (with prefetch 1 the only slot already holds the next block)."""
+    model = make_quirky()
+    plan = share_plan(model, 1.0, "q8_0")
+    seen = []
+    with distorch.stream(model, plan, prefetch=1, engine=CpuCopyEngine(deferred=True), ledger=Ledger()) as handle:
+        streamer = handle.streamer
+        hook = model.blocks[3].register_forward_pre_hook(
+            lambda module, args: seen.append(([s.users for s in streamer._slots], streamer._slots[0].block)))
+        model(inputs(), torch.tensor([300.0, 20.0]))
+        hook.remove()
+    index = next(b.index for b in streamer._blocks if b.name == "blocks.3")
+    assert seen == [([0], index + 1)], seen
+
+
 class _Nesting(torch.nn.Module):
     """Two blocks, the first of which calls the second inside its own forward."""
 
@@ -243,9 +268,9 @@ class _Nesting(torch.nn.Module):
 def test_a_block_run_inside_another_streamed_blocks_forward_is_refused_clearly():
     model = _Nesting()
     plan = share_plan(model, 1.0, "q8_0")
-    with distorch.stream(model, plan, ledger=Ledger()):
-        with pytest.raises(RuntimeError, match="runs inside the forward of block 'blocks.0'.*stream this model as stored"):
-            model(torch.randn(2, 64))
+    refused = "runs inside the forward of block 'blocks.0'.*stream this model as stored"
+    with distorch.stream(model, plan, ledger=Ledger()), pytest.raises(RuntimeError, match=refused):
+        model(torch.randn(2, 64))
 
 
 # -- between forwards: placeholders; a closed streamer decodes on the host -------------------------------------------
@@ -445,7 +470,11 @@ def test_encoded_blocks_change_tier_without_decoding(monkeypatch):
     placement = distorch.stream(model, pinned, debug=True, engine=CpuCopyEngine(deferred=True), ledger=Ledger())
     expected = bf16_forward(model)
     encoded = {b.name: b.host[:b.nbytes].clone() for b in placement.streamer._blocks}
+    encodes = []
+    real_encode = BlockCodec.encode_cluster
+    monkeypatch.setattr(BlockCodec, "encode_cluster", lambda codec, *a: encodes.append(a[0]) or real_encode(codec, *a))
     placement.move_to(pageable)
+    assert encodes == [], "moved as encoded, not decoded and encoded again"
     assert sorted(unregistered) == sorted(registered) and len(registered) == len(pageable.streamed)
     assert {b.name: b.host[:b.nbytes] for b in placement.streamer._blocks}.keys() == encoded.keys()
     assert all(torch.equal(b.host[:b.nbytes], encoded[b.name]) and not b.buffer.pinned and not b.misplaced

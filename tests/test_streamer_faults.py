@@ -16,6 +16,7 @@ import pytest
 import torch
 from dit_models import make_quirky
 from fault_injection import CLOSE_MODES, Config, close_trial, forward_trial, one_thread, open_trial, run_sweep
+from stream_reference import with_format_values
 
 import distorch
 from distorch import CpuCopyEngine
@@ -150,6 +151,23 @@ def test_a_hook_whose_handle_was_lost_does_nothing_once_closed():
         assert torch.equal(model(x, t), expected)
     finally:
         lost.remove()
+
+
+def test_a_decode_cut_midway_leaves_the_decode_buffer_holding_nothing():
+    """Interrupted inside block 3's decode (its first weight decoded over block 1's bytes, the second half done), the
+    decode buffer must not still say it holds block 1: block 1, called next, would run on block 3's bytes."""
+    model = make_quirky()
+    plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=distorch.discover(model).block_bytes / 2**30,
+                         memory={"cpu": 2**36}, ledger=Ledger(), stream_format="q8_0")
+    reference = make_quirky()
+    with_format_values(reference, plan.streamed, "q8_0")
+    h, t_emb = torch.randn(2, 16, 64), reference.embed_time(torch.tensor([300.0, 20.0]))
+    with distorch.stream(model, plan, ledger=Ledger()) as handle:
+        assert torch.equal(model.blocks[1](h, t_emb), reference.blocks[1](h, t_emb))
+        with InterruptInside("_decode_q8_0", "decode_into", line=8), pytest.raises(KeyboardInterrupt):
+            model.blocks[3](h, t_emb)
+        assert handle.streamer._decode.block is None
+        assert torch.equal(model.blocks[1](h, t_emb), reference.blocks[1](h, t_emb))
 
 
 def _load_marking_first(self, index, slot_index):
