@@ -1,0 +1,35 @@
+"""The weight budget of one run on the compute device.
+
+Auto placement plans against the bytes ComfyUI allows a model's weights for the run at hand (its
+`lowvram_model_memory`, computed from this run's latent; distorch.workload repeats that arithmetic for the CLI):
+resident blocks + the rest + the streaming slots + what the model keeps on the device besides its weights must fit.
+A fixed `virtual_vram_gb` that does not fit that budget streams more blocks rather than leaving the overflow to
+ComfyUI's per-layer cast-on-use path (distorch.planner `streamed_within`). Pure data.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComputeBudget:
+    """What one run may keep of a model on the compute device, and where the number comes from.
+
+    `weight_bytes` holds the resident weights, the streaming slots and `extra_bytes` (non-weight bytes the model
+    keeps on the device: LoRA factors and the like). `activation_bytes` is the activation estimate the budget left
+    room for, when known (the report shows it).
+    """
+
+    weight_bytes: int
+    extra_bytes: int = 0
+    activation_bytes: int | None = None
+    source: str = ""
+
+    @property
+    def room(self) -> int:
+        """Bytes left for weights and slots."""
+        return max(0, self.weight_bytes - self.extra_bytes)
+
+    def as_dict(self) -> dict:
+        return {"weight_bytes": int(self.weight_bytes), "extra_bytes": int(self.extra_bytes),
+                "activation_bytes": None if self.activation_bytes is None else int(self.activation_bytes),
+                "source": self.source}
