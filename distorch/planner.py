@@ -220,7 +220,8 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
 
 def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
                  memory: Mapping[str, int] | MemoryInventory | None = None, others: tuple[Holding, ...] = (),
-                 budget: ComputeBudget | None = None, timings: Timings | None = None) -> Plan:
+                 budget: ComputeBudget | None = None, timings: Timings | None = None,
+                 keep: frozenset[str] | None = None) -> Plan:
     """The plan for a validated request: `plan_sizes` without the checks, and `others` given, never looked up.
 
     Args:
@@ -230,6 +231,8 @@ def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
             yet) and a fixed amount is checked against that memory as before.
         timings: what a run measured (per-block forward times, copy rates); auto mode picks the prefetch depth
             that predicts the fastest pass with them (distorch.costmodel).
+        keep: the blocks streamed now (a staged model): a budget plan grows or shrinks this set rather than
+            spreading anew, so re-placing moves only the blocks the budget needs moved.
     """
     compute_device = request.compute_device
     inventory = _inventory(memory)
@@ -245,7 +248,7 @@ def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
         budget = ComputeBudget(device.usable, source=f"{compute_device}'s usable memory (no run seen yet)")
     if budget is None:
         return _fixed_plan(sizes, request, inventory, others, tiers, requested)
-    return _budget_plan(sizes, request, inventory, others, tiers, requested, budget, timings)
+    return _budget_plan(sizes, request, inventory, others, tiers, requested, budget, timings, keep)
 
 
 def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
@@ -260,13 +263,15 @@ def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryI
 
 
 def _budget_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
-                 tiers: list, requested: int, budget: ComputeBudget, timings: Timings | None) -> Plan:
+                 tiers: list, requested: int, budget: ComputeBudget, timings: Timings | None,
+                 keep: frozenset[str] | None) -> Plan:
     block_bytes = [n for _, n in sizes.blocks]
+    current = None if keep is None else [i for i, (name, _) in enumerate(sizes.blocks) if name in keep]
     compute_s = _compute_times(timings, budget, len(block_bytes))
     depths = range(1, MAX_PREFETCH + 1) if request.auto and compute_s else (request.prefetch,)
     options: list[_Option] = []
     for depth in depths:
-        streamed, fits = streamed_within(block_bytes, sizes.rest_bytes, budget.room, requested, depth)
+        streamed, fits = streamed_within(block_bytes, sizes.rest_bytes, budget.room, requested, depth, current)
         try:
             option = _Option.of(sizes, request.compute_device, streamed, depth, tiers, inventory, others, fits,
                                 resident_reason=_resident_reason(request, budget))
@@ -360,7 +365,7 @@ def _block_footprint(option: _Option) -> int:
 
 
 def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requested: int,
-                    prefetch: int) -> tuple[list[int], bool]:
+                    prefetch: int, current: list[int] | None = None) -> tuple[list[int], bool]:
     """Indices of the blocks to stream (at least `requested` bytes, spread evenly as `choose_streamed` spreads
     them) so that the rest, the resident blocks and `prefetch` slots fit `room`; and whether they fit at all
     (False: every block streamed and still over `room`).
@@ -368,13 +373,21 @@ def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requeste
     The slots are as large as the largest streamed block, so each block size is tried as the slot size (streaming
     only blocks up to it): a large block streamed would cost `prefetch` slots of its size. Of the choices that fit,
     the one streaming the fewest bytes wins; equal blocks (the usual model) make this a single choice.
+
+    With `current` (the blocks streamed now), the choice grows or shrinks that set (`adjust_streamed`) rather than
+    spreading anew, so a re-placement moves only the blocks the new budget needs moved.
     """
+    def choose(sizes: list[int], target: int) -> list[int]:
+        if current is None:
+            return choose_streamed(sizes, target)
+        return adjust_streamed(sizes, [i for i in current if sizes[i]], target)
+
     def fits(chosen: list[int]) -> bool:
         slot = max((block_bytes[i] for i in chosen), default=0)
         resident = sum(block_bytes) - sum(block_bytes[i] for i in chosen)
         return rest_bytes + resident + prefetch * slot <= room
 
-    requested_only = choose_streamed(block_bytes, requested)
+    requested_only = choose(block_bytes, requested)
     if fits(requested_only):
         return requested_only, True
     must_leave = rest_bytes + sum(block_bytes) - room
@@ -383,7 +396,7 @@ def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requeste
         eligible = [n if n <= cap else 0 for n in block_bytes]
         target = max(requested, must_leave + prefetch * cap)
         if target <= sum(eligible):
-            chosen = choose_streamed(eligible, target)
+            chosen = choose(eligible, target)
             if fits(chosen):
                 fitting.append(chosen)
     if not fitting:
@@ -415,6 +428,27 @@ def choose_streamed(block_bytes: list[int], target: int) -> list[int]:
         index = _farthest_resident(block_bytes, chosen)
         chosen.append(index)
         streamed += block_bytes[index]
+    return sorted(chosen)
+
+
+def adjust_streamed(block_bytes: list[int], current: list[int], target: int) -> list[int]:
+    """`current` streamed blocks grown or shrunk to the fewest that reach `target` bytes, moving as few blocks as
+    possible: a block is added where it is farthest from any streamed one (as `choose_streamed`'s fix-up does), and
+    removed where streamed blocks crowd most (the earlier of equals: a pass's first blocks have the least time to
+    prefetch)."""
+    chosen = sorted(current)
+    streamed = sum(block_bytes[i] for i in chosen)
+    while streamed < target and len(chosen) < sum(1 for n in block_bytes if n):
+        index = _farthest_resident(block_bytes, chosen)
+        chosen.append(index)
+        streamed += block_bytes[index]
+    while chosen:
+        removable = [i for i in chosen if streamed - block_bytes[i] >= target]
+        if not removable:
+            break
+        index = min(removable, key=lambda i: (min((abs(i - c) for c in chosen if c != i), default=0), i))
+        chosen.remove(index)
+        streamed -= block_bytes[index]
     return sorted(chosen)
 
 

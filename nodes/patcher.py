@@ -1,13 +1,16 @@
 """`DisTorchModelPatcher`: ComfyUI's ModelPatcher with the streamed blocks handed to the DisTorch streamer.
 
-Core keeps doing everything it does for the rest of the model (loading, LoRA baking, partial unloads,
-pinning, accounting); the override of `_load_list()` hides the streamed blocks from it. For those
-blocks this patcher does what core's lowvram path does for an offloaded layer (mark it cast-on-use,
-attach `LowVramPatch` for LoRA so the patch is applied on the compute device each forward) and opens
-the streamer, which copies their weights into a slot just before each block runs. `loaded_size()`
-counts the resident weights (core) plus the slots (here), and `model_size()` is what the model takes on
-the compute device when fully loaded (resident weights plus slots), so core's memory request for it,
-`model_size() - loaded_size()` plus its activation estimate, is what loading it really needs.
+Core keeps doing what it does for the resident part of the model (loading, LoRA baking, pinning, accounting);
+the override of `_load_list()` hides the streamed blocks from it. For those blocks this patcher does what core's
+lowvram path does for an offloaded layer (mark it cast-on-use, attach `LowVramPatch` for LoRA so the patch is
+applied on the compute device each forward) and opens the streamer, which copies their weights into a slot just
+before each block runs. `loaded_size()` counts the resident weights (core) plus the slots and the device extras
+(here).
+
+Core's per-layer lowvram path never runs on a model with blocks: each load is planned against the budget core
+computed for the run (runs.py), core is then asked to load everything left resident, and a partial unload streams
+more blocks instead of casting layers (`partially_unload`). A model without blocks has nothing to stream and is
+left to core.
 
 With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
 dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
@@ -15,7 +18,6 @@ places its blocks), and core's memory manager sees true sizes for it. docs/comfy
 the reasoning.
 """
 
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -25,9 +27,13 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
+from ..distorch import PlanError
+from ..distorch.budget import ComputeBudget
+from ..distorch.calibrate import RunTimer
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
-from .memory_policy import loader_inventory, may_pin
+from . import runs
+from .memory_policy import loader_inventory, may_pin, outside_memory_compiler
 from .progress import StagingProgressBar
 from .state import DisTorchState
 
@@ -35,6 +41,7 @@ logger = logging.getLogger("distorch.nodes")
 
 _FUNCTION_LISTS = (("weight", "weight_function"), ("bias", "bias_function"))
 _WRAPPER_KEY = "distorch"
+_EVERYTHING = 1e32  # the budget handed to core's load: every module it is given fits, none is cast per layer
 
 
 class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -64,6 +71,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             adopted.cached_patcher_init = factory
         adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY,
                                      _without_core_prefetch)
+        adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, _WRAPPER_KEY,
+                                     runs.record_workload)
         return adopted
 
     def is_dynamic(self) -> bool:
@@ -72,16 +81,26 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return False
 
     def model_size(self) -> int:
-        """Bytes on the compute device when fully loaded: the weights core loads plus the streaming slots.
+        """Bytes on the compute device when core has loaded the model.
 
-        Core frees `model_size() - loaded_size()` (x1.1, plus its activation estimate) before loading a
-        model; the streamed blocks never occupy the compute device beyond the slots, so counting them
-        would evict other models (a text encoder, the VAE) on every queue run.
+        Auto mode: the whole model plus the device extras, as core counts its own models, so core makes room for
+        all of it (other models go, as for its own) and the budget it computes is the most this card allows the
+        run. (Core takes a model it loads again out of its list before freeing memory, so this never makes core
+        unload the model it is loading.) Fixed mode: what the placement holds there, resident weights, slots and
+        extras, so a text encoder beside a streamed model is not evicted for bytes the model never puts there.
         """
         state = DisTorchState.of(self.model)
-        if state is None or not state.streams:
+        if state is None or not state.plan.blocks:
             return super().model_size()
-        return self._resident_size() + state.slot_bytes
+        extras = self.device_extra_bytes()
+        if state.settings.auto:
+            return super().model_size() + extras
+        return self._resident_size() + state.slot_bytes + extras
+
+    def device_extra_bytes(self) -> int:
+        """Bytes the model keeps on the compute device besides its weights while loaded (LoRA factors a side path
+        keeps there, ...): counted in `model_size`, in `loaded_size` and against each run's budget. None yet."""
+        return 0
 
     def get_ram_usage(self) -> int:
         """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
@@ -115,19 +134,58 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         state = DisTorchState.of(self.model)
-        if state is None or not state.streams:
+        if state is None or not state.plan.blocks:
             super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_quantized_patches(state)
             return
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
-        unlimited = full_load or lowvram_model_memory <= 0
-        budget = 1e32 if unlimited else max(lowvram_model_memory - state.slot_bytes, 1)
-        super().load(device_to, lowvram_model_memory=budget, force_patch_weights=force_patch_weights, full_load=False)
+        moved = runs.place_for_run(self, state, self._run_budget(state, lowvram_model_memory))
+        # Everything the plan keeps resident is loaded whole: core's per-layer cast-on-use path never starts here.
+        super().load(device_to, lowvram_model_memory=_EVERYTHING, force_patch_weights=force_patch_weights,
+                     full_load=False)
         self._attach_quantized_patches(state)
+        opened = self._stream(state) if state.streams else False
+        self.model.model_loaded_weight_memory += state.slot_bytes + self.device_extra_bytes()
+        if opened or moved:
+            self._log_load(state)
+            runs.show_plan(state)
+        self._start_timing(state)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False, *args, **kwargs):
+        """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
+        run's activations; on 0.8+ also a smaller budget for this model's next load): more blocks are streamed,
+        never layers cast from RAM. Returns the bytes freed; when they are too few, core unloads the model."""
+        state = DisTorchState.of(self.model)
+        if state is None or not state.plan.blocks:
+            return super().partially_unload(device_to, memory_to_free, force_patch_weights, *args, **kwargs)
+        before = self.loaded_size()
+        budget = ComputeBudget(max(0, int(before - memory_to_free)), self.device_extra_bytes(),
+                               source=f"ComfyUI asked for {format_gb(memory_to_free)} back")
+        try:
+            moved = runs.place_for_run(self, state, budget)
+        except PlanError as error:
+            logger.warning("distorch: cannot stream more of %s (%s); ComfyUI unloads it instead", state.label, error)
+            return 0
+        if moved and state.streams:
+            self._prepare_streamed_modules(state)
+            self.model.model_lowvram = True
+        self.model.model_loaded_weight_memory = self._resident_size() + state.slot_bytes + self.device_extra_bytes()
+        if moved:
+            runs.show_plan(state)
+        return max(0, before - self.loaded_size())
+
+    def _run_budget(self, state: DisTorchState, lowvram_model_memory: float) -> ComputeBudget | None:
+        """This run's budget for the model (None: core sets no limit)."""
+        return runs.run_budget(state, lowvram_model_memory, self.device_extra_bytes(), self.load_device,
+                               self.loaded_size())
+
+    def _stream(self, state: DisTorchState) -> bool:
+        """Prepares the streamed blocks for core's cast-on-use machinery and starts streaming (staging them the
+        first time); returns whether it was not streaming before."""
         self._prepare_streamed_modules(state)
         pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
         try:
-            with _outside_memory_compiler():
+            with outside_memory_compiler():
                 opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
         except BaseException:
             # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
@@ -136,9 +194,16 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             self.detach()
             raise
         self.model.model_lowvram = True
-        self.model.model_loaded_weight_memory += state.slot_bytes
-        if opened:
-            self._log_load(state)
+        return opened
+
+    def _start_timing(self, state: DisTorchState) -> None:
+        """In auto mode, times this run's first passes (blocks' forwards, streamed copies) for the next plan."""
+        if not state.settings.auto or state.timer is not None:
+            return
+        blocks = [self.model.get_submodule(b.name) for b in state.plan.blocks]
+        activation = state.plan.budget.activation_bytes if state.plan.budget is not None else None
+        state.timer = RunTimer(blocks, torch.device(state.plan.compute_device), state.streamer,
+                               activation_bytes=activation or 0).attach()
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
@@ -198,12 +263,6 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def _log_load(self, state: DisTorchState) -> None:
         logger.info("distorch: loaded %s on %s\n%s", type(self.model).__name__, state.plan.compute_device,
                     state.plan.report())
-        loaded = self.model.model_loaded_weight_memory - state.slot_bytes
-        planned = state.resident_layer_bytes(self.model)
-        if loaded < planned:
-            logger.warning("distorch: only %s of the planned %s resident layers fit now; ComfyUI casts the rest "
-                           "from RAM each step. Raise virtual_vram_gb to stream them with prefetch instead.",
-                           format_gb(loaded), format_gb(planned))
 
 
 def _without_dynamic_vram(patcher):
@@ -266,14 +325,3 @@ def _planned_for(model: torch.nn.Module, state: DisTorchState, device: torch.dev
     logger.info("distorch: planning %s again for %s", type(model).__name__, device)
     state.placement.move_to(state.placement.replan(settings, memory=loader_inventory(settings)), request=settings)
     return state
-
-
-def _outside_memory_compiler():
-    """Slots and staging buffers live as long as the model, so ComfyUI's memory compiler (0.35+: it records
-    the allocations made inside a model's forward and replays them) must not record them: they are made
-    with its recording paused. Cores without the compiler have nothing to pause."""
-    try:
-        from comfy.model_prefetch import pause_malloc_graph
-    except ImportError:
-        return contextlib.nullcontext()
-    return pause_malloc_graph()
