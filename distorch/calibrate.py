@@ -79,8 +79,11 @@ class RunTimer:
             if module is None:
                 continue
             me = weakref.ref(self)
+            # The start after the streamer's pre-hook (its wait for the block's copy), the end before its post-hook
+            # (which issues the next copies): the forward alone, on an engine that copies synchronously too.
             self._handles.append(module.register_forward_pre_hook(functools.partial(_before, me, index)))
-            self._handles.append(module.register_forward_hook(functools.partial(_after, me, index), always_call=True))
+            self._handles.append(module.register_forward_hook(functools.partial(_after, me, index), prepend=True,
+                                                              always_call=True))
         streamer = self._streamer() if self._streamer is not None else None
         if streamer is not None:
             self._engine = streamer.engine

@@ -151,13 +151,13 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             runs.show_plan(state)
         self._start_timing(state)
 
-    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False, *args, **kwargs):
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
         run's activations; on 0.8+ also a smaller budget for this model's next load): more blocks are streamed,
         never layers cast from RAM. Returns the bytes freed; when they are too few, core unloads the model."""
         state = DisTorchState.of(self.model)
         if state is None or not state.plan.blocks:
-            return super().partially_unload(device_to, memory_to_free, force_patch_weights, *args, **kwargs)
+            return super().partially_unload(device_to, memory_to_free, *args, **kwargs)  # 0.3.64 takes no more
         before = self.loaded_size()
         budget = ComputeBudget(max(0, int(before - memory_to_free)), self.device_extra_bytes(),
                                source=f"ComfyUI asked for {format_gb(memory_to_free)} back")

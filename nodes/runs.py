@@ -12,9 +12,10 @@ core. The DisTorch patcher answers all of these here, and never with core's per-
 - move only the blocks whose tier changes (`Placement.move_to`), and only when the hysteresis rule of
   `distorch.budget.replacement_reason` says so (over budget, or more than a block's worth to gain);
 - core's bookkeeping for them: a block leaving the compute device first gets its LoRA-baked weights back from
-  core's backups (the streamer must stage the original weights, never baked ones) and loses core's "patched" mark;
-  a block coming back loses the streamed-module marks (`comfy_cast_weights`, `LowVramPatch`) so core's next load
-  loads and patches it as any resident layer.
+  core's backups (the streamer must stage the original weights, never baked ones) and loses core's "patched" mark,
+  and the patcher then marks its layers cast-on-use with `LowVramPatch` (as for every streamed block); a block
+  coming back is on core's load list again, and core's load drops those marks (`wipe_lowvram_weight`) and loads and
+  patches it as any resident layer (a mutant that skipped doing it here too changed nothing: core always does).
 
 The sampler's activation estimate is recorded for the report by a PREPARE_SAMPLING wrapper, and the plan a run
 chose goes to the loader node in the browser (`distorch.plan` message).
@@ -95,16 +96,13 @@ def place_for_run(patcher, state: DisTorchState, budget: ComputeBudget | None) -
 
 def re_place(patcher, state: DisTorchState, target) -> None:
     """Moves the staged model to plan `target`, with core's bookkeeping for the blocks whose tier changes."""
-    current = state.plan
-    demoted = target.streamed - current.streamed
-    promoted = current.streamed - target.streamed
+    demoted = target.streamed - state.plan.streamed
     with patcher.use_ejected():
         release_core_weights(patcher, state, demoted)
     newly_pinned = sum(b.nbytes for b in target.blocks if b.pinned and b.name in demoted)
     with outside_memory_compiler():
         state.placement.move_to(target, request=state.settings, progress=StagingProgressBar(state.ui_node),
                                 pin=may_pin(newly_pinned))
-    forget_streaming(state, patcher.model, promoted)
 
 
 def release_core_weights(patcher, state: DisTorchState, blocks) -> None:
@@ -125,14 +123,6 @@ def release_core_weights(patcher, state: DisTorchState, blocks) -> None:
     for _, module in state.block_modules(patcher.model, blocks):
         if hasattr(module, "comfy_patched_weights"):
             del module.comfy_patched_weights
-
-
-def forget_streaming(state: DisTorchState, model, blocks) -> None:
-    """Blocks resident again: the cast-on-use marks and LowVramPatch functions of their streamed days go, so core
-    loads and patches them like any resident layer."""
-    for _, module in state.block_modules(model, blocks):
-        if hasattr(module, "prev_comfy_cast_weights"):
-            comfy.model_patcher.wipe_lowvram_weight(module)
 
 
 def record_workload(executor, model, noise_shape, conds, *args, **kwargs):

@@ -4,9 +4,9 @@
 import pytest
 
 from distorch import ModelSizes, PlacementRequest
-from distorch.budget import ComputeBudget
+from distorch.budget import ComputeBudget, replacement_reason
 from distorch.costmodel import Timings, choose_prefetch, estimate_pass
-from distorch.planner import plan_request, streamed_within
+from distorch.planner import adjust_streamed, plan_request, streamed_within
 from distorch.report import plan_to_dict
 from distorch.units import GIB, MIB
 from distorch.workload import Family, Workload, WorkloadError, core_weight_budget, detect_family, estimate
@@ -213,3 +213,100 @@ def test_core_weight_budget_is_free_minus_the_larger_minimum():
     assert core_weight_budget(24 * GIB, 6 * GIB) == 24 * GIB - 6 * GIB - 400 * MIB
     assert core_weight_budget(24 * GIB, 0) == 24 * GIB - int(0.8 * GIB) - 400 * MIB
     assert core_weight_budget(4 * GIB, 6 * GIB) == 0
+
+
+# -- re-placement: which blocks move, and when ------------------------------------------------------------------
+
+def test_a_staged_model_moves_only_when_over_budget_or_more_than_a_block_to_gain():
+    current = auto_plan(14 * GIB)
+    same = auto_plan(14 * GIB)
+    slightly_more = auto_plan(14 * GIB + BLOCK // 2)
+    much_more = auto_plan(16 * GIB)
+    budget = ComputeBudget(14 * GIB + BLOCK // 2)
+    assert replacement_reason(current, same, ComputeBudget(14 * GIB), staged=True) is None
+    assert replacement_reason(current, slightly_more, budget, staged=True) is None, "less than a block: stay"
+    assert "more than one block" in replacement_reason(current, much_more, ComputeBudget(16 * GIB), staged=True)
+    smaller = auto_plan(12 * GIB)
+    assert "over this run's budget" in replacement_reason(current, smaller, ComputeBudget(12 * GIB), staged=True)
+    assert replacement_reason(current, much_more, None, staged=False) == "planned for this run before the first load"
+
+
+def test_a_staged_plan_grows_and_shrinks_its_streamed_set():
+    """Re-planning a staged model for another budget keeps the blocks that stay streamed: only the difference moves."""
+    sizes = wan_like()
+    current = auto_plan(14 * GIB)
+    tighter = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(10 * GIB), keep=current.streamed)
+    looser = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(18 * GIB), keep=current.streamed)
+    assert tighter.streamed > current.streamed and looser.streamed < current.streamed
+    assert len(tighter.streamed) == len(auto_plan(10 * GIB).streamed), "as few blocks as a fresh plan"
+    assert len(looser.streamed) == len(auto_plan(18 * GIB).streamed)
+
+
+@pytest.mark.parametrize("target", [0, 1, 250, 401, 700])
+def test_adjust_streamed_reaches_the_target_with_the_fewest_moves(target):
+    sizes = [100] * 7
+    current = [1, 3, 5]
+    chosen = adjust_streamed(sizes, current, target)
+    assert sum(sizes[i] for i in chosen) >= target and sum(sizes[i] for i in chosen) - 100 < max(target, 1)
+    assert set(chosen) <= set(current) or set(chosen) >= set(current), "only additions or only removals"
+
+
+# -- timing a run on the CPU engine -------------------------------------------------------------------------------
+
+class FakeClock:
+    """Seconds that advance only when a forward or a copy says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_run_timer_measures_forwards_and_copies_after_the_first_pass():
+    """The first pass is not measured; the next `passes` are averaged per block; copies give a rate per tier."""
+    import torch
+
+    from distorch import CpuCopyEngine
+    from distorch.calibrate import RunTimer
+    from distorch.placement import Placement
+    from distorch.toy import make_toy_dit
+
+    model = make_toy_dit(depth=4, dim=32)
+    clock = FakeClock()
+    # Every block streamed through 2 slots: each pass copies each block.
+    placement = Placement.planned(model, PlacementRequest.validate("cpu", 1.0), memory={"cpu": 64 * GIB},
+                                  places_resident=True, engine=CpuCopyEngine())
+    placement.open()
+    blocks = [model.get_submodule(b.name) for b in placement.plan.blocks]
+    timer = RunTimer(blocks, torch.device("cpu"), placement.streamer, activation_bytes=GIB, clock=clock).attach()
+    compute = {id(b): 0.010 * (i + 1) for i, b in enumerate(blocks)}  # block i's forward takes (i + 1) x 10 ms
+    hooks = [b.register_forward_pre_hook(lambda m, a: setattr(clock, "now", clock.now + compute[id(m)]))
+             for b in blocks]
+    inner = placement.streamer.engine._inner
+    real_copy = inner.copy
+
+    def timed_copy(dst, src, *, after, ready):  # a copy takes 1 ms per KiB
+        real_copy(dst, src, after=after, ready=ready)
+        clock.now += dst.numel() * dst.element_size() / 1024 * 0.001
+
+    inner.copy = timed_copy
+    x = torch.randn(1, 8, 16)  # the toy's 16 latent channels
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x, torch.zeros(1))
+    measured = timer.timings()
+    timer.detach()
+    for hook in hooks:
+        hook.remove()
+    plan = placement.plan
+    placement.release()
+    assert measured.passes == 3 and measured.activation_bytes == GIB
+    assert measured.compute_s == pytest.approx([0.010, 0.020, 0.030, 0.040], abs=1e-9)
+    assert measured.rates["pageable_ram"] == pytest.approx(1024 / 0.001)
+    # The next plan of a model of these blocks uses them: the cost model predicts its pass and picks the slots.
+    sizes = ModelSizes("toy", tuple((b.name, b.nbytes) for b in plan.blocks), plan.rest_bytes)
+    budget = ComputeBudget(sizes.total_bytes - 2 * sizes.blocks[0][1], activation_bytes=GIB)
+    planned = plan_request(sizes, PlacementRequest.validate("cpu", auto=True), memory={"cpu": 64 * GIB},
+                           budget=budget, timings=measured)
+    assert "predicted pass" in planned.prefetch_reason and planned.schedule.compute_s == pytest.approx(0.1)

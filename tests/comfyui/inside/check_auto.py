@@ -158,10 +158,12 @@ def test_two_latents_in_a_row_move_only_the_blocks_that_change_tier(fake_cuda, c
     block = max(b.nbytes for b in DisTorchState.of(patcher.model).plan.blocks)
     fake_cuda.total = card_for(patcher, shapes, resident_blocks=10.5)
 
+    assert patcher.model_size() == mm.module_size(patcher.model), "auto mode: the whole model, as core counts it"
     sample_load(patcher, shapes, larger=False)
     state = DisTorchState.of(patcher.model)
     small = state.plan
     assert small.mode == "auto" and len(small.streamed) == 6, small.report()
+    assert patcher.model_size() == mm.module_size(patcher.model), "loaded, still the whole model"
     assert small.budget.activation_bytes == shapes.estimate(False)[1], "the sampler's estimate is reported"
     assert patcher.loaded_size() <= small.budget.weight_bytes
     assert core_cast_layers(patcher) == [] and patcher.model.lowvram_patch_counter == 0
@@ -247,3 +249,24 @@ def test_timings_of_a_run_feed_the_next_plan(fake_cuda):
     assert state.timings is not None and len(state.timings.compute_s) == len(state.plan.blocks)
     assert all(t > 0 for t in state.timings.compute_s) and state.timings.passes == 3
     assert "predicted pass" in state.plan.prefetch_reason and state.plan.schedule.pass_s is not None
+
+
+def test_an_auto_model_gets_its_room_back_from_a_model_core_can_evict(fake_cuda):
+    """A model loaded meanwhile took part of the card (core partially unloaded the DisTorch model for it: more blocks
+    streamed); the next sampler run has core unload it again (for the run's estimate and the model's whole size,
+    which auto mode reports as core reports its own), and the blocks streamed for it come back."""
+    patcher = distorch_medium(fake_gpu=fake_cuda)
+    shapes = Shapes(patcher)
+    fake_cuda.total = card_for(patcher, shapes, resident_blocks=10.5)
+    sample_load(patcher, shapes, larger=False)
+    first = streamed(patcher)
+    # A model of half this one's size: core makes room for it by a partial unload, not a whole one.
+    other = comfy.sd.load_diffusion_model(folder_paths.get_full_path("diffusion_models", MEDIUM),
+                                          model_options={"dtype": torch.float16})
+    other.load_device = FAKE_GPU
+    mm.load_models_gpu([fake_cuda.track(other)], force_full_load=True)
+    assert streamed(patcher) > first and patcher in [m.model for m in mm.current_loaded_models], \
+        "room for the other model: more streamed, still loaded"
+    sample_load(patcher, shapes, larger=False)
+    assert other not in [m.model for m in mm.current_loaded_models], "core unloads the other model for it"
+    assert len(streamed(patcher)) <= len(first) and core_cast_layers(patcher) == []
