@@ -132,24 +132,30 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         # Newer cores add arguments (0.33: return_weight, force_cast); pass on whatever this core uses.
         return super().patch_weight_to_device(key, device_to, *args, **kwargs)
 
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
         state = DisTorchState.of(self.model)
         if state is None or not state.plan.blocks:
-            super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
+            super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load,
+                         **kwargs)
             self._attach_quantized_patches(state)
             return
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
-        moved = runs.place_for_run(self, state, self._run_budget(state, lowvram_model_memory))
+        budget = self._run_budget(state, lowvram_model_memory)
+        try:
+            moved = runs.place_for_run(self, state, budget)
+        except BaseException:
+            self.detach()  # interrupted while re-placing (see `_stream`): the next load starts over
+            raise
         # Everything the plan keeps resident is loaded whole: core's per-layer cast-on-use path never starts here.
         super().load(device_to, lowvram_model_memory=_EVERYTHING, force_patch_weights=force_patch_weights,
-                     full_load=False)
+                     full_load=False, **kwargs)
         self._attach_quantized_patches(state)
         opened = self._stream(state) if state.streams else False
         self.model.model_loaded_weight_memory += state.slot_bytes + self.device_extra_bytes()
         if opened or moved:
             self._log_load(state)
             runs.show_plan(state)
-        self._start_timing(state)
+        self._start_timing(state, budget)
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
@@ -196,12 +202,12 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         self.model.model_lowvram = True
         return opened
 
-    def _start_timing(self, state: DisTorchState) -> None:
+    def _start_timing(self, state: DisTorchState, budget: ComputeBudget | None) -> None:
         """In auto mode, times this run's first passes (blocks' forwards, streamed copies) for the next plan."""
         if not state.settings.auto or state.timer is not None:
             return
         blocks = [self.model.get_submodule(b.name) for b in state.plan.blocks]
-        activation = state.plan.budget.activation_bytes if state.plan.budget is not None else None
+        activation = budget.activation_bytes if budget is not None else None
         state.timer = RunTimer(blocks, torch.device(state.plan.compute_device), state.streamer,
                                activation_bytes=activation or 0).attach()
 

@@ -33,7 +33,7 @@ from ..distorch.budget import ComputeBudget, replacement_reason
 from ..distorch.report import plan_to_dict
 from ..distorch.units import GIB
 from .memory_policy import loader_inventory, may_pin, outside_memory_compiler
-from .progress import StagingProgressBar
+from .progress import StagingProgressBar, in_running_prompt
 from .state import DisTorchState, SamplerWorkload
 
 logger = logging.getLogger("distorch.nodes")
@@ -81,10 +81,11 @@ def place_for_run(patcher, state: DisTorchState, budget: ComputeBudget | None) -
         return None  # a fixed amount and no limit from core: the loader's plan stands
     target = state.placement.replan(settings, memory=loader_inventory(settings), budget=budget,
                                     timings=state.timings)
-    staged = state.placement.is_staged
-    reason = replacement_reason(state.plan, target, budget, staged)
-    if not staged:
-        state.placement.move_to(target, request=settings)  # nothing staged yet: only the plan changes
+    # Weights have been placed once the blocks are staged, or core has loaded the model (nothing streamed yet).
+    placed = state.placement.is_staged or patcher.loaded_size() > 0
+    reason = replacement_reason(state.plan, target, budget, placed)
+    if not placed:
+        state.placement.move_to(target, request=settings)  # nothing placed yet: only the plan changes
         return reason
     if reason is None:
         return None
@@ -100,9 +101,12 @@ def re_place(patcher, state: DisTorchState, target) -> None:
     with patcher.use_ejected():
         release_core_weights(patcher, state, demoted)
     newly_pinned = sum(b.nbytes for b in target.blocks if b.pinned and b.name in demoted)
+    progress = StagingProgressBar(state.ui_node)
     with outside_memory_compiler():
-        state.placement.move_to(target, request=state.settings, progress=StagingProgressBar(state.ui_node),
-                                pin=may_pin(newly_pinned))
+        state.placement.move_to(target, request=state.settings, progress=progress, pin=may_pin(newly_pinned))
+        if not state.placement.is_staged and target.streamed:
+            # Loaded whole until now: nothing was staged, so the blocks that leave are staged (and streamed) here.
+            state.open(patcher.model, pin=may_pin(target.pinned_bytes), progress=progress)
 
 
 def release_core_weights(patcher, state: DisTorchState, blocks) -> None:
@@ -139,8 +143,8 @@ def show_plan(state: DisTorchState) -> None:
     """Sends the plan a run chose to the loader node in the browser (its plan view, and in auto mode the amount in
     its virtual_vram_gb widget). Only when ComfyUI's server runs (never in a script that imports ComfyUI)."""
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
-    if server is None or state.ui_node is None:
-        return
+    if server is None or not in_running_prompt(state.ui_node):
+        return  # a model from the cache of another workflow: its loader's id may now be another node
     plan, label = state.plan, state.label or state.plan.model_name
     text = plan.report().replace(f"DisTorch plan for {plan.model_name}",
                                  f"DisTorch plan for {label} ({plan.model_name})", 1)

@@ -270,3 +270,26 @@ def test_an_auto_model_gets_its_room_back_from_a_model_core_can_evict(fake_cuda)
     sample_load(patcher, shapes, larger=False)
     assert other not in [m.model for m in mm.current_loaded_models], "core unloads the other model for it"
     assert len(streamed(patcher)) <= len(first) and core_cast_layers(patcher) == []
+
+
+def test_a_model_loaded_whole_streams_when_core_asks_for_room(fake_cuda, core_unloads):
+    """Nothing streamed on a roomy card (core loaded the model whole); a second model then needs room: the blocks
+    that leave are staged and streamed (their bytes really leave the device), outputs unchanged."""
+    expected = core_reference()
+    mm.unload_all_models()
+    patcher = distorch_medium(fake_gpu=fake_cuda)
+    shapes = Shapes(patcher)
+    fake_cuda.total = card_for(patcher, shapes, resident_blocks=16)
+    sample_load(patcher, shapes, larger=False)
+    state = DisTorchState.of(patcher.model)
+    assert not state.plan.streamed and state.streamer is None, state.plan.report()
+    other = comfy.sd.load_diffusion_model(folder_paths.get_full_path("diffusion_models", MEDIUM),
+                                          model_options={"dtype": torch.float16})
+    other.load_device = FAKE_GPU
+    mm.load_models_gpu([fake_cuda.track(other)], force_full_load=True)
+    assert state.plan.streamed and state.streamer is not None and state.streamer.is_open
+    staged = {b.name for b in state.streamer._blocks if b.is_staged}
+    assert staged == set(state.plan.streamed), "every block that left is staged in its buffer"
+    assert patcher.loaded_size() <= fake_cuda.total - other.loaded_size()
+    assert core_unloads == [] and core_cast_layers(patcher) == []
+    assert torch.equal(wan_forward(patcher.model.diffusion_model), expected)
