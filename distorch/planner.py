@@ -99,7 +99,7 @@ class BlockPlacement:
     streamed: bool
     pinned: bool = False
     disk: bool = False  # left in the model file's mapping and streamed from there
-    reason: str = ""  # why the block got its tier, for the report
+    reason: str = field(default="", compare=False)  # why the block got its tier, for the report (not the placement)
 
     @property
     def tier(self) -> Tier:

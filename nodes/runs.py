@@ -39,6 +39,7 @@ from .state import DisTorchState, SamplerWorkload
 logger = logging.getLogger("distorch.nodes")
 
 UNLIMITED = 1e31  # core's "no limit": model_load turns a budget of 0 into 1e32
+NO_LIMIT = 1 << 62  # a budget no model reaches
 PLAN_EVENT = "distorch.plan"  # the message nodes/web/js/distorch.js listens for
 
 
@@ -78,7 +79,8 @@ def place_for_run(patcher, state: DisTorchState, budget: ComputeBudget | None) -
     settings = state.settings
     state.finish_timing()  # what the last run measured feeds this plan
     if budget is None and not settings.auto:
-        return None  # a fixed amount and no limit from core: the loader's plan stands
+        # No limit from core: a fixed amount is what it asks for (and comes back to it after a partial unload).
+        budget = ComputeBudget(NO_LIMIT, patcher.device_extra_bytes(), source="no limit from ComfyUI")
     target = state.placement.replan(settings, memory=loader_inventory(settings), budget=budget,
                                     timings=state.timings)
     # Weights have been placed once the blocks are staged, or core has loaded the model (nothing streamed yet).
