@@ -199,8 +199,13 @@ class PlanView {
         held.textContent = `RAM used: ${formatGB(t.ram_bytes)}${elsewhere.join("")}`;
         held.title = `pinned ${formatGB(t.pinned_bytes)}, pageable ${formatGB(t.pageable_bytes)}`;
         perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}`;
+        const schedule = this.plan.schedule;
+        const predicted = schedule && t.per_pass_bytes > 0
+            ? `; predicted ${(schedule.copy_s * 1000).toFixed(0)} ms of copies per pass`
+              + (schedule.pass_s != null ? `, ${(schedule.pass_s * 1000).toFixed(0)} ms per pass with compute` : "")
+            : "";
         perStep.title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and uncond, "
-            + "two when it runs them separately";
+            + `two when it runs them separately${predicted}`;
     }
 
     toggleTable() {
