@@ -84,8 +84,9 @@ def markdown(reports: list[tuple[Report, float]], args: argparse.Namespace) -> s
 
 def write_results(path: Path, table: str) -> None:
     text = path.read_text() if path.exists() else RESULTS_MARKER + "\n"
-    head = text.split(RESULTS_MARKER)[0]
-    path.write_text(f"{head}{RESULTS_MARKER}\n\n{table}\n")
+    head, _, results = text.partition(RESULTS_MARKER)
+    later = results[results.find("\n## "):] if "\n## " in results else ""  # sections after the results stay
+    path.write_text(f"{head}{RESULTS_MARKER}\n\n{table}\n{later}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ _LAZY = {
     "ModelLayout": "blocks", "discover": "blocks",
     "CpuCopyEngine": "engine", "CudaCopyEngine": "engine",
     "BlockStreamer": "streamer", "StreamStats": "streamer",
+    "ModelFileChanged": "files", "ModelFileError": "files",
 }
 
 
@@ -44,6 +45,8 @@ __all__ = [
     "CudaCopyEngine",
     "LayoutMismatch",
     "MemoryInventory",
+    "ModelFileChanged",
+    "ModelFileError",
     "ModelLayout",
     "ModelSizes",
     "Plan",

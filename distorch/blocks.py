@@ -16,11 +16,13 @@ re-pointing its tensors leaves nothing that keeps the original memory alive.
 """
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .files import Backing, FileIdentity, FileSpan, MappedFiles
 from .lone_blocks import accepted_lone_blocks
 from .pages import MappingTable
 from .units import dtype_label
@@ -50,15 +52,22 @@ class TensorView:
 class TensorCluster:
     """A byte range holding one tensor, or several that overlap (ties, views): described, not held.
 
-    The bytes are wherever the member tensors point now (`live_bytes`); `device` and `file_backed` say where
-    they were when the model was discovered, so that `close()` can put them back there.
+    The bytes are wherever the member tensors point now (`live_bytes`); `device`, `backing` and `source` say where
+    they were when the model was discovered, so that `close()` can put them back there and every read from a model
+    file can check it is still the file discovered.
     """
 
     device: str  # "cpu" or "cuda:N" at discovery
     nbytes: int
     views: tuple[TensorView, ...]  # the first one starts the range (offset 0)
     owners: frozenset[str | None]
-    file_backed: bool = False  # the bytes lay in a mapping of a regular file (pages.MappingTable)
+    backing: Backing = Backing.RAM  # what held the host bytes at discovery (files.MappedFiles)
+    source: FileSpan | None = None  # where they lay in a model file that can be read through a descriptor
+
+    @property
+    def file_backed(self) -> bool:
+        """The bytes lay in a file on a disk: they may stay there and be read on demand (the disk tier)."""
+        return self.backing is Backing.FILE
 
 
 @dataclass(frozen=True)
@@ -79,11 +88,16 @@ class Block:
     @property
     def ram_bytes(self) -> int:
         """Bytes in ordinary (anonymous) RAM: staging them into RAM moves them and adds nothing."""
-        return sum(c.nbytes for c in self.clusters if c.device == "cpu" and not c.file_backed)
+        return sum(c.nbytes for c in self.clusters if c.device == "cpu" and c.backing is Backing.RAM)
 
     @property
     def file_bytes(self) -> int:
         return sum(c.nbytes for c in self.clusters if c.file_backed)
+
+    @property
+    def shared_ram_bytes(self) -> int:
+        """Bytes in memory a mapping keeps (tmpfs, memfd, a deleted file): staging copies them, adding their bytes."""
+        return sum(c.nbytes for c in self.clusters if c.backing is Backing.SHARED)
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,12 @@ class ModelLayout:
             if block.name == name:
                 return block
         raise KeyError(f"no block named {name!r}")
+
+    @property
+    def files(self) -> tuple[FileIdentity, ...]:
+        """The model files its weights lie in, as discovered."""
+        clusters = [c for b in self.blocks for c in b.clusters] + list(self.rest)
+        return tuple(dict.fromkeys(c.source.file for c in clusters if c.source is not None))
 
     def bytes_on(self, device: str) -> int:
         """Bytes of the model's weights currently stored on `device` (e.g. already loaded there)."""
@@ -158,8 +178,11 @@ def point_into(cluster: TensorCluster, tensors: list[torch.Tensor], flat: torch.
         tensor.data = view.rebuild_on(flat, byte_offset + view.offset)
 
 
-def discover(model: nn.Module) -> ModelLayout:
+def discover(model: nn.Module, planned_files: Iterable[FileIdentity] = ()) -> ModelLayout:
     """Finds the repeated blocks of `model` and groups all its weights into clusters.
+
+    `planned_files`: the model files as an earlier discovery saw them (`Plan.files`); a file changed since keeps
+    that identity, so reading it raises instead of reading the new bytes.
 
     Example:
         >>> layout = discover(my_dit)
@@ -168,7 +191,7 @@ def discover(model: nn.Module) -> ModelLayout:
     """
     block_modules = find_block_modules(model)
     roots = _outermost({parent for _, parent in block_modules.values()})
-    clusters = _clusters(model, list(block_modules))
+    clusters = _clusters(model, list(block_modules), planned_files)
     by_owner = defaultdict(list)
     rest = []
     for cluster in clusters:
@@ -288,7 +311,7 @@ def _named_tensors(model: nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _clusters(model: nn.Module, block_names: list[str]) -> list[TensorCluster]:
+def _clusters(model: nn.Module, block_names: list[str], planned_files: Iterable[FileIdentity]) -> list[TensorCluster]:
     """Groups every parameter and buffer by overlapping byte ranges of the same storage."""
     blocks = set(block_names)
     tensors: dict[int, tuple[torch.Tensor, list[str], set]] = {}
@@ -300,7 +323,7 @@ def _clusters(model: nn.Module, block_names: list[str]) -> list[TensorCluster]:
         entry[2].add(_owner(name, blocks))
     by_storage = defaultdict(list)
     clusters = []
-    mappings = MappingTable.read()
+    mappings = MappedFiles(MappingTable.read(), planned_files)
     for tensor, names, owners in tensors.values():
         span = _Span(*_span(tensor), tensor, tuple(names), owners)
         if span.start == span.end:
@@ -336,7 +359,7 @@ def _overlapping_groups(spans: list[_Span]) -> list[list[_Span]]:
     return groups
 
 
-def _make_cluster(group: list[_Span], storage_address: int, mappings: MappingTable,
+def _make_cluster(group: list[_Span], storage_address: int, mappings: MappedFiles,
                   force_resident: bool = False) -> TensorCluster:
     start = group[0].start
     end = max(s.end for s in group)
@@ -350,8 +373,8 @@ def _make_cluster(group: list[_Span], storage_address: int, mappings: MappingTab
         # A misaligned member cannot be rebuilt as a typed view in another buffer: keep it resident.
         owners = owners | {None}
     device = device_name(group[0].tensor.device)
-    file_backed = device == "cpu" and mappings.file_mapping(storage_address + start, end - start) is not None
-    return TensorCluster(device, end - start, views, owners, file_backed)
+    backing, source = mappings.locate(storage_address + start, end - start) if device == "cpu" else (Backing.RAM, None)
+    return TensorCluster(device, end - start, views, owners, backing, source)
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:

@@ -1,10 +1,12 @@
-"""`python -m distorch plan|demo|convert`: will it fit, the pack working in one command, and old workflows moved over.
+"""`python -m distorch plan|demo|convert|quantize`: will it fit, the pack working in one command, old workflows moved
+over, and a safetensors model written as a Q8_0 GGUF.
 
     python -m distorch plan flux1-dev-Q8_0.gguf --vram-gb 12
     python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 16 --virtual-vram-gb 14 --json
     python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 24 --width 1280 --height 720 --frames 81
     python -m distorch demo
     python -m distorch convert multigpu_workflow.json -o distorch_workflow.json
+    python -m distorch quantize wan2.1_t2v_14B_bf16.safetensors wan2.1_t2v_14B-Q8_0.gguf --type q8_0
 """
 
 import argparse
@@ -35,11 +37,18 @@ from .workload import (
     known_families,
 )
 
+# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
+if __package__ and "." in __package__:
+    from ..gguf_loader.arch import IMAGE_ARCHITECTURES
+else:
+    from gguf_loader.arch import IMAGE_ARCHITECTURES
+
 # Practical pinned host-to-device rates (research/prefetch.md §3.2: ~22-26 GB/s Gen4, ~45-55 GB/s Gen5).
 PCIE_RATES_GBPS = {"PCIe 4.0 x16": 24.0, "PCIe 5.0 x16": 50.0}
 DEFAULT_ACTIVATION_RESERVE_GB = 2.0
 MAX_WORKFLOW_BYTES = 64 * 2**20  # far above any real workflow; refuses to parse a model file by mistake
 PROPOSAL_STEP_GB = 0.1
+QUANTIZE_TYPES = ("q8_0",)  # distorch.quantize.QUANT_TYPES, named here so that parsing imports no torch
 MAX_PROPOSALS = 2000
 
 
@@ -51,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m distorch", description="DisTorch virtual VRAM: plan, demo and convert.")
+    parser = _Parser(prog="python -m distorch", description="DisTorch virtual VRAM: plan, demo, convert and quantize.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     plan = commands.add_parser("plan", help="plan a model file for a card (reads only the file header)")
     plan.add_argument("model_file")
@@ -92,7 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--gpus", type=int, default=1,
                          help="GPUs of the machine that runs it, for DisTorch v1's use_other_vram (default 1)")
     convert.add_argument("--keep-core", action="store_true", help="leave core's loader nodes as they are")
+    _add_quantize(commands)
     return parser
+
+
+def _add_quantize(commands) -> None:
+    quantize = commands.add_parser(
+        "quantize", help="write a safetensors diffusion model as a GGUF for ComfyUI-GGUF and DisTorch (tensor by "
+                         "tensor, peak memory about one tensor)",
+        description="Writes IN.safetensors as a llama.cpp-style GGUF with ComfyUI-GGUF's names and architecture key. "
+                    "Only Q8_0 is offered: gguf-py has no quantizer for the K-quants (Q4_K, Q5_K, Q6_K), so no "
+                    "bit-exact reference exists for them (ComfyUI-GGUF's patched llama-quantize makes them from a "
+                    "BF16 GGUF). 1-D tensors, norms, biases, raw parameters, small tensors and the architecture's "
+                    "embedders and final layers keep their stored type.")
+    quantize.add_argument("input", help="the .safetensors model (a diffusion model, or a checkpoint holding one)")
+    quantize.add_argument("output", help="the .gguf file to write (never the input)")
+    quantize.add_argument("--type", default="q8_0", type=str.lower, choices=QUANTIZE_TYPES,
+                          help="quantization type (default q8_0; K-quants: see above)")
+    quantize.add_argument("--arch", choices=sorted(IMAGE_ARCHITECTURES),
+                          help="general.architecture to write (default: detected from the tensor names as "
+                               "ComfyUI-GGUF does)")
+    quantize.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv=None) -> int:
@@ -103,6 +133,8 @@ def main(argv=None) -> int:
         return run_demo(args)
     if args.command == "convert":
         return run_convert(args)
+    if args.command == "quantize":
+        return run_quantize(args)
     try:
         return run_plan(args)
     except (OSError, ValueError) as error:
@@ -221,6 +253,25 @@ def run_convert(args) -> int:
     except (OSError, ConvertError) as error:
         return _fail(str(error))
     print(result.report(), file=sys.stdout if args.output else sys.stderr)
+    return 0
+
+
+def run_quantize(args) -> int:
+    from .quantize import quantize_file
+
+    try:
+        result = quantize_file(args.input, args.output, args.type, args.arch, force=args.force,
+                               progress=not args.quiet)
+    except (OSError, ValueError) as error:  # missing files, bad headers (HeaderError), QuantizeError, disk full
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {args.output} was not written", code=130)
+    plan = result.plan
+    types = ", ".join(f"{name} {count}" for name, count in plan.type_counts().items())
+    how = "detected" if plan.detected else "from --arch"
+    dropped = f", {plan.dropped} tensors outside the diffusion model left out" if plan.dropped else ""
+    print(f"distorch: wrote {args.output}: {plan.architecture} ({how}), {len(plan.tensors)} tensors ({types})"
+          f"{dropped}; {_gb(result.input_bytes):.3f} GB -> {_gb(result.output_bytes):.3f} GB in {result.seconds:.1f} s")
     return 0
 
 
@@ -358,7 +409,7 @@ def _gb(nbytes: int) -> float:
     return round(nbytes / GIB, 3)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"distorch: error: {message}", file=sys.stderr)
-    return 2
+    return code
 

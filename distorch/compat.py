@@ -9,7 +9,8 @@ numbers: `auto_placement` is off (fixed mode) on every node an old workflow turn
 What the inputs without a counterpart here do (documented on the nodes and in the README):
 - `eject_models`: no effect. ComfyUI's model management decides what to unload (in MultiGPU 2.6 the
   toggle had no effect either).
-- `high_precision_loras`: no effect. LoRAs are applied by ComfyUI's own patching, on the compute device.
+- `high_precision_loras`: no effect. LoRAs run on the compute device (core's patches; a low-rank side path
+  on streamed and GGUF layers).
 - `use_other_vram` (DisTorch v1): the donor becomes the first other GPU (MultiGPU used every other GPU,
   then RAM); what does not fit there spills into RAM.
 - `dequant_dtype`, `patch_dtype`, `patch_on_device` (ComfyUI-GGUF): no effect. GGUF weights are
@@ -101,7 +102,7 @@ class LegacyLoader:
 # -- the inputs ------------------------------------------------------------------------------------------------
 
 EJECT_NOTE = "Accepted for old workflows; no effect here (ComfyUI's model management decides what to unload)."
-LORA_NOTE = "Accepted for old workflows; no effect here (LoRAs are applied on the compute device by ComfyUI)."
+LORA_NOTE = "Accepted for old workflows; no effect here (LoRAs run on the compute device, in its dtype)."
 GGUF_DTYPE_NOTE = "Accepted for old workflows; no effect here (GGUF weights dequantize to the layer's compute dtype)."
 OTHER_VRAM_NOTE = "DisTorch v1: use another GPU's VRAM as the donor (the first other GPU here), then RAM."
 

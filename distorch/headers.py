@@ -18,7 +18,19 @@ from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
 from .units import dtype_label
 
+# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
+if __package__ and "." in __package__:
+    from ..gguf_loader.bounds import MAX_TENSORS
+else:
+    from gguf_loader.bounds import MAX_TENSORS
+
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# json.loads builds every value before any check can run (86 MB of nested empty lists: 6.6 s and 2.3 GB), so what
+# it would build is counted on the raw bytes first. A tensor entry has three arrays/objects and under ten commas;
+# these allow 8 and 64 per tensor of the largest file either format may hold (MAX_TENSORS, shared with the GGUF
+# reader). Brackets and commas inside strings count too, which only over-counts.
+_MAX_JSON_CONTAINERS = 8 * MAX_TENSORS
+_MAX_JSON_COMMAS = 64 * MAX_TENSORS
 # Bits per element, as the safetensors format defines them (F4 and F6 pack several elements per byte).
 _SAFETENSORS_DTYPE_BITS = {
     "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "U16": 16,
@@ -165,7 +177,41 @@ def _block_sort_key(block: str, lists: list[str]) -> tuple[int, int]:
     return lists.index(prefix), int(index)
 
 
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """Where one tensor's bytes lie in a safetensors file (checked against the file's size)."""
+
+    name: str
+    dtype: str  # as safetensors spells it: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+
+def read_safetensors_index(path: str) -> tuple[SafetensorsTensor, ...]:
+    """Every tensor of a safetensors file with its dtype, shape and absolute byte range, in file order.
+
+    Only the header is read; offsets, shapes and sizes are bounds-checked as `read_model_sizes` does, so a
+    reader can pread each range without further checks.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        HeaderError: missing, truncated or malformed header (the message names the file).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    spans, data_start = _safetensors_spans(path)
+    ordered = sorted(spans, key=lambda s: (s.begin, s.end))
+    return tuple(SafetensorsTensor(s.name, s.dtype, s.shape, data_start + s.begin, s.end - s.begin) for s in ordered)
+
+
 def _safetensors_entries(path: str) -> list[TensorEntry]:
+    spans, _ = _safetensors_spans(path)
+    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype), span.shape) for span in spans]
+
+
+def _safetensors_spans(path: str) -> tuple[list["_Span"], int]:
+    """The checked spans of the header's tensors (offsets relative to the data section) and where that starts."""
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         head = handle.read(8)
@@ -179,14 +225,21 @@ def _safetensors_entries(path: str) -> list[TensorEntry]:
                               f"(100 MiB) this reader accepts")
         raw = handle.read(length)
     header = _parse_json(path, raw)
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        raise HeaderError(f"{path}: header lists {len(header)} tensors, more than the {MAX_TENSORS} this reader "
+                          "accepts")
     data_size = size - 8 - length
     spans = [_safetensors_span(path, name, info, data_size) for name, info in header.items()
              if name != "__metadata__"]
     _check_disjoint(path, spans)
-    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype), span.shape) for span in spans]
+    return spans, 8 + length
 
 
 def _parse_json(path: str, raw: bytes) -> dict:
+    containers, commas = raw.count(b"[") + raw.count(b"{"), raw.count(b",")
+    if containers > _MAX_JSON_CONTAINERS or commas > _MAX_JSON_COMMAS:
+        raise HeaderError(f"{path}: header holds {containers} JSON arrays/objects and {commas} commas, more than the "
+                          f"{_MAX_JSON_CONTAINERS} and {_MAX_JSON_COMMAS} this reader accepts")
     try:
         header = json.loads(raw)
     except RecursionError:

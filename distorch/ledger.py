@@ -12,6 +12,7 @@ Imports neither torch nor ComfyUI: the planner uses it when planning from a file
 
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -56,55 +57,81 @@ class Account:
 
     @property
     def holding(self) -> Holding | None:
-        return self._ledger._entries.get(self._key)
+        return self._ledger._holding(self._key)
 
 
 class Ledger:
-    """Holdings by model. Thread-safe: finalizers of freed models may run on any thread."""
+    """Holdings by model. Thread-safe, and safe from the garbage collector.
+
+    A model's entry leaves when the model is freed, by a weakref finalizer. The cyclic GC runs finalizers (and
+    `__del__` methods) at any allocation, also inside a ledger call on the same thread: a finalizer that took the
+    lock waited for its own thread for good, and one that removed the entry changed the dict under an iteration.
+    So finalizers only queue the freed key (a deque append, atomic), and every call, under the lock, first
+    removes the queued entries; the lock is re-entrant, so a `__del__` that calls the ledger while the same
+    thread holds the lock proceeds, and readers iterate a copy of the entries.
+    """
 
     def __init__(self):
         self._entries: dict[int, Holding] = {}  # id(model) -> its holding
-        self._finalizers: dict[int, weakref.finalize] = {}  # id(model) -> removes the entry when the model dies
-        self._lock = threading.Lock()
+        self._finalizers: dict[int, weakref.finalize] = {}  # id(model) -> queues its key when the model dies
+        self._freed: deque[int] = deque()  # keys of freed models whose entries are still to be removed
+        self._lock = threading.RLock()
 
     def reserve(self, owner: object, holding: Holding) -> Account:
         """Records `holding` for `owner` (replacing its earlier entry) until `owner` is freed or released."""
         key = id(owner)
         with self._lock:
+            self._forget_freed()  # first: a freed model's id may be `owner`'s now
             self._entries[key] = holding
             if key not in self._finalizers:
-                self._finalizers[key] = weakref.finalize(owner, self._forget, key)
+                self._finalizers[key] = weakref.finalize(owner, self._freed.append, key)
         return Account(self, key)
 
     def account(self, owner: object) -> Account | None:
         """The entry of `owner`, if it has one."""
-        return Account(self, id(owner)) if id(owner) in self._entries else None
+        with self._lock:
+            self._forget_freed()
+            return Account(self, id(owner)) if id(owner) in self._entries else None
 
     def release(self, owner: object) -> None:
         """Removes `owner`'s entry now (its memory went back)."""
         key = id(owner)
-        finalizer = self._finalizers.get(key)
+        with self._lock:
+            self._forget_freed()
+            finalizer = self._finalizers.pop(key, None)
+            self._entries.pop(key, None)
         if finalizer is not None:
             finalizer.detach()
-        self._forget(key)
 
     def others(self, owner: object | None = None) -> tuple[Holding, ...]:
         """Every entry except `owner`'s, in the order they were made."""
         with self._lock:
-            return tuple(h for key, h in self._entries.items() if owner is None or key != id(owner))
+            self._forget_freed()
+            entries = self._entries.copy()  # one C call: nothing runs while it copies
+        return tuple(h for key, h in entries.items() if owner is None or key != id(owner))
 
     def holdings(self) -> tuple[Holding, ...]:
         return self.others(None)
 
+    def _holding(self, key: int) -> Holding | None:
+        with self._lock:
+            self._forget_freed()
+            return self._entries.get(key)
+
     def _update(self, key: int, changes: dict) -> None:
         with self._lock:
+            self._forget_freed()
             if key in self._entries:
                 self._entries[key] = replace(self._entries[key], **changes)
 
-    def _forget(self, key: int) -> None:
-        with self._lock:
+    def _forget_freed(self) -> None:
+        """Removes the entries of models freed since the last call (the caller holds the lock). Allocates
+        nothing, so no collection runs in it; a key leaves the queue only after its entry went."""
+        while self._freed:
+            key = self._freed[0]
             self._entries.pop(key, None)
             self._finalizers.pop(key, None)
+            self._freed.popleft()
 
 
 LEDGER = Ledger()  # the process-wide ledger every plan and stream uses unless given another

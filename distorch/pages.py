@@ -10,12 +10,17 @@ nothing is given back early, which costs RAM but never correctness):
   they are dropped (`release_file_pages`), even though nothing reads them any more.
 * glibc keeps freed heap chunks below its adaptive mmap threshold (up to 32 MB); staging frees one source
   tensor per weight, so without `trim_heap` those sources stay in RSS and the peak is two copies.
+* Not every mapping with a name is a file on a disk: a file on tmpfs (/dev/shm) or ramfs, a memfd, a SysV
+  segment or a file deleted (or replaced by a rename) since it was mapped. Their pages are memory the mapping
+  keeps, or belong to a file no name reaches any more; staging copies them (`memory_filesystem`, files.py).
 """
 
 import bisect
 import ctypes
+import dataclasses
 import logging
 import mmap
+import os
 import sys
 from dataclasses import dataclass
 
@@ -24,24 +29,42 @@ logger = logging.getLogger("distorch.pages")
 PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21  # Linux 5.4+; reclaims clean pages, swaps or keeps written ones (never loses data)
-# Paths that name memory, not a file on disk: their pages cannot be dropped and re-read.
-_NOT_FILES = ("/dev/", "/memfd:", "/SYSV", "/proc/")
+# Names of device memory and of anonymous shared memory ("/dev/zero (deleted)" is how a MAP_SHARED|MAP_ANONYMOUS
+# mapping such as a staging buffer shows): freed with the last tensor viewing it, like any anonymous memory.
+_NOT_FILES = ("/dev/", "/proc/", "/anon_hugepage", "/dmabuf:")
+_MEMORY_FILES = ("/dev/shm/",)  # under /dev/ but files (tmpfs): what they map is memory the file keeps
+_DELETED = " (deleted)"  # appended by the kernel to the name of a file unlinked (or renamed over) since it was mapped
+# statfs f_type of file systems whose files are memory (linux/magic.h): tmpfs (and /dev/shm, memfd), ramfs, hugetlbfs.
+_MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6, 0x958458F6})
 
 
 @dataclass(frozen=True)
 class FileMapping:
-    """One mapping of a regular file in this process (address range and access, from /proc/self/maps)."""
+    """One mapping of a file in this process (address range, access and what it maps, from /proc/self/maps)."""
 
     start: int
     end: int
     shared: bool
     writable: bool
-    path: str
+    path: str  # as the kernel shows it: " (deleted)" appended when no name reaches the file any more
+    offset: int = 0  # the file offset mapped at `start`
+    device: int = 0  # the file's device and inode as the kernel reports them here (os.makedev(major, minor))
+    inode: int = 0
 
     @property
     def clean(self) -> bool:
         """Every page equals the file's bytes: writes reach the file (shared) or are impossible (read-only)."""
         return self.shared or not self.writable
+
+    @property
+    def deleted(self) -> bool:
+        """No name reaches the mapped file any more (deleted, or another file renamed over it), or it never had
+        one (memfd, SysV shared memory)."""
+        return self.path.endswith(_DELETED) or self.path.startswith(("/memfd:", "/SYSV"))
+
+    def file_offset(self, address: int) -> int:
+        """Where the byte at `address` (inside this mapping) lies in the file."""
+        return self.offset + address - self.start
 
 
 class MappingTable:
@@ -76,12 +99,14 @@ def _parse_line(line: str) -> FileMapping | None:
     fields = line.split(maxsplit=5)
     if len(fields) < 6:
         return None
-    path = fields[5].strip()
-    if not path.startswith("/") or path.startswith(_NOT_FILES) or path.endswith("(deleted)"):
+    path = fields[5].rstrip("\n")
+    if not path.startswith("/") or (path.startswith(_NOT_FILES) and not path.startswith(_MEMORY_FILES)):
         return None
     low, high = (int(x, 16) for x in fields[0].split("-"))
     perms = fields[1]
-    return FileMapping(low, high, shared=perms[3] == "s", writable=perms[1] == "w", path=path)
+    major, minor = (int(x, 16) for x in fields[3].split(":"))
+    return FileMapping(low, high, shared=perms[3] == "s", writable=perms[1] == "w", path=path,
+                       offset=int(fields[2], 16), device=os.makedev(major, minor), inode=int(fields[4]))
 
 
 def _merge_adjacent(mappings: list[FileMapping]) -> list[FileMapping]:
@@ -89,12 +114,18 @@ def _merge_adjacent(mappings: list[FileMapping]) -> list[FileMapping]:
     merged: list[FileMapping] = []
     for mapping in sorted(mappings, key=lambda m: m.start):
         last = merged[-1] if merged else None
-        if last is not None and (last.end, last.path, last.shared, last.writable) == (
-                mapping.start, mapping.path, mapping.shared, mapping.writable):
-            merged[-1] = FileMapping(last.start, mapping.end, last.shared, last.writable, last.path)
+        if last is not None and _continues(last, mapping):
+            merged[-1] = dataclasses.replace(last, end=mapping.end)
         else:
             merged.append(mapping)
     return merged
+
+
+def _continues(last: FileMapping, mapping: FileMapping) -> bool:
+    """`mapping` maps the bytes of the same file that follow `last`'s, right after it, with the same access."""
+    same = (last.path, last.device, last.inode, last.shared, last.writable) == (
+        mapping.path, mapping.device, mapping.inode, mapping.shared, mapping.writable)
+    return same and last.end == mapping.start and last.file_offset(last.end) == mapping.offset
 
 
 def release_file_pages(address: int, nbytes: int, mapping: FileMapping) -> bool:
@@ -114,6 +145,46 @@ def release_file_pages(address: int, nbytes: int, mapping: FileMapping) -> bool:
         return False
     advice = _MADV_DONTNEED if mapping.clean else _MADV_PAGEOUT
     return madvise(low, high - low, advice) == 0
+
+
+def memory_filesystem(fd: int) -> bool:
+    """The open file lies on a file system whose files are memory (tmpfs, ramfs, hugetlbfs): dropping its pages
+    frees nothing, and it is no disk to stream from. False where statfs is unknown (not Linux)."""
+    fstatfs = _libc_function("fstatfs", [ctypes.c_int, ctypes.c_void_p])
+    if fstatfs is None:
+        return False
+    # struct statfs starts with f_type, a C long on every Linux ABI; the rest of the struct is not read.
+    buffer = ctypes.create_string_buffer(256)
+    if fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF in _MEMORY_FILESYSTEMS
+
+
+def holds_written_pages(mapping: FileMapping) -> bool:
+    """A private writable file mapping holds pages written in memory (copy-on-write pages that now differ from the
+    file), per /proc/self/smaps; True also when that cannot be read, since then nothing proves the bytes clean."""
+    if mapping.clean:
+        return False
+    try:
+        with open("/proc/self/smaps") as handle:
+            return _anonymous_bytes(handle, mapping) > 0
+    except (OSError, ValueError):
+        return True
+
+
+def _anonymous_bytes(lines, mapping: FileMapping) -> int:
+    """The "Anonymous:" bytes smaps reports for the areas inside `mapping` (the kernel may split one mapping)."""
+    anonymous, inside = 0, False
+    for line in lines:
+        head = line.split(maxsplit=1)[0]
+        if not head.endswith(":"):  # an area's first line: "start-end perms offset dev inode path"
+            low, high = (int(x, 16) for x in head.split("-"))
+            if low >= mapping.end:
+                break
+            inside = mapping.start <= low and high <= mapping.end
+        elif inside and head == "Anonymous:":
+            anonymous += int(line.split()[1]) * 1024
+    return anonymous
 
 
 def trim_heap() -> None:

@@ -31,6 +31,7 @@ from .blocks import (
 )
 from .budget import ComputeBudget
 from .costmodel import Timings
+from .files import FileReader, copy_to
 from .ledger import LEDGER, Account, Ledger
 from .memory import MemoryInventory
 from .pages import MappingTable, release_file_pages, trim_heap
@@ -70,19 +71,23 @@ class ResidentPlacement:
 
     def apply(self) -> None:
         mappings = MappingTable.read()
+        with FileReader() as files:
+            self._move_all(mappings, files)
+        if self._moved:
+            trim_heap()
+
+    def _move_all(self, mappings: MappingTable, files: FileReader) -> None:
         for cluster, tensors in self._moved:
             source = live_bytes(cluster, tensors)
             mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes) if source.device.type == "cpu" \
                 else None
             address = source.data_ptr()
-            home = source.to(self.device)
+            home = copy_to(source, cluster.source, self.device, mappings, files)  # a model file through its descriptor
             del source
             point_into(cluster, tensors, home)
             self._homes.append(home)
             if mapping is not None:
                 release_file_pages(address, cluster.nbytes, mapping)
-        if self._moved:
-            trim_heap()
 
     def undo(self) -> None:
         for (cluster, tensors), home in zip(self._moved, self._homes):
@@ -178,7 +183,7 @@ class Placement:
             ValueError: a disk-tier block no longer lies in its file.
             RuntimeError: a device of the plan is not on this machine.
         """
-        layout = discover(self._live_model())
+        layout = discover(self._live_model(), self.plan.files)  # every read checks the files are still as planned
         _check_against(self.plan, layout)
         self._layout = layout
 

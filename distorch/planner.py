@@ -34,14 +34,17 @@ from .units import format_gb, gb_to_bytes
 
 if TYPE_CHECKING:  # torch stays unimported when plans come from file headers (the CLI)
     from .blocks import ModelLayout
+    from .files import FileIdentity
 
 @dataclass(frozen=True)
 class ModelSizes:
     """What the planner needs to know about a model: block sizes in execution order and the rest.
 
     `bytes_on` says where the weights are now (device -> bytes). Per block, `in_ram` counts bytes in
-    ordinary RAM (staging them into RAM moves them) and `in_file` bytes in a file mapping (a block wholly
-    there may stay on the disk tier). Sizes from a file header leave both empty: every staged byte is new.
+    ordinary RAM (staging them into RAM moves them), `in_file` bytes in a mapping of a file on a disk (staging
+    copies them, and a block wholly there may stay on the disk tier) and `in_shared_ram` bytes in memory a mapping
+    keeps, tmpfs, /dev/shm, a memfd or a file deleted since it was loaded (staging copies them, the source stays,
+    never the disk tier). Sizes from a file header leave all three empty: every staged byte is new.
     """
 
     name: str
@@ -50,6 +53,8 @@ class ModelSizes:
     bytes_on: Mapping[str, int] = field(default_factory=dict)
     in_ram: Mapping[str, int] = field(default_factory=dict)
     in_file: Mapping[str, int] = field(default_factory=dict)
+    in_shared_ram: Mapping[str, int] = field(default_factory=dict)
+    files: tuple["FileIdentity", ...] = ()  # the model files the weights lie in, as discovered (files.py)
     # The weight formats these sizes count (dtype label -> bytes) and where they were read: "file" (a
     # header: the file's dtype) or "model" (a live model: the dtype the loader built, e.g. fp8 from bf16).
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -69,14 +74,16 @@ class ModelSizes:
         return cls(name, tuple((b.name, b.nbytes) for b in layout.blocks), layout.rest_bytes,
                    {d: layout.bytes_on(d) for d in devices},
                    {b.name: b.ram_bytes for b in layout.blocks if b.ram_bytes},
-                   {b.name: b.file_bytes for b in layout.blocks if b.file_bytes})
+                   {b.name: b.file_bytes for b in layout.blocks if b.file_bytes},
+                   {b.name: b.shared_ram_bytes for b in layout.blocks if b.shared_ram_bytes},
+                   layout.files)
 
     def file_backed(self, name: str, nbytes: int) -> bool:
         return nbytes > 0 and self.in_file.get(name, 0) == nbytes
 
     def on_host(self, name: str) -> int:
-        """Bytes of block `name` already in host memory (RAM or a file mapping)."""
-        return self.in_ram.get(name, 0) + self.in_file.get(name, 0)
+        """Bytes of block `name` already in host memory (RAM or a mapping)."""
+        return self.in_ram.get(name, 0) + self.in_file.get(name, 0) + self.in_shared_ram.get(name, 0)
 
 
 class Tier(str, enum.Enum):
@@ -129,6 +136,8 @@ class Plan:
     pinned_elsewhere: int = field(default=0, compare=False)  # RAM the host program (ComfyUI) had pinned itself
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)  # as in ModelSizes: what the sizes count
     dtype_source: str = ""
+    # The model files as planned: reads check a file is still the same (a rewrite after planning raises).
+    files: tuple["FileIdentity", ...] = field(default=(), compare=False)
     # How it was chosen (the report's "why"): a fixed amount or automatic, against which run budget, the pass the
     # cost model predicts for it, and why it has `prefetch` slots.
     mode: str = field(default="fixed", compare=False)  # "fixed" (virtual_vram_gb / expert string) or "auto"
@@ -318,7 +327,7 @@ def _make_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryIn
                requested: int, warnings: tuple[str, ...], **extra) -> Plan:
     return Plan(sizes.name, request.compute_device, option.placements, sizes.rest_bytes, option.prefetch, requested,
                 warnings, option.host.others, option.host.added(option.placements), inventory.pinned_elsewhere,
-                dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source,
+                dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source, files=sizes.files,
                 mode="auto" if request.auto else "fixed", **extra)
 
 
@@ -543,6 +552,7 @@ class _HostRoom:
     moved: int  # streamed bytes already in ordinary RAM: staging moves them, adding nothing
     spillable: int  # streamed bytes in a file mapping, which may stay there (disk tier) if RAM is short
     compute_extra: int  # compute on the CPU: the slots plus resident weights not in host memory yet
+    disk_bounce: int  # compute on a GPU: the page-locked host buffer (a slot's size) disk-tier blocks are read into
     pinned_budget: int  # the shared page-locking budget (0 when computing on the CPU)
     pinned_elsewhere: int  # of it, pinned by the host program (ComfyUI)
     pinned_by_others: int  # of it, held or reserved by other DisTorch models
@@ -563,6 +573,7 @@ class _HostRoom:
                    moved=sum(sizes.in_ram.get(name, 0) for name, _ in blocks),
                    spillable=sum(n for name, n in blocks if sizes.file_backed(name, n)),
                    compute_extra=extra,
+                   disk_bounce=max((n for _, n in blocks), default=0) if compute != "cpu" else 0,
                    pinned_budget=inventory.pinned_budget if compute != "cpu" else 0,
                    pinned_elsewhere=inventory.pinned_elsewhere,
                    pinned_by_others=sum(h.pinned for h in others),
@@ -580,7 +591,8 @@ class _HostRoom:
     def added(self, placements) -> int:
         """RAM the placement adds beyond what the model's weights already take."""
         staged = sum(b.nbytes for b in placements if b.streamed and b.device == "cpu" and not b.disk)
-        return max(0, staged - self.moved + self.compute_extra)
+        bounce = self.disk_bounce if any(b.disk for b in placements) else 0
+        return max(0, staged - self.moved + self.compute_extra) + bounce
 
 
 def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
@@ -625,6 +637,7 @@ def _disk_blocks(sizes: ModelSizes, devices: dict[int, str], host: _HostRoom) ->
     candidates = [i for i in in_ram if sizes.file_backed(*sizes.blocks[i])]
     if shortfall <= 0 or not candidates:
         return set()
+    shortfall += host.disk_bounce  # reading from the disk needs its bounce buffer too
     picked = choose_streamed([sizes.blocks[i][1] for i in candidates], shortfall)
     return {candidates[j] for j in picked}
 

@@ -4,7 +4,9 @@ Per streamed block, one flat buffer on its storage device (pinned or pageable RA
 holds all its weights. Staging copies the block into it and re-points the block's parameters and
 buffers there, block by block: nothing of ours keeps the original memory, so it is freed as each block
 is staged and a streamed byte lives in one place (peak: the model plus one block). A block on the disk
-tier is not copied at all: it stays in the model file's mapping and is copied from there into its slot.
+tier is not copied at all: it stays in the model file, and each load reads it into its slot through a
+descriptor of that file, never through the mapping, so a file changed under the model raises
+`ModelFileChanged` instead of a SIGBUS or new weights (files.py). Staging reads a file-backed block the same way.
 The streamer holds no reference to the model: hooks reach it through a weakref, so dropping the model
 frees the streamer and its pinned memory without waiting for the garbage collector.
 
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .blocks import Block, TensorCluster, cluster_tensors, live_bytes
 from .engine import CpuCopyEngine, CudaCopyEngine
+from .files import FileRead, FileReader, FileSpan, ModelFileChanged, readable_span
 from .hostbuf import FlatBuffer, align_up
 from .ledger import Account
 from .pages import MappingTable, release_file_pages, trim_heap
@@ -78,9 +81,10 @@ class _Slot:
     buffer: torch.Tensor  # flat uint8 on the compute device, as large as the largest streamed block
     ready: object  # event recorded on the copy stream after the latest copy into `buffer`
     free: object  # event recorded on the compute stream after the last forward that read `buffer`
-    block: int | None = None  # streamed block whose bytes the slot holds or is receiving
+    block: int | None = None  # streamed block whose copy into `buffer` is enqueued and `ready` recorded after it
     readers: list = field(default_factory=list)  # module-call frames of the forwards of `block` running on it
     last_used: int = 0  # tick of the last release, for least-recently-used replacement
+    views: dict = field(default_factory=dict)  # block index -> its tensors as views of `buffer` (they go with it)
 
     @property
     def users(self) -> int:
@@ -109,19 +113,20 @@ class _StreamedBlock:
     when the last view of it goes.
     """
 
-    def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module):
+    def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module, files: FileReader):
         self.index = index
         self.name = block.name
         self.module = weakref.ref(module)  # the block's module; the model owns it
         self.placement = placement
+        self.files = files  # the streamer's descriptors of the model files (it owns them)
         self.clusters = block.clusters
         self.offsets = _cluster_offsets(block.clusters)
         self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
         self.buffer: FlatBuffer | None = None  # the staging buffer (RAM or donor GPU), None on the disk tier
         self.homes: list[torch.Tensor] = []  # per cluster, its bytes between forwards (empty: not staged)
+        self.spans: list[FileSpan] = []  # on the disk tier: per cluster, where its bytes lie in its model file
         self.tensors: list[list[torch.Tensor]] = []  # per cluster, the model's tensors of its views
         self.host_views: list[torch.Tensor] = []
-        self.slot_views: dict[int, list[torch.Tensor]] = {}
 
     @property
     def host(self) -> torch.Tensor | None:
@@ -133,15 +138,24 @@ class _StreamedBlock:
         return bool(self.homes) or self.buffer is not None
 
     def stage(self, buffer: FlatBuffer, mappings: MappingTable) -> int:
-        """Copies the block into `buffer` and points its tensors there, releasing the originals.
+        """Copies the block into `buffer` and points its tensors there, releasing the originals. Bytes that lie in
+        their model file are read through its descriptor; a changed file raises `ModelFileChanged` before anything
+        points into the buffer (the block stays unstaged).
 
         Returns the bytes that came from ordinary RAM (now free for the heap to give back).
         """
         self.tensors = self._resolve()
-        flat, from_ram, file_ranges = buffer.tensor, 0, []
+        flat, from_ram, file_ranges, read = buffer.tensor, 0, [], []
         for cluster, tensors, offset in zip(self.clusters, self.tensors, self.offsets):
             source = live_bytes(cluster, tensors)
-            flat[offset:offset + cluster.nbytes].copy_(source)
+            destination = flat[offset:offset + cluster.nbytes]
+            span = readable_span(cluster.source, source.data_ptr(), mappings, self.files) \
+                if source.device.type == "cpu" else None
+            if span is None:
+                destination.copy_(source)
+            else:
+                self.files.read(span, destination)
+                read.append(span.file)
             if source.device.type == "cpu":
                 mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes)
                 if mapping is None:
@@ -149,27 +163,42 @@ class _StreamedBlock:
                 else:
                     file_ranges.append((source.data_ptr(), cluster.nbytes, mapping))
             del source  # the last reference of ours to the original memory
-        self.buffer = buffer
-        self.homes = [flat[offset:offset + c.nbytes] for c, offset in zip(self.clusters, self.offsets)]
-        self.host_views = self._views_on_homes()
+        for file in dict.fromkeys(read):
+            self.files.check(file)
+        homes = [flat[offset:offset + c.nbytes] for c, offset in zip(self.clusters, self.offsets)]
+        # One statement: an interrupt leaves the block unstaged (its tensors untouched) or staged with its views.
+        self.buffer, self.homes, self.host_views = buffer, homes, self._views_on_homes(homes)
         self.point_to(self.host_views)  # the original storages lose the model's references here
         for address, nbytes, mapping in file_ranges:
             release_file_pages(address, nbytes, mapping)
         return from_ram
 
-    def stay_on_disk(self) -> None:
-        """Leaves the block where it is, in the model file's mapping; each load copies from there."""
-        self.tensors = self._resolve()
-        self.homes = [live_bytes(cluster, tensors) for cluster, tensors in zip(self.clusters, self.tensors)]
-        self.host_views = self._views_on_homes()
+    def stay_on_disk(self, mappings: MappingTable) -> None:
+        """Leaves the block where it is, in its model file; each load reads it from there through the file's
+        descriptor, opened (and checked to be the file discovered) now."""
+        tensors = self._resolve()
+        homes = [live_bytes(cluster, group) for cluster, group in zip(self.clusters, tensors)]
+        spans = [readable_span(cluster.source, home.data_ptr(), mappings, self.files)
+                 for cluster, home in zip(self.clusters, homes)]
+        for cluster, span in zip(self.clusters, spans):
+            if span is None and cluster.source is not None:
+                raise ModelFileChanged(f"distorch: block {self.name!r} streams from the model file "
+                                       f"{cluster.source.file.path!r}, which was deleted or replaced since the model "
+                                       "was loaded; reload the model")
+            if span is None:
+                raise ValueError(f"distorch: block {self.name!r} is planned on the disk tier but its weights do not "
+                                 "lie in a model file; plan it again")
+        for file in dict.fromkeys(span.file for span in spans):
+            self.files.check(file)
+        # One statement: an interrupt leaves the block unstaged or staged with its views.
+        self.tensors, self.homes, self.spans, self.host_views = tensors, homes, spans, self._views_on_homes(homes)
 
-    def copies(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) pairs that load this block into `slot`: one for a staged block, one per cluster
-        (in its place in the file) on the disk tier."""
+    def copies(self, slot: torch.Tensor) -> list[tuple[torch.Tensor, object]]:
+        """(destination, source) pairs that load this block into `slot`: from the staging buffer, or on the disk
+        tier a read of its clusters from the model file (`FileRead`, which the copy engine performs)."""
         if self.buffer is not None:
             return [(slot[:self.nbytes], self.buffer.tensor[:self.nbytes])]
-        return [(slot[offset:offset + c.nbytes], home) for c, offset, home in zip(self.clusters, self.offsets,
-                                                                                   self.homes)]
+        return [(slot[:self.nbytes], FileRead(self.files, tuple(zip(self.offsets, self.spans)), self.nbytes))]
 
     def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         return [
@@ -193,15 +222,13 @@ class _StreamedBlock:
                     for view, tensor in zip(cluster.views, tensors):
                         tensor.data = view.rebuild_on(restored, view.offset)
         self.buffer = None
-        self.homes, self.tensors, self.host_views = [], [], []
-        self.slot_views.clear()
+        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
 
     def take_over(self, other: "_StreamedBlock") -> None:
         """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing."""
-        self.buffer, self.homes = other.buffer, other.homes
+        self.buffer, self.homes, self.spans = other.buffer, other.homes, other.spans
         self.tensors, self.host_views = other.tensors, other.host_views
-        other.buffer, other.homes, other.tensors, other.host_views = None, [], [], []
-        other.slot_views.clear()
+        other.buffer, other.homes, other.tensors, other.host_views, other.spans = None, [], [], [], []
 
     def let_go(self) -> None:
         """Forgets the staged bytes without moving them: the model's tensors keep viewing them (unpinned now, freed
@@ -209,8 +236,7 @@ class _StreamedBlock:
         if self.buffer is not None:
             self.buffer.release()
         self.buffer = None
-        self.homes, self.tensors, self.host_views = [], [], []
-        self.slot_views.clear()
+        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
 
     def _resolve(self) -> list[list[torch.Tensor]]:
         module = self.module()
@@ -218,8 +244,8 @@ class _StreamedBlock:
             raise RuntimeError(f"distorch: block {self.name!r} is gone; the model was freed")
         return [cluster_tensors(module, cluster, prefix=f"{self.name}.") for cluster in self.clusters]
 
-    def _views_on_homes(self) -> list[torch.Tensor]:
-        return [view.rebuild_on(home, view.offset) for cluster, home in zip(self.clusters, self.homes)
+    def _views_on_homes(self, homes: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [view.rebuild_on(home, view.offset) for cluster, home in zip(self.clusters, homes)
                 for view in cluster.views]
 
 
@@ -229,6 +255,13 @@ class BlockStreamer:
     Use `open()` / `close()` (or `distorch.stream`, which also places the resident weights). The streamer
     keeps no reference to `model` (only weakrefs to its block modules), so the model can be freed while the
     streamer is attached to it; `account` is the model's ledger entry, marked staged with what was allocated.
+
+    An interrupt (Ctrl+C, or ComfyUI's cancel raised from a hook or from `progress`) may land between any two
+    steps of a hook, of `open()` or of `close()`. Every change of state is ordered so that each prefix of its
+    steps is consistent: a slot says it holds a block only once the block's copy is enqueued and the slot's
+    `ready` event recorded after it; a forward stays a reader of its slot until the block's weights point back
+    to their host views and the slot's `free` event is recorded, and the interrupt recovery ends such a
+    leftover reader by repeating those steps; `open()` takes back what it installed when it fails.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[Block], storage: Mapping[str, StoragePlacement],
@@ -240,20 +273,21 @@ class BlockStreamer:
         self.prefetch = prefetch
         self.debug = debug  # poison released slots so a missing wait reads NaN
         self.engine = engine or _default_engine(self.device)
-        self._blocks = [_StreamedBlock(i, b, storage[b.name], model.get_submodule(b.name))
+        # Descriptors of the model files read from: open while disk-tier blocks stream from them (and while staging).
+        self._files = FileReader()
+        self._blocks = [_StreamedBlock(i, b, storage[b.name], model.get_submodule(b.name), self._files)
                         for i, b in enumerate(blocks)]
         self._passes = _make_passes(model, blocks)
         self._pass_of = {i: p for p in self._passes for i in p.schedule}
         self._account = account  # the model's ledger entry, or None
-        self._slots: list[_Slot] = []
-        self._where: dict[int, int] = {}  # streamed block -> slot index holding (or receiving) it
+        self._slots: list[_Slot] = []  # the one record of which block each slot holds (`_slot_holding`)
         self._current: _Pass | None = None  # pass whose schedule predicts the next calls
         self._hooks: list = []
         # Hooks hold only a weakref to the streamer; if it is dropped while attached, its hooks go with it.
         weakref.finalize(self, _remove_hooks, self._hooks)
         self._tick = 0
         self._stats = StreamStats()
-        self._open = False
+        self._open = False  # True only between a complete open() and the start of close(); hooks act only then
 
     @property
     def slot_bytes(self) -> int:
@@ -275,48 +309,47 @@ class BlockStreamer:
                 block (not at all when nothing needs staging). It may raise to cancel, e.g. on a user
                 interrupt: the blocks staged so far stay staged and consistent, the streamer stays closed,
                 and the next `open()` stages the rest.
+
+        Whatever raises (also KeyboardInterrupt), a failed `open()` removes the hooks it installed and frees
+        the slots before the exception leaves it, so none survives while the exception object lives.
         """
         if self._open:
             return self
-        self._stage_all(progress)
-        self._slots = [
-            _Slot(torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device),
-                  self.engine.new_event(), self.engine.new_event())
-            for _ in range(self.prefetch if self._blocks else 0)
-        ]
-        self._install_hooks()
-        self._open = True
-        logger.info("distorch: streaming %d blocks (%.2f GB) through %d x %.2f GB slots on %s",
-                    len(self._blocks), sum(b.nbytes for b in self._blocks) / GIB, len(self._slots),
-                    self.slot_bytes / GIB, self.device)
-        return self
+        try:
+            self._detach()  # what an interrupted close() may have left
+            self._stage_all(progress)
+            self._slots = [
+                _Slot(torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device),
+                      self.engine.new_event(), self.engine.new_event())
+                for _ in range(self.prefetch if self._blocks else 0)
+            ]
+            self._install_hooks()
+            logger.info("distorch: streaming %d blocks (%.2f GB) through %d x %.2f GB slots on %s",
+                        len(self._blocks), sum(b.nbytes for b in self._blocks) / GIB, len(self._slots),
+                        self.slot_bytes / GIB, self.device)
+            self._open = True
+            return self  # inside the try: an interrupt at any statement of open() rolls it back
+        except BaseException:
+            self._open = False
+            self._detach()
+            raise
 
     def close(self, unstage: bool = True) -> None:
-        """Removes the hooks, waits for copies in flight and frees the slots.
+        """Removes the hooks, waits for copies in flight and frees the slots. Works in any state an
+        interrupted forward, `open()` or `close()` left, and may be called again.
 
         Args:
             unstage: also move the weights back where they came from and unpin. With False they stay in
                 their flat buffers (pinned RAM or donor VRAM), so the next `open()` skips staging; ComfyUI
                 uses this when it unloads a model it will load again.
         """
-        if self._open:
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks.clear()
-            self.engine.synchronize()
-            for block in self._blocks:
-                if block.is_staged:
-                    block.point_to(block.host_views)
-                block.slot_views.clear()
-            self._slots.clear()
-            self._where.clear()
-            for streaming_pass in self._passes:
-                streaming_pass.depth, streaming_pass.frame = 0, None
-            self._open = False
+        self._open = False  # first: from here the hooks do nothing, also if removing them is interrupted
+        self._detach()
         if unstage:
             for block in self._blocks:
                 if block.is_staged:
                     block.unstage()
+            self._files.close()
             if self._account is not None:
                 self._account.update(staged=False)
 
@@ -340,8 +373,24 @@ class BlockStreamer:
                 block.take_over(staged.pop(block.name))
         for block in staged.values():
             block.let_go()
+        successor._files.adopt(self._files)  # its disk-tier blocks keep reading the files they were planned on
         if successor._account is not None and any(b.is_staged for b in successor._blocks):
             successor._account.update(staged=True, **successor._held())
+
+    def _detach(self) -> None:
+        """Removes the hooks, ends the forwards an interrupt left on the slots, waits for the queued copies
+        and kernels, points every block back to its host views (also a staging an interrupt cut between two
+        tensors) and drops the slots. Each step may repeat."""
+        _remove_hooks(self._hooks)
+        if self._slots:
+            self._release_all()
+            self.engine.synchronize()
+        for block in self._blocks:
+            if block.is_staged:
+                block.point_to(block.host_views)
+        self._slots = []
+        for streaming_pass in self._passes:
+            streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
 
     # -- staging -----------------------------------------------------------------------------------
 
@@ -366,19 +415,22 @@ class BlockStreamer:
         pin = True  # until a registration fails: then the rest stays pageable without a warning per block
         with tqdm(total=total, unit="B", unit_scale=True, desc="distorch: staging streamed blocks",
                   disable=total < _PROGRESS_MIN_BYTES, leave=False) as bar:
-            for block in pending:
-                if block.placement.disk:
-                    block.stay_on_disk()
-                else:
-                    buffer = FlatBuffer(block.nbytes, block.placement.device)
-                    if block.stage(buffer, mappings):
-                        trim_heap()  # the freed sources go back to the OS now, not at the end
-                    if block.placement.pinned and pin:
-                        pin = buffer.pin()
-                done += block.nbytes
-                bar.update(block.nbytes)
-                if progress is not None:
-                    progress(done, total)
+            try:
+                for block in pending:
+                    if block.placement.disk:
+                        block.stay_on_disk(mappings)
+                    else:
+                        buffer = FlatBuffer(block.nbytes, block.placement.device)
+                        if block.stage(buffer, mappings):
+                            trim_heap()  # the freed sources go back to the OS now, not at the end
+                        if block.placement.pinned and pin:
+                            pin = buffer.pin()
+                    done += block.nbytes
+                    bar.update(block.nbytes)
+                    if progress is not None:
+                        progress(done, total)
+            finally:
+                self._keep_needed_files()
         # Every donor holding a staged block, also those staged by an earlier open() that `progress` cancelled.
         donors = {torch.device(b.placement.device) for b in self._blocks
                   if b.is_staged and b.placement.device != "cpu"}
@@ -386,8 +438,17 @@ class BlockStreamer:
             # Staging writes to a donor GPU run on its default stream (and from pageable memory may still be in
             # flight when cudaMemcpy returns); the copy stream must not read them before they land.
             torch.cuda.synchronize(device)
-        if pending and self._account is not None:
+        holding = self._account.holding if self._account is not None else None
+        # Also when nothing was pending: an open() interrupted after staging never marked the entry staged.
+        if holding is not None and (pending or (not holding.staged and any(b.is_staged for b in self._blocks))):
             self._account.update(staged=True, **self._held())
+
+    def _keep_needed_files(self) -> None:
+        """Keeps descriptors open only while disk-tier blocks stream from them: a staged block never reads its file
+        again, and an open descriptor would hold on to a deleted file's disk space."""
+        self._files.finish()
+        if not any(block.spans for block in self._blocks):
+            self._files.close()
 
     def _held(self) -> dict:
         """What the staged blocks actually hold, by the ledger's fields."""
@@ -403,6 +464,7 @@ class BlockStreamer:
         return {**held, "donor": tuple(sorted(donors.items()))}
 
     def _install_hooks(self) -> None:
+        # Each handle is kept in the statement that registers its hook: an interrupt cannot lose one.
         for block in self._blocks:
             module = block.module()
             if module is None:
@@ -436,27 +498,26 @@ class BlockStreamer:
     def _begin_pass(self, streaming_pass: _Pass, frame) -> None:
         if streaming_pass.depth or any(slot.readers for slot in self._slots):
             self._end_interrupted()
-        streaming_pass.depth += 1
-        if streaming_pass.depth > 1:
+        if streaming_pass.depth:  # the pass module called again inside its own running forward
+            streaming_pass.depth += 1
             return
-        streaming_pass.frame = frame
-        streaming_pass.seen = []
-        streaming_pass.cursor = 0
+        streaming_pass.seen, streaming_pass.cursor, streaming_pass.frame = [], 0, frame
+        streaming_pass.depth = 1  # last: interrupted before it, no pass is left running
         self._current = streaming_pass
         self._stats.passes += 1
         self._refill()
 
     def _end_pass(self, streaming_pass: _Pass, completed: bool) -> None:
-        streaming_pass.depth = max(0, streaming_pass.depth - 1)
-        if streaming_pass.depth:
+        if streaming_pass.depth > 1:
+            streaming_pass.depth -= 1
             return
-        streaming_pass.frame = None
         if completed and streaming_pass.seen:
             if streaming_pass.seen != streaming_pass.schedule:
                 self._stats.mispredicted += 1
             streaming_pass.history.append(tuple(streaming_pass.seen))
             streaming_pass.schedule = list(_predict_next(streaming_pass.history))
-        streaming_pass.cursor = 0
+        # Interrupted before this, the pass stays open on a frame that is gone: the next pass ends it.
+        streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
         if not completed:
             self._release_all()
         self._current = streaming_pass
@@ -472,9 +533,9 @@ class BlockStreamer:
         slot is free.
         """
         live = _stack_frame_ids()
-        for slot in self._slots:
+        for slot_index, slot in enumerate(self._slots):
             for reader in [r for r in slot.readers if not _is_live(r, live)]:
-                self._release(slot.block, reader)
+                self._end_read(slot_index, reader)
         for streaming_pass in self._passes:
             if streaming_pass.depth and not _is_live(streaming_pass.frame, live):
                 streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
@@ -507,14 +568,22 @@ class BlockStreamer:
         return upcoming
 
     def _is_running(self, index: int) -> bool:
-        slot = self._where.get(index)
+        slot = self._slot_holding(index)
         return slot is not None and self._slots[slot].users > 0
 
     # -- slots ---------------------------------------------------------------------------------------
 
+    def _slot_holding(self, index: int) -> int | None:
+        # A scan of the few slots instead of a second map: one record of what each slot holds cannot disagree
+        # with itself when an interrupt splits an update.
+        for slot_index, slot in enumerate(self._slots):
+            if slot.block == index:
+                return slot_index
+        return None
+
     def _acquire(self, index: int, frame) -> None:
         self._track_call(index)
-        slot_index = self._where.get(index)
+        slot_index = self._slot_holding(index)
         if slot_index is None:
             slot_index = self._victim(protected=set())
             if slot_index is None:
@@ -528,46 +597,52 @@ class BlockStreamer:
         else:
             self._stats.hits += 1
         slot = self._slots[slot_index]
+        # The reader first: from here an interrupt leaves a forward whose frame is gone, which the recovery ends.
         slot.readers.append(frame)
         # The forward's kernels must not read the slot before its copy has landed.
         self.engine.compute_wait(slot.ready)
         self.engine.mark_reading(slot.buffer, +1)
-        block = self._blocks[index]
-        block.point_to(self._slot_views(block, slot_index))
+        self._blocks[index].point_to(self._slot_views(index, slot))
         self._refill()
 
-    def _release(self, index: int, reader=None) -> None:
-        slot_index = self._where.get(index)
-        if slot_index is None or self._slots[slot_index].users == 0:
+    def _release(self, index: int) -> None:
+        """The post-hook: ends the innermost forward of block `index` and refills once its slot is idle."""
+        slot_index = self._slot_holding(index)
+        if slot_index is None or not self._slots[slot_index].readers:
             return  # the pre-hook failed before acquiring; nothing to undo
         slot = self._slots[slot_index]
-        if reader is None:
-            slot.readers.pop()  # the innermost forward on this slot is the one ending
-        else:
-            slot.readers.remove(reader)
+        self._end_read(slot_index, slot.readers[-1])
+        if not slot.readers:
+            self._refill()
+
+    def _end_read(self, slot_index: int, reader) -> None:
+        """Ends one forward on a slot. The reader goes last, after the block's weights point back to their
+        host views and the slot's `free` event is recorded: until then the slot is never reused, and an
+        interrupt in between leaves the reader for the recovery, which repeats these steps (each may)."""
+        slot = self._slots[slot_index]
         self.engine.mark_reading(slot.buffer, -1)
-        if slot.users:
-            return
-        block = self._blocks[index]
-        block.point_to(block.host_views)
-        if self.debug:
-            self.engine.poison(slot.buffer)
-            self._forget(slot_index)
-        # Recorded after the block's kernels (and the poison fill): the next copy into the slot waits for it.
-        self.engine.compute_record(slot.free)
-        self._tick += 1
-        slot.last_used = self._tick
-        self._refill()
+        if len(slot.readers) == 1:
+            if slot.block is not None:
+                block = self._blocks[slot.block]
+                block.point_to(block.host_views)
+            if self.debug:
+                slot.block = None  # before the poison: a slot never says it holds bytes it no longer has
+                self.engine.poison(slot.buffer)
+            # Recorded after the block's kernels (and the poison fill): the next copy into the slot waits for it.
+            self.engine.compute_record(slot.free)
+            self._tick += 1
+            slot.last_used = self._tick
+        slot.readers.remove(reader)
 
     def _release_all(self) -> None:
-        for slot in self._slots:
-            while slot.users and slot.block is not None:
-                self._release(slot.block)
+        for slot_index, slot in enumerate(self._slots):
+            while slot.readers:
+                self._end_read(slot_index, slot.readers[-1])
 
     def _refill(self) -> None:
         upcoming = self._upcoming()
         for index in upcoming:
-            if index in self._where:
+            if self._slot_holding(index) is not None:
                 continue
             slot_index = self._victim(protected=set(upcoming))
             if slot_index is None:
@@ -583,53 +658,58 @@ class BlockStreamer:
         return min(candidates, key=lambda i: (self._slots[i].block is not None, self._slots[i].last_used))
 
     def _load(self, index: int, slot_index: int) -> None:
-        self._forget(slot_index)
         slot = self._slots[slot_index]
-        block = self._blocks[index]
-        slot.block = index
-        self._where[index] = slot_index
-        for destination, source in block.copies(slot.buffer):
+        slot.block = None  # emptied before its bytes change: interrupted mid-copy, the slot holds nothing
+        for destination, source in self._blocks[index].copies(slot.buffer):
             self.engine.copy(destination, source, after=slot.free, ready=slot.ready)
+        # Only now: the copy is enqueued and `ready` recorded after it; a read that failed (a changed model file)
+        # or an interrupt mid-copy leaves the slot empty.
+        slot.block = index
         self._stats.copies += 1
-        self._stats.bytes_copied += block.nbytes
+        self._stats.bytes_copied += self._blocks[index].nbytes
 
-    def _forget(self, slot_index: int) -> None:
-        slot = self._slots[slot_index]
-        if slot.block is not None:
-            del self._where[slot.block]
-            slot.block = None
-
-    def _slot_views(self, block: _StreamedBlock, slot_index: int) -> list[torch.Tensor]:
-        if slot_index not in block.slot_views:
-            block.slot_views[slot_index] = block.views_on(self._slots[slot_index].buffer)
-        return block.slot_views[slot_index]
+    def _slot_views(self, index: int, slot: _Slot) -> list[torch.Tensor]:
+        views = slot.views.get(index)
+        if views is None:
+            views = slot.views[index] = self._blocks[index].views_on(slot.buffer)
+        return views
 
 
 # The hook bodies, compiler-disabled once at import: the first `torch.compiler.disable` imports torch._dynamo,
 # and that import leaves the frames on the stack in a reference cycle; at import time they hold no model.
+# A hook whose streamer is gone or not open does nothing: none can act on a streamer that is being torn down.
 
 @torch.compiler.disable
 def _pre_hook(streamer: weakref.ref, index: int, module, args) -> None:
-    streamer()._acquire(index, _module_call_frame())
+    owner = streamer()
+    if owner is not None and owner._open:
+        owner._acquire(index, _module_call_frame())
 
 
 @torch.compiler.disable
 def _post_hook(streamer: weakref.ref, index: int, module, args, output) -> None:
-    streamer()._release(index)
+    owner = streamer()
+    if owner is not None and owner._open:
+        owner._release(index)
 
 
 @torch.compiler.disable
 def _pass_begin(streamer: weakref.ref, streaming_pass: _Pass, module, args) -> None:
-    streamer()._begin_pass(streaming_pass, _module_call_frame())
+    owner = streamer()
+    if owner is not None and owner._open:
+        owner._begin_pass(streaming_pass, _module_call_frame())
 
 
 @torch.compiler.disable
 def _pass_end(streamer: weakref.ref, streaming_pass: _Pass, module, args, output) -> None:
     # always_call hooks see output=None when the forward raised (e.g. ComfyUI's interrupt).
-    streamer()._end_pass(streaming_pass, completed=output is not None)
+    owner = streamer()
+    if owner is not None and owner._open:
+        owner._end_pass(streaming_pass, completed=output is not None)
 
 
 def _remove_hooks(handles: list) -> None:
+    # Removing a handle twice is harmless: interrupted, the next call removes the rest.
     for handle in handles:
         handle.remove()
     handles.clear()

@@ -13,8 +13,9 @@ Main entry points:
     sentencepiece_model(metadata)   -> SentencePiece model rebuilt from a "t5"/"llama" GGUF tokenizer
     tekken_model(metadata)          -> Mistral tekken.json rebuilt from a "gpt2"/"tekken" GGUF tokenizer
     hf_tokenizer_json(metadata)     -> HF tokenizer.json rebuilt from a "gpt2" GGUF tokenizer (GPT-OSS)
-    gemma4_tokenizer_json(metadata) -> Gemma 4 tokenizer.json rebuilt from a "gemma4" GGUF tokenizer
+    gemma4_tokenizer_json(metadata) -> Gemma 4 tokenizer.json rebuilt from a Gemma 4 GGUF tokenizer
     text_encoder_state_dict(file)   -> ComfyUI state dict of a text-encoder file (names + tokenizer)
+    encoders.FAMILIES               -> one record per text-encoder family (architectures, module, tokenizer entry)
     map_vision_tower(tensors)       -> llama.cpp Qwen2.5-VL mmproj names -> ComfyUI `visual.*` names
     GGUFFileWriter / write_gguf     -> streaming writer (gguf-py underneath)
     GGUFError                       -> every malformed, truncated or unsupported file
@@ -30,6 +31,7 @@ _EXPORTS = {
     "detect_architecture": "arch", "model_kind": "arch",
     "dequantize_blocks": "dequant", "supported_qtypes": "dequant",
     "GGUFError": "errors",
+    "EmbeddingTable": "embedding_rows", "embedding_table": "embedding_rows",
     "EncoderPart": "encoder_files", "attach_vision_towers": "encoder_files", "is_vision_projector": "encoder_files",
     "text_encoder_state_dict": "encoder_files", "tokenizer_entries": "encoder_files",
     "vision_projector_state_dict": "encoder_files",
@@ -38,11 +40,11 @@ _EXPORTS = {
     "quantize_q8_0": "quantize",
     "GGUFFile": "reader", "read_gguf": "reader",
     "GGMLMeta": "tensor", "GGMLTensor": "tensor", "is_quantized": "tensor",
-    "map_text_encoder": "text_encoders", "map_vision_tower": "text_encoders", "unpermute_qk": "text_encoders",
-    "sentencepiece_model": "tokenizer", "tekken_model": "tekken",
-    "hf_tokenizer_json": "hf_tokenizer",
-    "GGUFMoEExperts": "moe_ops", "make_moe_experts": "moe_ops", "map_gpt_oss": "gpt_oss",
-    "gemma4_tokenizer_json": "hf_tokenizer_gemma4",
+    "map_text_encoder": "encoders",
+    "map_vision_tower": "encoders.qwen", "unpermute_qk": "encoders.llama", "map_gpt_oss": "encoders.gpt_oss",
+    "sentencepiece_model": "encoders.sentencepiece", "tekken_model": "encoders.mistral_tokenizer",
+    "hf_tokenizer_json": "encoders.gpt_oss_tokenizer", "gemma4_tokenizer_json": "encoders.gemma4_tokenizer",
+    "GGUFMoEExperts": "moe_ops", "make_moe_experts": "moe_ops",
     "GGUFFileWriter": "writer", "can_quantize": "writer", "write_gguf": "writer",
 }
 
@@ -68,5 +70,5 @@ __all__ = [
     "read_gguf_header", "sentencepiece_model", "supported_qtypes", "tekken_model", "text_encoder_state_dict",
     "tokenizer_entries", "unpermute_qk", "vision_projector_state_dict", "write_gguf",
     "hf_tokenizer_json", "GGUFMoEExperts", "make_moe_experts", "map_gpt_oss",
-    "gemma4_tokenizer_json",
+    "gemma4_tokenizer_json", "EmbeddingTable", "embedding_table",
 ]

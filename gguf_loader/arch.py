@@ -11,14 +11,12 @@ from dataclasses import dataclass
 
 from gguf import Keys
 
+from .encoders import FAMILIES, TEXT_ARCHITECTURES, Signature
+
 # Architectures of diffusion models written by the community converters (ComfyUI-GGUF convert.py,
-# stable-diffusion.cpp) and of text encoders written by llama.cpp.
+# stable-diffusion.cpp); those of the text encoders llama.cpp writes are the families' (encoders.FAMILIES).
 IMAGE_ARCHITECTURES = frozenset({
     "flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2", "qwen_image",
-})
-TEXT_ARCHITECTURES = frozenset({
-    "t5", "t5encoder", "llama", "mistral3", "qwen2", "qwen2vl", "qwen3", "qwen3vl", "gemma", "gemma2", "gemma3",
-    "gemma4", "gpt-oss", "clip",
 })
 # Placeholders some forks write instead of a real architecture; treated as "not declared".
 PLACEHOLDER_ARCHITECTURES = frozenset({"pig", "cow"})
@@ -26,48 +24,32 @@ PLACEHOLDER_ARCHITECTURES = frozenset({"pig", "cow"})
 _PREFIXES = ("model.diffusion_model.", "model.", "net.", "diffusion_model.")
 
 
-@dataclass(frozen=True)
-class _Signature:
-    arch: str
-    keys: tuple[str, ...]  # all must be present
-
-
 # First match wins: more specific signatures come before the ones they contain.
-_SIGNATURES = (
-    _Signature("flux", ("double_blocks.0.img_attn.proj.weight",)),
-    _Signature("sd3", ("joint_blocks.0.x_block.attn.qkv.weight",)),
-    _Signature("aura", ("double_layers.3.modX.1.weight",)),
-    _Signature("hidream", ("caption_projection.0.linear.weight",
-                           "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight")),
-    _Signature("cosmos", ("blocks.0.mlp.layer1.weight", "blocks.0.adaln_modulation_cross_attn.1.weight")),
-    _Signature("ltxv", ("adaln_single.emb.timestep_embedder.linear_2.weight", "transformer_blocks.27.scale_shift_table",
-                        "caption_projection.linear_2.weight")),
-    _Signature("hyvid", ("double_blocks.0.img_attn_proj.weight",
-                         "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight")),
-    _Signature("wan", ("blocks.0.self_attn.norm_q.weight", "text_embedding.2.weight", "head.modulation")),
-    _Signature("qwen_image", ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight")),
-    _Signature("lumina2", ("cap_embedder.1.weight", "context_refiner.0.attention.qkv.weight")),
-    _Signature("sdxl", ("down_blocks.0.downsamplers.0.conv.weight", "add_embedding.linear_1.weight")),
-    _Signature("sdxl", ("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight",
-                        "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight")),
-    _Signature("sdxl", ("label_emb.0.0.weight",)),
-    _Signature("sd1", ("down_blocks.0.downsamplers.0.conv.weight",)),
-    _Signature("sd1", ("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight", "input_blocks.9.0.op.weight",
-                       "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
-                       "output_blocks.8.2.conv.weight")),
-    # llama.cpp text encoders.
-    _Signature("t5", ("enc.blk.0.attn_q.weight", "dec.blk.0.attn_q.weight")),
-    _Signature("t5encoder", ("enc.blk.0.attn_q.weight",)),
-    _Signature("gpt-oss", ("blk.0.attn_sinks.weight", "blk.0.ffn_gate_inp.weight")),
-    _Signature("gemma4", ("blk.0.post_ffw_norm.weight", "blk.0.layer_output_scale.weight")),
-    _Signature("gemma3", ("blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight")),
-    _Signature("gemma2", ("blk.0.post_ffw_norm.weight",)),
-    _Signature("qwen3", ("blk.0.attn_q_norm.weight", "blk.0.attn_q.weight")),
-    _Signature("qwen2", ("blk.0.attn_q.bias",)),
-    _Signature("llama", ("blk.0.attn_q.weight", "token_embd.weight")),
-    _Signature("clip", ("t.blk.0.attn_q.weight",)),
-    _Signature("clip", ("text_model.encoder.layers.0.self_attn.q_proj.weight",)),
+_IMAGE_SIGNATURES = (
+    Signature("flux", ("double_blocks.0.img_attn.proj.weight",)),
+    Signature("sd3", ("joint_blocks.0.x_block.attn.qkv.weight",)),
+    Signature("aura", ("double_layers.3.modX.1.weight",)),
+    Signature("hidream", ("caption_projection.0.linear.weight",
+                          "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight")),
+    Signature("cosmos", ("blocks.0.mlp.layer1.weight", "blocks.0.adaln_modulation_cross_attn.1.weight")),
+    Signature("ltxv", ("adaln_single.emb.timestep_embedder.linear_2.weight", "transformer_blocks.27.scale_shift_table",
+                       "caption_projection.linear_2.weight")),
+    Signature("hyvid", ("double_blocks.0.img_attn_proj.weight",
+                        "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight")),
+    Signature("wan", ("blocks.0.self_attn.norm_q.weight", "text_embedding.2.weight", "head.modulation")),
+    Signature("qwen_image", ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight")),
+    Signature("lumina2", ("cap_embedder.1.weight", "context_refiner.0.attention.qkv.weight")),
+    Signature("sdxl", ("down_blocks.0.downsamplers.0.conv.weight", "add_embedding.linear_1.weight")),
+    Signature("sdxl", ("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight",
+                       "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight")),
+    Signature("sdxl", ("label_emb.0.0.weight",)),
+    Signature("sd1", ("down_blocks.0.downsamplers.0.conv.weight",)),
+    Signature("sd1", ("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight", "input_blocks.9.0.op.weight",
+                      "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+                      "output_blocks.8.2.conv.weight")),
 )
+# Text encoders after the image models, in the order of the family table.
+_SIGNATURES = (*_IMAGE_SIGNATURES, *(signature for family in FAMILIES for signature in family.signatures))
 
 
 @dataclass(frozen=True)
@@ -122,8 +104,8 @@ def guess_from_names(tensor_names: Iterable[str]) -> str | None:
     """The first architecture whose signature keys are all present (after common prefixes)."""
     names = _strip_prefixes(set(tensor_names))
     for signature in _SIGNATURES:
-        if all(key in names for key in signature.keys):
-            return signature.arch
+        if all(key in names for key in signature.tensors):
+            return signature.architecture
     return None
 
 
@@ -132,3 +114,9 @@ def _strip_prefixes(names: Collection[str]) -> set[str]:
     for prefix in _PREFIXES:
         stripped.update(name[len(prefix):] for name in names if name.startswith(prefix))
     return stripped
+
+
+def image_signatures() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(architecture, keys that must all be present) for each diffusion-model signature, in matching order:
+    what `guess_from_names` looks for, for messages that say so."""
+    return tuple((s.architecture, s.tensors) for s in _IMAGE_SIGNATURES)

@@ -1,18 +1,8 @@
 """GGUF text-encoder files as the state dicts ComfyUI's text-encoder loaders expect.
 
-A llama.cpp text-encoder file becomes ComfyUI's tensor names (text_encoders.py) plus the tokenizer
-ComfyUI's encoder for that family reads from the state dict, rebuilt from the file's metadata:
-
-| architecture          | tokenizer in the file        | entry          | ComfyUI encoder                       |
-|-----------------------|------------------------------|----------------|---------------------------------------|
-| t5, t5encoder (*)     | "t5" (SentencePiece unigram) | `spiece_model` | UMT5-XXL (Wan), UMT5-base (ACE)       |
-| gemma, gemma2, gemma3 | "llama" (SentencePiece BPE)  | `spiece_model` | Gemma 2/3 (Lumina 2, NewBie, LTX-2)   |
-| llama, mistral3       | "gpt2", pre-tokenizer tekken | `tekken_model` | Mistral-Small-3 (Flux.2), Ministral-3 |
-| gpt-oss               | "gpt2", pre-tokenizer gpt-4o | `tokenizer_json` | GPT-OSS 20B (Lens)                  |
-| gemma4                | "gemma4" (BPE with merges)   | `tokenizer_json` (HF) | Gemma 4 E2B/E4B/12B/31B, LTX-2 |
-
-(*) unless the vocabulary is T5's own 32,128 pieces. Those, and the other families (Llama 3, Qwen), use the
-tokenizers ComfyUI ships; a T5-base file given `spiece_model` would also be taken for ACE's UMT5-base.
+A llama.cpp text-encoder file becomes ComfyUI's tensor names plus the tokenizer ComfyUI's encoder for that
+family reads from the state dict, rebuilt from the file's metadata; the family's record in `encoders.FAMILIES`
+says which module does both and which entry the tokenizer goes in.
 
 A llama.cpp vision projector ("mmproj") file is not a text encoder of its own: its Qwen2.5-VL vision
 tower becomes the `visual.*` weights of the Qwen2.5-VL text encoder it is paired with, which is how
@@ -27,26 +17,11 @@ from typing import NamedTuple
 import torch
 from gguf import Keys
 
-from .arch import TEXT_ARCHITECTURES
+from .encoders import TEXT_ARCHITECTURES, family_for, map_text_encoder
+from .encoders.qwen import map_vision_tower
 from .errors import GGUFError, echo
-from .gpt_oss import GPT_OSS_ARCHITECTURES
-from .hf_tokenizer import hf_tokenizer_json
-from .hf_tokenizer_gemma4 import GEMMA4_TOKENIZER_MODEL, gemma4_tokenizer_json
 from .reader import GGUFFile
-from .tekken import tekken_model
-from .text_encoders import (
-    GEMMA4_ARCHITECTURE,
-    GEMMA4_EXPERT_PARTS,
-    T5_ARCHITECTURES,
-    map_text_encoder,
-    map_vision_tower,
-)
-from .tokenizer import sentencepiece_model
 
-# ComfyUI ships T5's tokenizer (32,128 pieces) for Flux, SD3, LTX-Video, Stable Audio and others.
-BUNDLED_T5_VOCAB = 32128
-GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
-TEKKEN_ARCHITECTURES = frozenset({"llama", "mistral3"})
 # llama.cpp projector types whose vision tower is Qwen2.5-VL's (RMSNorm, gated MLP, window attention).
 QWEN25_VL_PROJECTORS = frozenset({"qwen2.5vl_merger", "qwen2vl_merger"})
 _PROJECTOR_TYPE = "clip.projector_type"
@@ -68,7 +43,9 @@ def text_encoder_state_dict(gguf_file: GGUFFile) -> dict:
             vocabulary is not SentencePiece; the message starts with the file.
     """
     _check_known_text_architecture(gguf_file)
-    _check_gemma4_variant(gguf_file)
+    family = family_for(gguf_file.architecture)
+    if family is not None:
+        family.check_file(gguf_file)
     try:
         state_dict = map_text_encoder(gguf_file.tensors, gguf_file.architecture, gguf_file.metadata)
     except GGUFError as error:  # the name maps know tensors and metadata, not the file they came from
@@ -87,58 +64,19 @@ def _check_known_text_architecture(gguf_file: GGUFFile) -> None:
                     f"encoder (supported: {', '.join(sorted(TEXT_ARCHITECTURES))})")
 
 
-def _check_gemma4_variant(gguf_file: GGUFFile) -> None:
-    if gguf_file.architecture != GEMMA4_ARCHITECTURE:
-        return
-    experts = next((name for name in gguf_file.tensors if name.startswith("blk.")
-                    and name.split(".")[2] in GEMMA4_EXPERT_PARTS), None)
-    if experts is not None:
-        raise GGUFError(f"{gguf_file.path}: {echo(experts)} belongs to Gemma 4's mixture-of-experts model (26B-A4B); "
-                        "ComfyUI's Gemma 4 text encoders are the dense E2B, E4B, 12B and 31B models")
-
-
 def _is_llama_cpp_name(name: str) -> bool:
     return name.startswith(("blk.", "enc.blk.", "token_embd.", "output_norm."))
 
 
 def tokenizer_entries(metadata: Mapping, architecture: str | None, source: str) -> dict[str, torch.Tensor]:
     """The tokenizer state-dict entries (uint8 tensors) ComfyUI's encoder for `architecture` reads."""
-    model = metadata.get(Keys.Tokenizer.MODEL)
-    tokens = metadata.get(Keys.Tokenizer.LIST)
-    if architecture in T5_ARCHITECTURES and tokens is not None and len(tokens) != BUNDLED_T5_VOCAB:
-        return _entry("spiece_model", sentencepiece_model(metadata, source))
-    if architecture in GEMMA_ARCHITECTURES:
-        if model != "llama":
-            found = "missing" if model is None else f"{echo(model)}"
-            raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {found}; ComfyUI's Gemma encoders tokenize with "
-                            "SentencePiece, which needs the file's 'llama' (SentencePiece) vocabulary")
-        return _entry("spiece_model", sentencepiece_model(metadata, source))
-    if architecture in TEKKEN_ARCHITECTURES:
-        return _entry("tekken_model", tekken_model(metadata, source))
-    if architecture in GPT_OSS_ARCHITECTURES:
-        return _entry("tokenizer_json", hf_tokenizer_json(metadata, source))
-    if architecture == GEMMA4_ARCHITECTURE:
-        return _entry("tokenizer_json", _gemma4_tokenizer(metadata, source))
-    return {}
-
-
-def _gemma4_tokenizer(metadata: Mapping, source: str) -> bytes | None:
-    """ComfyUI's Gemma 4 encoders cannot run without their tokenizer.json, and ComfyUI bundles none. A file without
-    tokenizer metadata may carry `tokenizer_json` as a tensor of its own (ComfyUI-named conversions); any other
-    vocabulary cannot become Gemma 4's."""
-    model = metadata.get(Keys.Tokenizer.MODEL)
-    if model is None:
-        return None
-    if model != GEMMA4_TOKENIZER_MODEL:
-        raise GGUFError(f"{source}: {Keys.Tokenizer.MODEL} is {echo(model)}; a Gemma 4 text encoder needs the "
-                        f"{GEMMA4_TOKENIZER_MODEL!r} vocabulary llama.cpp writes for it")
-    return gemma4_tokenizer_json(metadata, source)
-
-
-def _entry(key: str, payload: bytes | None) -> dict[str, torch.Tensor]:
+    family = family_for(architecture)
+    if family is None or family.tokenizer_key is None:
+        return {}
+    payload = family.tokenizer_model(metadata, source)
     if payload is None:
         return {}
-    return {key: torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    return {family.tokenizer_key: torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
 
 
 # -- vision projectors ----------------------------------------------------------------------------------

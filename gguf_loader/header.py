@@ -7,7 +7,9 @@ relative to the data section), padding to `general.alignment` (default 32), then
 gguf-py's GGUFReader parses every array element through numpy in Python (about 10 s for a
 150,000-token vocabulary); this parser reads numeric arrays with one `np.frombuffer` and strings in a
 tight loop, and checks every count, length, type id and offset against the file before using it, so
-a malformed file raises GGUFError rather than IndexError, MemoryError or a long loop.
+a malformed file raises GGUFError rather than IndexError, MemoryError or a long loop. What a well-formed
+file may cost (bytes, keys, array items, nesting, string length, tensors) is bounded too (bounds.py), and
+tensors whose data overlap are refused.
 
 No torch import here: planning a file (`python -m distorch plan`) needs only this and answers before
 torch would have finished importing. `reader.py` builds the tensors.
@@ -28,6 +30,16 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from .arch import Architecture, detect_architecture
+from .bounds import (
+    MAX_ARRAY_ITEMS,
+    MAX_ARRAY_NESTING,
+    MAX_HEADER_BYTES,
+    MAX_METADATA_ITEMS,
+    MAX_METADATA_KEYS,
+    MAX_NESTED_ARRAYS,
+    MAX_STRING_BYTES,
+    MAX_TENSORS,
+)
 from .errors import ECHO_CHARS, GGUFError, echo
 from .qtypes import is_plain, qtype_from_id
 
@@ -39,12 +51,6 @@ DEFAULT_ALIGNMENT = 32
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 MAX_DIMS = 4
 
-# Sanity limits, far above any real file, that keep a corrupt count from running for minutes or
-# allocating gigabytes of Python objects before the parser reaches the end of the file.
-MAX_ARRAY_ITEMS = 1 << 24
-MAX_STRING_BYTES = 1 << 28
-MAX_TENSORS = 1 << 22
-MAX_ARRAY_NESTING = 8
 MAX_ORIG_SHAPE_DIMS = 16  # ComfyUI-GGUF's orig_shape keys restore up to 5-D (Conv3d) weights
 
 _HEADER_BYTES = 24
@@ -223,6 +229,9 @@ class _Parser:
         self.buf = buffer  # the mapped file
         self.size = len(buffer)  # file size in bytes
         self.pos = 0  # read cursor
+        self.limit = min(self.size, MAX_HEADER_BYTES)  # no header read goes past this byte
+        self.items_left = MAX_METADATA_ITEMS  # array items the rest of the metadata may hold
+        self.nested_left = MAX_NESTED_ARRAYS  # arrays inside arrays the rest of the metadata may hold
 
     # -- primitives -------------------------------------------------------------------------------
 
@@ -230,8 +239,14 @@ class _Parser:
         return GGUFError(f"{self.path}: {message}")
 
     def need(self, nbytes: int, what: str) -> None:
-        if self.pos + nbytes > self.size:
-            raise self.fail(f"truncated: {what} needs {nbytes} bytes at byte {self.pos}, file has {self.size}")
+        if self.pos + nbytes > self.limit:
+            if self.pos + nbytes > self.size:
+                raise self.fail(f"truncated: {what} needs {nbytes} bytes at byte {self.pos}, file has {self.size}")
+            raise self.past_header_bound(what, self.pos + nbytes)
+
+    def past_header_bound(self, what: str, end: int) -> GGUFError:
+        return self.fail(f"{what} ends at byte {end}, past the {MAX_HEADER_BYTES} bytes of metadata and tensor "
+                         "table this reader accepts")
 
     def u32(self, what: str) -> int:
         self.need(4, what)
@@ -299,9 +314,24 @@ class _Parser:
             raise self.fail(f"{what} claims {count} items, more than the {MAX_ARRAY_ITEMS} this reader accepts")
         item_bytes = _NUMPY_TYPES[item_type].itemsize if item_type in _NUMPY_TYPES else \
             8 if item_type == GGUFValueType.STRING else 12
-        if count * item_bytes > self.size - self.pos:
-            raise self.fail(f"truncated: {what} claims {count} {item_type.name} items ({count * item_bytes}+ bytes) "
-                            f"at byte {self.pos}, only {self.size - self.pos} bytes remain")
+        if count * item_bytes > self.limit - self.pos:
+            if count * item_bytes > self.size - self.pos:
+                raise self.fail(f"truncated: {what} claims {count} {item_type.name} items ({count * item_bytes}+ "
+                                f"bytes) at byte {self.pos}, only {self.size - self.pos} bytes remain")
+            raise self.past_header_bound(what, self.pos + count * item_bytes)
+        self._charge(count, item_type, what)
+
+    def _charge(self, count: int, item_type: GGUFValueType, what: str) -> None:
+        """Counts the array's items (and nested arrays) against the file's budget before any is built."""
+        self.items_left -= count
+        if self.items_left < 0:
+            raise self.fail(f"{what} brings the metadata past {MAX_METADATA_ITEMS} array items in all, more than "
+                            "this reader accepts")
+        if item_type == GGUFValueType.ARRAY:
+            self.nested_left -= count
+            if self.nested_left < 0:
+                raise self.fail(f"{what} brings the metadata past {MAX_NESTED_ARRAYS} arrays inside arrays, more "
+                                "than this reader accepts")
 
     def _numeric_array(self, item_type: GGUFValueType, count: int) -> list:
         dtype = _NUMPY_TYPES[item_type]
@@ -314,24 +344,30 @@ class _Parser:
     def _string_array(self, count: int, what: str) -> list[str]:
         # The hot loop of tokenizer-heavy files (150k+ strings): locals only and one comparison per
         # item; a length read past the end raises struct.error, translated below.
-        buf, size, pos, unpack, limit = self.buf, self.size, self.pos, _U64.unpack_from, MAX_STRING_BYTES
+        buf, stop, pos, unpack = self.buf, self.limit, self.pos, _U64.unpack_from
         items: list[str] = []
         append = items.append
         try:
             for _ in repeat(None, count):
                 length = unpack(buf, pos)[0]
                 end = pos + 8 + length
-                if end > size or length > limit:
-                    raise self.fail(f"truncated: {what}[{len(items)}] claims {length} bytes at byte {pos + 8}, "
-                                    f"file has {size}")
+                if end > stop or length > MAX_STRING_BYTES:
+                    raise self._bad_item_length(f"{what}[{len(items)}]", length, pos + 8)
                 append(buf[pos + 8:end].decode("utf-8"))
                 pos = end
         except struct.error:
-            raise self.fail(f"truncated: length of {what}[{len(items)}] at byte {pos}, file has {size}") from None
+            raise self.fail(f"truncated: length of {what}[{len(items)}] at byte {pos}, file has {self.size}") from None
         except UnicodeDecodeError:
             raise self.fail(f"{what}[{len(items)}] is not valid UTF-8") from None
         self.pos = pos
         return items
+
+    def _bad_item_length(self, what: str, length: int, start: int) -> GGUFError:
+        if start + length > self.size:
+            return self.fail(f"truncated: {what} claims {length} bytes at byte {start}, file has {self.size}")
+        if length > MAX_STRING_BYTES:
+            return self.fail(f"{what} claims {length} bytes, more than the {MAX_STRING_BYTES} this reader accepts")
+        return self.past_header_bound(what, start + length)
 
     def metadata(self, count: int) -> tuple[dict, dict]:
         values: dict = {}
@@ -356,7 +392,7 @@ class _Parser:
         version = self._magic_and_version()
         n_tensors = self.u64("tensor count")
         n_kv = self.u64("metadata count")
-        self._check_table_count(n_kv, _MIN_KV_BYTES, "metadata entries", MAX_ARRAY_ITEMS)
+        self._check_table_count(n_kv, _MIN_KV_BYTES, "metadata entries", MAX_METADATA_KEYS)
         self._check_table_count(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensors", MAX_TENSORS)
         metadata, types = self.metadata(n_kv)
         alignment = self._alignment(metadata, types)
@@ -425,7 +461,18 @@ class _TensorTable:
             if name in infos:
                 raise self.parser.fail(f"duplicate tensor name {echo(name)}")
             infos[name] = self.info(name, dims, type_id, offset)
+        self._check_disjoint(infos.values())
         return tuple(infos.values())
+
+    def _check_disjoint(self, infos) -> None:
+        """Tensors sharing bytes would be counted once per tensor: 1,000 tensors over the same 64 MB planned as a
+        62.5 GB model. No writer shares data between tensors (a tied weight is stored once)."""
+        ordered = sorted(infos, key=lambda info: (info.offset, info.nbytes))
+        for before, after in zip(ordered, ordered[1:]):
+            if after.offset < before.offset + before.nbytes:
+                raise self.parser.fail(
+                    f"tensors {echo(before.name)} (bytes {before.offset}-{before.offset + before.nbytes}) and "
+                    f"{echo(after.name)} (bytes {after.offset}-{after.offset + after.nbytes}) overlap")
 
     def info(self, name: str, dims: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
         fail = self.parser.fail

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize_raw
+from .embedding_rows import EmbeddingTable, check_token_ids
 from .tensor import GGMLTensor
 
 
@@ -32,10 +33,13 @@ class GGUFOpsConfig:
             dtype; None dequantizes straight to the compute dtype (the input's dtype).
         embedding_dtype: output dtype of Embedding layers whose input (token ids) carries none and
             whose weight is quantized; None means float32.
+        embedding_tables: the model's GGUF token embedding tables (embedding_rows.embedding_table), so that an
+            id past a table names the file and the token.
     """
 
     dequant_dtype: torch.dtype | None = None
     embedding_dtype: torch.dtype | None = None
+    embedding_tables: tuple[EmbeddingTable, ...] = ()
 
 
 _PARAMS = ("weight", "bias")
@@ -155,6 +159,9 @@ class _Embedding(GGUFLayer):
 
     def forward(self, input: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         weight = getattr(self, "weight", None)
+        if weight is not None:  # an id past the table is a user's prompt, not a bug: one line, not an IndexError
+            source = weight.ggml_meta.source if isinstance(weight, GGMLTensor) else ""
+            check_token_ids(input, weight.shape[0], source, self.gguf_config.embedding_tables)
         if self._can_gather_rows(weight):
             return self._gathered_rows(input, weight, out_dtype or self.compute_dtype(input))
         weight, _ = self.cast_weight_bias(input, dtype=out_dtype)

@@ -10,7 +10,6 @@ echo of the offending value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,23 +78,32 @@ def _scores(metadata: Mapping, source: str, count: int, required: bool) -> tuple
         raise tokenizer_error(source, key, f"missing or not an array (got {echo(scores)}); SentencePiece "
                                            "vocabularies need one score per token")
     _check_length(source, key, len(scores), count)
-    bad = None if _all_float32(scores) else next(i for i, s in enumerate(scores) if not _is_float32(s))
+    bad = _first_bad_score(scores)
     if bad is not None:
         raise tokenizer_error(source, f"{key}[{bad}]", f"not a finite float32: {echo(scores[bad])}")
     return tuple(float(s) for s in scores)
 
 
-def _all_float32(values: list) -> bool:
-    """The fast path of 250k-score arrays: all Python floats (what the reader returns), finite, in float32 range."""
-    if not all(type(v) is float for v in values):
-        return False
-    array = np.asarray(values, dtype=np.float64)
-    return bool(np.isfinite(array).all() and (np.abs(array) <= _FLOAT32_MAX).all())
+def _first_bad_score(values: list) -> int | None:
+    """The index of the first score that is not a finite number in float32 range, or None.
+
+    Any numeric array type is a score array: llama.cpp writes a vocabulary converted from Mistral's
+    tekken.json (`MistralVocab`) with integer zeros, which gguf-py stores as INT32.
+    """
+    if all(type(v) is float or type(v) is int for v in values):  # the 250k-score fast path: one numpy pass
+        try:
+            array = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64: the scan below names it
+            pass
+        else:
+            good = np.isfinite(array) & (np.abs(array) <= _FLOAT32_MAX)
+            return None if good.all() else int(np.argmin(good))
+    return next((i for i, s in enumerate(values) if not _is_float32(s)), None)
 
 
 def _is_float32(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
-        and abs(value) <= _FLOAT32_MAX
+    # NaN and infinities fail the comparison; math.isfinite would raise OverflowError on an integer beyond float64.
+    return type(value) in (int, float) and abs(value) <= _FLOAT32_MAX
 
 
 def _types(metadata: Mapping, source: str, count: int) -> tuple[int, ...]:

@@ -11,9 +11,11 @@ import comfy.ops
 import comfy.utils
 
 from ..gguf_loader import (
+    EmbeddingTable,
     EncoderPart,
     GGUFOpsConfig,
     attach_vision_towers,
+    embedding_table,
     is_vision_projector,
     make_moe_experts,
     make_ops,
@@ -57,15 +59,18 @@ def load_gguf_unet_state_dict(path: str, model_options: dict) -> tuple[dict, typ
 
 def load_text_encoder_state_dicts(paths: list[str]) -> tuple[list[dict], type]:
     """One state dict per text encoder: GGUF files mapped from llama.cpp names (with the tokenizer their ComfyUI
-    encoder reads), other files read by ComfyUI; a Qwen2.5-VL mmproj file joins the text encoder beside it."""
-    return attach_vision_towers([_load_part(path) for path in paths]), comfy_gguf_operations()
+    encoder reads), other files read by ComfyUI; a Qwen2.5-VL mmproj file joins the text encoder beside it. The
+    operations know the GGUF files' embedding tables, so a prompt token past one names the file and the token."""
+    loaded = [_load_part(path) for path in paths]
+    config = GGUFOpsConfig(embedding_tables=tuple(table for _, table in loaded if table is not None))
+    return attach_vision_towers([part for part, _ in loaded]), comfy_gguf_operations(config)
 
 
-def _load_part(path: str) -> EncoderPart:
+def _load_part(path: str) -> tuple[EncoderPart, EmbeddingTable | None]:
     if not path.lower().endswith(".gguf"):
-        return EncoderPart(path, comfy.utils.load_torch_file(path, safe_load=True), False)
+        return EncoderPart(path, comfy.utils.load_torch_file(path, safe_load=True), False), None
     gguf_file = read_gguf(path)
     logger.info("distorch: %s: gguf qtypes: %s", path, gguf_file.qtype_summary())
     if is_vision_projector(gguf_file):
-        return EncoderPart(path, vision_projector_state_dict(gguf_file), True)
-    return EncoderPart(path, text_encoder_state_dict(gguf_file), False)
+        return EncoderPart(path, vision_projector_state_dict(gguf_file), True), None
+    return EncoderPart(path, text_encoder_state_dict(gguf_file), False), embedding_table(gguf_file)

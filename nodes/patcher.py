@@ -2,15 +2,15 @@
 
 Core keeps doing what it does for the resident part of the model (loading, LoRA baking, pinning, accounting);
 the override of `_load_list()` hides the streamed blocks from it. For those blocks this patcher does what core's
-lowvram path does for an offloaded layer (mark it cast-on-use, attach `LowVramPatch` for LoRA so the patch is
-applied on the compute device each forward) and opens the streamer, which copies their weights into a slot just
-before each block runs. `loaded_size()` counts the resident weights (core) plus the slots and the device extras
-(here).
+lowvram path does for an offloaded layer (mark it cast-on-use) and opens the streamer, which copies their weights
+into a slot just before each block runs. A LoRA on a streamed or GGUF layer runs as a low-rank side path beside the
+layer (nodes/lora.py) when it is a plain LoRA, else core's `LowVramPatch` merges it on the compute device each
+forward. `loaded_size()` counts the resident weights (core) plus the slots and the side paths' factors (here).
 
 Core's per-layer lowvram path never runs on a model with blocks: each load is planned against the budget core
-computed for the run (runs.py), core is then asked to load everything left resident, and a partial unload streams
-more blocks instead of casting layers (`partially_unload`). A model without blocks has nothing to stream and is
-left to core.
+computed for the run (runs.py; the side paths' factors count in it), core is then asked to load everything left
+resident, and a partial unload streams more blocks instead of casting layers (`partially_unload`). A model without
+blocks has nothing to stream and is left to core.
 
 With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
 dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
@@ -32,7 +32,7 @@ from ..distorch.budget import ComputeBudget
 from ..distorch.calibrate import RunTimer
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
-from . import runs
+from . import lora, runs
 from .memory_policy import loader_inventory, may_pin, outside_memory_compiler
 from .progress import StagingProgressBar
 from .state import DisTorchState
@@ -81,30 +81,37 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return False
 
     def model_size(self) -> int:
-        """Bytes on the compute device when core has loaded the model.
+        """Bytes on the compute device when core has loaded the model, LoRA side paths' factors included.
 
-        Auto mode: the whole model plus the device extras, as core counts its own models, so core makes room for
-        all of it (other models go, as for its own) and the budget it computes is the most this card allows the
-        run. (Core takes a model it loads again out of its list before freeing memory, so this never makes core
-        unload the model it is loading.) Fixed mode: what the placement holds there, resident weights, slots and
-        extras, so a text encoder beside a streamed model is not evicted for bytes the model never puts there.
+        Auto mode: the whole model, as core counts its own models, so core makes room for all of it (other models
+        go, as for its own) and the budget it computes is the most this card allows the run. (Core takes a model it
+        loads again out of its list before freeing memory, so this never makes core unload the model it is
+        loading.) Fixed mode: what the placement holds there, the layers core loads and the slots, so a text
+        encoder beside a streamed model is not evicted for bytes the model never puts there (a weight of a module
+        with children, such as Wan's `modulation`, is cast per use and not counted, as core's load does not).
         """
         state = DisTorchState.of(self.model)
-        if state is None or not state.plan.blocks:
-            return super().model_size()
         extras = self.device_extra_bytes()
-        if state.settings.auto:
-            return super().model_size() + extras
+        if state is None or not state.plan.blocks or state.settings.auto:
+            return self._weights_size() + extras
         return self._resident_size() + state.slot_bytes + extras
 
     def device_extra_bytes(self) -> int:
-        """Bytes the model keeps on the compute device besides its weights while loaded (LoRA factors a side path
-        keeps there, ...): counted in `model_size`, in `loaded_size` and against each run's budget. None yet."""
-        return 0
+        """Bytes the model keeps on the compute device besides its weights while loaded (the LoRA side paths'
+        factors for the current plan): counted in `model_size`, in `loaded_size` and against each run's budget."""
+        return self._lora_routing(DisTorchState.of(self.model)).nbytes
 
     def get_ram_usage(self) -> int:
         """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
         return comfy.model_management.module_size(self.model)
+
+    def _weights_size(self) -> int:
+        """The model's weights, as core's own `model_size()` counts them, cached. Not core's `self.size`: from
+        ComfyUI 0.8 a clone starts with its parent's `model_size()`, side paths of the parent's LoRAs included."""
+        cached = self.__dict__.get("_distorch_weights_size")
+        if cached is None:
+            cached = self._distorch_weights_size = comfy.model_management.module_size(self.model)
+        return cached
 
     def _resident_size(self) -> int:
         """What core counts for the modules it loads (`module_size` of every `_load_list()` entry), cached:
@@ -135,27 +142,47 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
         state = DisTorchState.of(self.model)
         if state is None or not state.plan.blocks:
+            side_paths = self._lora_routing(state, device_to).nbytes
+            if not full_load and side_paths and lowvram_model_memory > 0:
+                lowvram_model_memory = max(lowvram_model_memory - side_paths, 1)
             super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load,
                          **kwargs)
             self._attach_quantized_patches(state)
+            # A full load counts model_size(), which has the side paths in it already.
+            weights = min(self.model.model_loaded_weight_memory, self._weights_size())
+            self.model.model_loaded_weight_memory = weights + lora.install(self, self._lora_routing(state, device_to))
             return
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
         budget = self._run_budget(state, lowvram_model_memory)
         try:
             moved = runs.place_for_run(self, state, budget)
         except BaseException:
-            self.detach()  # interrupted while re-placing (see `_stream`): the next load starts over
+            self.detach()  # interrupted while re-placing (see `_open_streaming`): the next load starts over
             raise
+        routing = self._lora_routing(state, device_to)
         # Everything the plan keeps resident is loaded whole: core's per-layer cast-on-use path never starts here.
         super().load(device_to, lowvram_model_memory=_EVERYTHING, force_patch_weights=force_patch_weights,
                      full_load=False, **kwargs)
         self._attach_quantized_patches(state)
-        opened = self._stream(state) if state.streams else False
-        self.model.model_loaded_weight_memory += state.slot_bytes + self.device_extra_bytes()
+        if state.streams:
+            self._prepare_streamed_modules(state)
+        side_path_bytes = lora.install(self, routing)
+        opened = self._open_streaming(state) if state.streams else False
+        self.model.model_loaded_weight_memory += state.slot_bytes + side_path_bytes
         if opened or moved:
             self._log_load(state)
             runs.show_plan(state)
         self._start_timing(state, budget)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if unpatch_weights:
+            state = DisTorchState.of(self.model)
+            if state is not None:
+                # Frees the slots; streamed weights stay staged in pinned RAM for the next load.
+                state.close(unstage=False)
+            self._detach_quantized_patches()
+            lora.remove(self.model)
+        return super().unpatch_model(device_to, unpatch_weights)
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
@@ -163,7 +190,11 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         never layers cast from RAM. Returns the bytes freed; when they are too few, core unloads the model."""
         state = DisTorchState.of(self.model)
         if state is None or not state.plan.blocks:
-            return super().partially_unload(device_to, memory_to_free, *args, **kwargs)  # 0.3.64 takes no more
+            # Core gives each layer it moves off the device a LowVramPatch per patched key, beside the one a GGUF
+            # layer already has (and beside a side path): the chains are set again from the patch routing.
+            freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)  # 0.3.64 takes no more
+            self._attach_quantized_patches(state)
+            return freed
         before = self.loaded_size()
         budget = ComputeBudget(max(0, int(before - memory_to_free)), self.device_extra_bytes(),
                                source=f"ComfyUI asked for {format_gb(memory_to_free)} back")
@@ -175,7 +206,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         if moved and state.streams:
             self._prepare_streamed_modules(state)
             self.model.model_lowvram = True
-        self.model.model_loaded_weight_memory = self._resident_size() + state.slot_bytes + self.device_extra_bytes()
+        side_path_bytes = lora.install(self, self._lora_routing(state))  # the re-placement removed the old ones
+        self.model.model_loaded_weight_memory = self._resident_size() + state.slot_bytes + side_path_bytes
         if moved:
             runs.show_plan(state)
         return max(0, before - self.loaded_size())
@@ -185,10 +217,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return runs.run_budget(state, lowvram_model_memory, self.device_extra_bytes(), self.load_device,
                                self.loaded_size())
 
-    def _stream(self, state: DisTorchState) -> bool:
-        """Prepares the streamed blocks for core's cast-on-use machinery and starts streaming (staging them the
-        first time); returns whether it was not streaming before."""
-        self._prepare_streamed_modules(state)
+    def _open_streaming(self, state: DisTorchState) -> bool:
+        """Starts streaming (staging the blocks the first time); returns whether it was not streaming before."""
         pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
         try:
             with outside_memory_compiler():
@@ -211,15 +241,6 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         state.timer = RunTimer(blocks, torch.device(state.plan.compute_device), state.streamer,
                                activation_bytes=activation or 0).attach()
 
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
-        if unpatch_weights:
-            state = DisTorchState.of(self.model)
-            if state is not None:
-                # Frees the slots; streamed weights stay staged in pinned RAM for the next load.
-                state.close(unstage=False)
-            self._detach_quantized_patches()
-        return super().unpatch_model(device_to, unpatch_weights)
-
     # -- streamed blocks ----------------------------------------------------------------------------
 
     def _prepare_streamed_modules(self, state: DisTorchState) -> None:
@@ -233,31 +254,50 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
                 module.comfy_cast_weights = True
 
     def _set_weight_functions(self, name: str, module: torch.nn.Module) -> None:
+        routing = self._lora_routing(DisTorchState.of(self.model))
         for param, functions in _FUNCTION_LISTS:
             key = f"{name}.{param}"
             chain = []
-            if key in self.patches:
+            if key in self.patches and not routing.on_side_path(key):
                 _, set_func, convert_func = comfy.model_patcher.get_key_weight(self.model, key)
                 chain.append(comfy.model_patcher.LowVramPatch(key, self.patches, convert_func, set_func))
             chain.extend(self.weight_wrapper_patches.get(key, []))
             setattr(module, functions, chain)
 
-    # -- LoRA on resident GGUF layers -----------------------------------------------------------------
+    # -- LoRA on GGUF layers, and which keys run as a side path -------------------------------------------
 
     def _attach_quantized_patches(self, state: DisTorchState | None) -> None:
-        """LoRA for resident GGUF layers, applied on the compute device after dequantization each forward.
+        """LoRA for resident GGUF layers: a side path, or merged on the compute device after dequantization.
 
-        Core's load clears `weight_function` of every fully loaded layer on each call, so this runs
-        after every `load()`.
+        Core's load clears `weight_function` of every fully loaded layer on each call (and its lowvram branch
+        and partial unload set core's own chain, a merge for every patched key), so this runs after both.
         """
         for name, module in self.model.named_modules():
             if state is not None and state.is_streamed(name):
                 continue
-            if hasattr(module, "prev_comfy_cast_weights") or not hasattr(module, "comfy_cast_weights"):
-                continue  # core's lowvram path already attached its LowVramPatch
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
             patched = [p for p, _ in _FUNCTION_LISTS if f"{name}.{p}" in self.patches]
             if any(is_quantized(getattr(module, p, None)) for p in patched):
                 self._set_weight_functions(name, module)
+
+    def _lora_routing(self, state: DisTorchState | None, device_to=None) -> lora.LoraRouting:
+        """Which LoRA keys of this patcher run as a side path (nodes/lora.py), for its patch set and plan; cached.
+
+        Only keys core would merge on every forward qualify: on streamed layers and on GGUF weights.
+        """
+        if not getattr(self, "patches", None):  # none, or core's __init__ asking for model_size() before it set them
+            return lora.NO_ROUTING
+        device = torch.device(device_to or self.load_device)
+        dtype = lora.compute_dtype(self.model)
+        plan = state.plan if state is not None else None
+        cached = self.__dict__.get("_distorch_lora_routing")
+        if cached is not None and cached[0] is plan and cached[1].signature == (self.patches_uuid, str(device), dtype):
+            return cached[1]
+        streamed = state.is_streamed if state is not None and state.streams else (lambda name: False)
+        routing = lora.route(self, lora.candidates(self.model, streamed), device, dtype)
+        self._distorch_lora_routing = (plan, routing)
+        return routing
 
     def _detach_quantized_patches(self) -> None:
         for module in self.model.modules():

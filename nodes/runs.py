@@ -11,6 +11,8 @@ core. The DisTorch patcher answers all of these here, and never with core's per-
   blocks; a fixed amount that does not fit streams more;
 - move only the blocks whose tier changes (`Placement.move_to`), and only when the hysteresis rule of
   `distorch.budget.replacement_reason` says so (over budget, or more than a block's worth to gain);
+- LoRA side paths (nodes/lora.py) belong to streamed layers: they are removed on a re-placement and installed
+  again for the new plan by the caller;
 - core's bookkeeping for them: a block leaving the compute device first gets its LoRA-baked weights back from
   core's backups (the streamer must stage the original weights, never baked ones) and loses core's "patched" mark,
   and the patcher then marks its layers cast-on-use with `LowVramPatch` (as for every streamed block); a block
@@ -32,6 +34,7 @@ import comfy.utils
 from ..distorch.budget import ComputeBudget, replacement_reason
 from ..distorch.report import plan_to_dict
 from ..distorch.units import GIB
+from . import lora
 from .memory_policy import loader_inventory, may_pin, outside_memory_compiler
 from .progress import StagingProgressBar, in_running_prompt
 from .state import DisTorchState, SamplerWorkload
@@ -109,6 +112,8 @@ def re_place(patcher, state: DisTorchState, target) -> None:
         if not state.placement.is_staged and target.streamed:
             # Loaded whole until now: nothing was staged, so the blocks that leave are staged (and streamed) here.
             state.open(patcher.model, pin=may_pin(target.pinned_bytes), progress=progress)
+    # LoRA side paths follow the plan (on streamed layers only): the caller installs them again for the new one.
+    lora.remove(patcher.model)
 
 
 def release_core_weights(patcher, state: DisTorchState, blocks) -> None:

@@ -7,6 +7,11 @@ replayed from its index):
                     anything but GGUFError is an escape
     gguf-plan       a mutated GGUF file through `python -m distorch plan` (the CLI's `main`, in-process)
     safetensors-plan  a mutated safetensors header (structure-aware and byte-level) through the same entry point
+
+A share (HOSTILE_RATE) of the file mutants are instead well-formed but hostile files, each just past one bound on what
+a header may cost (tests/hostile_files.py: nested arrays, long strings, header bytes, keys, array items, tensors,
+overlapping tensor data, JSON containers and commas): those must end in an error whose message says which bound,
+and one that is accepted is an escape.
     expert          a generated/mutated expert allocation string through `plan --expert=...`
 
 A CLI outcome is "ok" (exit 0), "error" (exit 2, one line on stderr, at most MAX_ERROR_CHARS, naming the file
@@ -30,9 +35,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from gguf import GGML_QUANT_SIZES
+from hostile_files import HOSTILE_GGUF, HOSTILE_SAFETENSORS, write_hostile
 
 from distorch.cli import main as cli_main
 from gguf_loader import GGUFError, GGUFFileWriter, dequantize, read_gguf, supported_qtypes
@@ -43,6 +50,7 @@ MAX_ERROR_CHARS = 400
 SLOW_SECONDS = 10.0  # a mutant taking longer is an escape ("slow"); the slowest take 0.5-3 s on a busy 2-core VM
 HANG_SECONDS = 30.0  # one taking this long is interrupted and counted as a hang
 TARGETS = ("gguf", "gguf-plan", "safetensors-plan", "expert")
+HOSTILE_RATE = 0.03  # share of file mutants that are well-formed but hostile (tests/hostile_files.py)
 # A card that any mutant fits, one that fits nothing but the reserve, and one in between: the CLI answers from
 # the header alone, and without --virtual-vram-gb it searches the smallest value that fits.
 _VRAM_GB = ("24", "24", "24", "2.0001", "2.000001", "0")
@@ -56,6 +64,7 @@ def plan_args(rng: random.Random) -> list[str]:
 class Outcome:
     kind: str  # "ok", "error" or "escape"
     detail: str  # for errors the exception type, for escapes what went wrong
+    message: str = ""  # for errors the message the user sees
 
 
 @dataclass
@@ -181,11 +190,29 @@ def mutate_bytes(data: bytes, rng: random.Random, hot: int) -> bytes:
     return bytes(mutated)
 
 
+class Hostile(NamedTuple):
+    kind: str
+    fragment: str  # what its error message must say
+    path: Path
+
+
 class _FileTarget:
     """Writes each mutant to a fresh file: an earlier mutant's tensors may still map the previous one."""
 
     def __init__(self, workdir: Path, suffix: str):
         self.path = workdir / f"mutant{suffix}"
+        self.written: dict[str, Hostile] = {}  # hostile kind -> its file
+
+    def hostile(self, rng: random.Random, kinds: dict) -> Hostile | None:
+        """For a HOSTILE_RATE share of mutants a hostile file of a random kind (each kind written once: its bytes
+        never change), otherwise None."""
+        if rng.random() >= HOSTILE_RATE:
+            return None
+        kind = rng.choice(sorted(kinds))
+        if kind not in self.written:
+            path = self.path.with_name(f"hostile-{kind}{self.path.suffix}")
+            self.written[kind] = Hostile(kind, write_hostile(kind, path), path)
+        return self.written[kind]
 
     def write(self, data: bytes, size: int | None = None) -> Path:
         """`data`, then zeros up to `size` bytes (a sparse file: large data sections cost no disk)."""
@@ -202,18 +229,31 @@ def _gguf_reader(workdir: Path) -> Callable[[random.Random, int], Outcome]:
     files = _FileTarget(workdir, ".gguf")
 
     def run(rng: random.Random, index: int) -> Outcome:
-        path = files.write(mutate_bytes(original, rng, hot=2048))
+        hostile = files.hostile(rng, HOSTILE_GGUF)
+        path = hostile.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
         try:
             gguf_file = read_gguf(path)
             for tensor in gguf_file.tensors.values():
                 dequantize(tensor)
         except GGUFError as error:
-            return _error_outcome(error, path.name)
+            return _expected(hostile, _error_outcome(error, path.name))
         except Exception as error:  # noqa: BLE001 - the point: everything else is an escape
             return Outcome("escape", _describe(error))
-        return Outcome("ok", "")
+        return _expected(hostile, Outcome("ok", ""))
 
     return run
+
+
+def _expected(hostile: Hostile | None, outcome: Outcome) -> Outcome:
+    """A hostile file must be refused by its bound: accepted, or refused for another reason, is an escape."""
+    if hostile is None or outcome.kind == "escape":
+        return outcome
+    kind, fragment = hostile.kind, hostile.fragment
+    if outcome.kind == "ok":
+        return Outcome("escape", f"hostile file {kind} accepted")
+    if fragment not in outcome.message:
+        return Outcome("escape", f"hostile file {kind}: error does not say {fragment!r}: {outcome.message[:200]!r}")
+    return outcome
 
 
 def _error_outcome(error: Exception, name: str) -> Outcome:
@@ -221,7 +261,7 @@ def _error_outcome(error: Exception, name: str) -> Outcome:
     if "\n" in message or len(message) > MAX_ERROR_CHARS or name not in message:
         return Outcome("escape", f"{type(error).__name__} message not one bounded line naming the file: "
                                  f"{message[:300]!r} ({len(message)} chars)")
-    return Outcome("error", type(error).__name__)
+    return Outcome("error", type(error).__name__, message)
 
 
 def _describe(error: BaseException) -> str:
@@ -251,7 +291,7 @@ def plan_in_process(argv: list[str], names: str | None) -> Outcome:
         return Outcome("escape", f"not one bounded line ({len(message)} chars): {message[:300]!r}")
     if names is not None and names not in message:
         return Outcome("escape", f"does not name {names}: {message[:300]!r}")
-    return Outcome("error", "exit 2")
+    return Outcome("error", "exit 2", message)
 
 
 def _gguf_plan(workdir: Path) -> Callable[[random.Random, int], Outcome]:
@@ -259,8 +299,9 @@ def _gguf_plan(workdir: Path) -> Callable[[random.Random, int], Outcome]:
     files = _FileTarget(workdir, ".gguf")
 
     def run(rng: random.Random, index: int) -> Outcome:
-        path = files.write(mutate_bytes(original, rng, hot=2048))
-        return plan_in_process(["plan", str(path), *plan_args(rng)], path.name)
+        hostile = files.hostile(rng, HOSTILE_GGUF)
+        path = hostile.path if hostile else files.write(mutate_bytes(original, rng, hot=2048))
+        return _expected(hostile, plan_in_process(["plan", str(path), *plan_args(rng)], path.name))
 
     return run
 
@@ -404,8 +445,9 @@ def _safetensors_plan(workdir: Path) -> Callable[[random.Random, int], Outcome]:
     files = _FileTarget(workdir, ".safetensors")
 
     def run(rng: random.Random, index: int) -> Outcome:
-        path = files.write(*mutate_safetensors(header, data_size, rng))
-        return plan_in_process(["plan", str(path), *plan_args(rng)], path.name)
+        hostile = files.hostile(rng, HOSTILE_SAFETENSORS)
+        path = hostile.path if hostile else files.write(*mutate_safetensors(header, data_size, rng))
+        return _expected(hostile, plan_in_process(["plan", str(path), *plan_args(rng)], path.name))
 
     return run
 

@@ -5,7 +5,7 @@ structure of gpt-oss's tokenizer.json (Split by the o200k regex, Isolated; ByteL
 regex; ByteLevel decoder), then the harmony markers are added as special tokens after the vocabulary (ids
 after the BPE ranks, as in o200k_harmony), plus one non-special added token. `gguf_metadata` restates
 llama.cpp's convert_hf_to_gguf.py `_set_vocab_gpt2` (get_vocab_base + gguf-py SpecialVocab merges), so the
-rebuild in gguf_loader/hf_tokenizer.py is checked against an independent conversion.
+rebuild in gguf_loader/encoders/gpt_oss_tokenizer.py is checked against an independent conversion.
 """
 
 from __future__ import annotations

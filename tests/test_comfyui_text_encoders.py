@@ -117,6 +117,28 @@ def test_streamed_gemma4_equals_core(server, encoders, family):
     assert_identical(core, streamed)
 
 
+def test_gemma3_prompt_with_image_soft_token_is_one_line(server, encoders):
+    """ComfyUI's Gemma 3 tokenizer reads the text `<image_soft_token>` as id 262144 whatever the vocabulary; a GGUF's
+    table lacks that row (llama.cpp cuts it at 262,144; here the table is the small test vocabulary). The user sees
+    one line naming the token and the file, not torch's IndexError (issue 17, item 5)."""
+    entry = encoders["gemma3"]
+    if "unsupported" in entry:
+        pytest.skip(entry["unsupported"])
+    load = {"class_type": "DisTorchTestCLIPWithConfig", "inputs": {
+        "loader": "distorch", "clip_names": ",".join(entry["gguf"]), "type": entry["type"],
+        "model_options": json.dumps(entry["model_options"]), "virtual_vram_gb": 0.0}}
+    encode = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a corgi <image_soft_token>"}}
+    result = server.run({"1": load, "2": encode, "9": {"class_type": "DisTorchTestSaveConditioning",
+                                                       "inputs": {"conditioning": ["2", 0], "filename": "soft"}}})
+    errors = [data for kind, data in result.body.get("status", {}).get("messages", []) if kind == "execution_error"]
+    assert not result.ok and len(errors) == 1, result.error_text()[:2000]
+    assert errors[0]["exception_type"] == "gguf_loader.GGUFError", errors[0]
+    text = errors[0]["exception_message"].strip()
+    gguf_name = next(name for name in entry["gguf"] if name.endswith(".gguf"))
+    assert "the prompt holds '<image_soft_token>', token id 262144" in text and gguf_name in text, text
+    assert "\n" not in text and len(text) < 600, text
+
+
 def free_server_memory(server) -> None:
     """Drops the models the last prompts loaded (ComfyUI keeps a prompt's outputs until the next one runs)."""
     import urllib.request

@@ -40,3 +40,18 @@ def test_the_plan_targets_find_an_unbounded_echo(tmp_path, monkeypatch):
     monkeypatch.setattr(headers, "echo", repr)
     report = run_target("safetensors-plan", 300, SEED, tmp_path)
     assert any("not one bounded line" in escape for escape in report.escapes), report.counts
+
+
+def test_the_file_targets_find_a_removed_bound(tmp_path, monkeypatch):
+    """With the overlap check removed, a hostile mutant of 100 tensors over the same bytes (every mutant here) is
+    accepted by the plan: an escape."""
+    import fuzzing
+
+    from gguf_loader.header import _TensorTable
+
+    monkeypatch.setattr(fuzzing, "HOSTILE_RATE", 1.0)
+    monkeypatch.setattr(fuzzing, "HOSTILE_GGUF", {"overlap": fuzzing.HOSTILE_GGUF["overlap"]})
+    assert run_target("gguf-plan", 3, SEED, tmp_path).counts == {"error: exit 2": 3}
+    monkeypatch.setattr(_TensorTable, "_check_disjoint", lambda self, infos: None)
+    report = run_target("gguf-plan", 3, SEED, tmp_path)
+    assert report.escaped == 3 and "hostile file overlap accepted" in report.escapes[0], report.counts

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gguf_loader import GGMLTensor, GGUFError, GGUFFileWriter, read_gguf, text_encoder_state_dict
-from gguf_loader.gpt_oss import interleave_rows, map_gpt_oss
+from gguf_loader.encoders.gpt_oss import interleave_rows, map_gpt_oss
 from gguf_loader.moe_ops import make_moe_experts
 
 E, I, H, HEADS = 4, 32, 64, 4  # noqa: E741 - experts, intermediate, hidden, heads (ComfyUI's names)

@@ -17,7 +17,7 @@ from gguf_loader import GGUFError, read_gguf
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from gguf_loader.hf_tokenizer import hf_tokenizer_json  # noqa: E402
+from gguf_loader.encoders.gpt_oss_tokenizer import hf_tokenizer_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ Run with the ComfyUI interpreter:  python make_models.py --comfyui PATH --out MO
 ComfyUI derives Wan 2.1 and SD3 configs from a handful of tensor shapes, so a seed dict with just
 those shapes is detected, the real model class is built from the detected config, and its full
 state dict (random values) is saved: a few MB that load through the same code as the real models.
-Also written: a LoRA for the Wan model, and GGUF copies (BF16: same values; Q8_0: quantized, with a
-safetensors file of the dequantized weights for the core-loader reference).
+Also written: LoRAs for the Wan model (one of rank 4, two of rank 32 to stack), and GGUF copies (BF16: same
+values; Q8_0: quantized, with a safetensors file of the dequantized weights for the core-loader reference).
 """
 
 import argparse
@@ -22,6 +22,7 @@ WAN_DIM, WAN_LAYERS, WAN_FFN = 128, 4, 256
 # half its blocks stands out of the server's RSS noise, small enough for CI.
 MEDIUM_WAN_DIM, MEDIUM_WAN_LAYERS, MEDIUM_WAN_FFN = 512, 16, 2048
 SD3_DEPTH = 2
+STACKED_LORAS = {"tiny_wan21_lora_r32_a.safetensors": 11, "tiny_wan21_lora_r32_b.safetensors": 12}
 
 
 def wan_seed(dim: int = WAN_DIM, layers: int = WAN_LAYERS, ffn: int = WAN_FFN) -> dict:
@@ -162,6 +163,8 @@ def main() -> None:
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_file(sd3_checkpoint(sd3, clip, taesd3), str(models / "checkpoints" / "tiny_sd3_checkpoint.safetensors"))
     save_file(wan_lora(wan), str(models / "loras" / "tiny_wan21_lora.safetensors"))
+    for name, seed in STACKED_LORAS.items():  # two rank-32 LoRAs to stack (issue #19's check, at the tiny size)
+        save_file(wan_lora(wan, rank=32, seed=seed), str(models / "loras" / name))
     if not args.no_gguf:
         write_gguf_copies(wan, models / "diffusion_models", "tiny_wan21")
         from gguf_loader import write_gguf

@@ -7,6 +7,9 @@ Run with a ComfyUI interpreter: the reference imports comfy.*. The plan is a lis
     {"name", "kind": "state_dict", "path"}
         gguf_clip_loader(path) -> DIR/<name>.safetensors: every tensor dequantized to float32 with float32
         math (its default Q8_0 path computes in float16), tokenizer entries as their uint8 bytes.
+    {"name", "kind": "unet_state_dict", "path"}
+        gguf_sd_loader(path, return_arch=True) (the UNet loader's reader) -> DIR/<name>.safetensors as above; the
+        report holds the architecture and each tensor's GGML type.
     {"name", "kind": "umt5_tokenizer", "path", "prompts"}
         gguf_tokenizer_loader(path, UMT5 embedding shape) -> token ids of each prompt through SentencePiece with
         ComfyUI's UMT5 options (add_eos).
@@ -55,6 +58,18 @@ def state_dict_case(case: dict, loader, dequant, out: Path) -> dict:
             tensors[key] = torch.Tensor(value).to(torch.float32).contiguous()
     save_file(tensors, str(out / f"{case['name']}.safetensors"))
     return {"keys": len(tensors)}
+
+
+def unet_state_dict_case(case: dict, loader, dequant, out: Path) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    state_dict, arch = loader.gguf_sd_loader(case["path"], return_arch=True)
+    tensors = {key: torch.Tensor(dequant.dequantize_tensor(value, torch.float32, "target")).contiguous()
+               for key, value in state_dict.items()}
+    save_file(tensors, str(out / f"{case['name']}.safetensors"))
+    qtypes = {key: getattr(getattr(value, "tensor_type", None), "name", None) for key, value in state_dict.items()}
+    return {"arch": arch, "qtypes": qtypes}
 
 
 def umt5_tokenizer_case(case: dict, loader) -> dict:
@@ -106,6 +121,8 @@ def main() -> None:
         try:
             if case["kind"] == "state_dict":
                 report[case["name"]] = state_dict_case(case, loader, dequant, args.out)
+            elif case["kind"] == "unet_state_dict":
+                report[case["name"]] = unet_state_dict_case(case, loader, dequant, args.out)
             elif case["kind"] == "umt5_tokenizer":
                 report[case["name"]] = umt5_tokenizer_case(case, loader)
             else:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from gguf import Keys, TokenType
 
-from .vocab import Vocabulary, flag, merge_pairs, read_vocabulary, special_token_id, tokenizer_error
+from ..vocab import Vocabulary, flag, merge_pairs, read_vocabulary, special_token_id, tokenizer_error
 
 GEMMA4_TOKENIZER_MODEL = "gemma4"
 _SPACE = "\u2581"

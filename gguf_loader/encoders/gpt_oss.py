@@ -12,6 +12,8 @@ parts of different GGML types are dequantized (to float32, logged with their siz
 The language-model head (`output.weight`) has no place in ComfyUI's encoder and is left out. The router and the
 attention sinks are plain parameters in ComfyUI; should a file hold them quantized, they are dequantized (they
 are small: E x hidden and one value per head).
+
+Tokenizer: the o200k tokenizer.json (`tokenizer_json`) rebuilt from the "gpt2" vocabulary (gpt_oss_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import GGUFError, echo
-from .tensor import GGMLTensor
+from ..errors import GGUFError, echo
+from ..tensor import GGMLTensor
+from .gpt_oss_tokenizer import hf_tokenizer_json
 
 logger = logging.getLogger("distorch.gguf")
-
-GPT_OSS_ARCHITECTURES = frozenset({"gpt-oss"})
 
 _BLOCK = re.compile(r"^blk\.(?P<index>\d+)\.(?P<part>\w+)\.(?P<kind>weight|bias)$")
 _BLOCK_PARTS = {
@@ -39,6 +40,14 @@ _PLAIN_PARTS = frozenset({"ffn_gate_inp"})  # plain nn.Parameters in ComfyUI: ne
 _GATE_UP_PARTS = frozenset({"ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps"})
 _TOP = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
 _DROPPED = frozenset({"output.weight"})
+
+
+def map_tensors(tensors: Mapping[str, torch.Tensor], architecture: str, metadata: Mapping) -> dict[str, torch.Tensor]:
+    return map_gpt_oss(tensors)
+
+
+def tokenizer_model(metadata: Mapping, source: str) -> bytes:
+    return hf_tokenizer_json(metadata, source)
 
 
 def map_gpt_oss(tensors: Mapping[str, torch.Tensor], source: str = "gpt-oss") -> dict[str, torch.Tensor]:

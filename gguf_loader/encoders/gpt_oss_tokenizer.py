@@ -1,4 +1,4 @@
-"""Hugging Face `tokenizer.json` rebuilt from a GGUF file's byte-level BPE ("gpt2") tokenizer metadata.
+"""GPT-OSS's Hugging Face `tokenizer.json`, rebuilt from a GGUF file's byte-level BPE ("gpt2") tokenizer metadata.
 
 ComfyUI 0.33's GPT-OSS encoder (Lens) reads its tokenizer as a `tokenizer_json` state-dict entry and builds it
 with the `tokenizers` library (`Tokenizer.from_str`). llama.cpp's converter (`_set_vocab_gpt2`) writes that
@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from gguf import Keys, TokenType
 
-from .vocab import Vocabulary, echo, merge_pairs, read_vocabulary, tokenizer_error
+from ..vocab import Vocabulary, echo, merge_pairs, read_vocabulary, tokenizer_error
 
 # tiktoken's o200k_base split (GPT-4o, gpt-oss's o200k_harmony), as written in their tokenizer.json.
 _O200K_SPLIT = (

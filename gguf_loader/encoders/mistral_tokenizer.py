@@ -17,7 +17,7 @@ from functools import lru_cache
 
 from gguf import Keys, TokenType
 
-from .vocab import Vocabulary, echo, read_vocabulary, tokenizer_error
+from ..vocab import Vocabulary, echo, read_vocabulary, tokenizer_error
 
 _CONTROL, _UNUSED = int(TokenType.CONTROL), int(TokenType.UNUSED)
 # llama.cpp's names for the tekken pre-tokenizer (Mistral-Nemo/Small-3 hash to "tekken", Pixtral-based to "pixtral").

@@ -1,4 +1,4 @@
-"""SentencePiece models rebuilt from a GGUF file's tokenizer metadata.
+"""SentencePiece models rebuilt from a GGUF file's tokenizer metadata (T5/UMT5 and Gemma 1-3 share them).
 
 ComfyUI's UMT5 (Wan), Gemma 2/3 (Lumina 2, NewBie, LTX-2) and UMT5-base (ACE) encoders tokenize with
 the serialized SentencePiece model they find under `spiece_model` in the text encoder's state dict;
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 from gguf import Keys, TokenType
 
-from .vocab import Vocabulary, echo, flag, read_vocabulary, special_token_id, tokenizer_error
+from ..vocab import Vocabulary, echo, flag, read_vocabulary, special_token_id, tokenizer_error
 
 # sentencepiece_model.proto field numbers (ModelProto, SentencePiece, TrainerSpec, NormalizerSpec).
 _MODEL_PIECES, _MODEL_TRAINER, _MODEL_NORMALIZER = 1, 2, 3
