@@ -24,6 +24,7 @@ import pytest
 import torch
 from conftest import FAKE_GPU
 from distorch_pack.distorch.ledger import LEDGER
+from distorch_pack.nodes import lora, runs
 from distorch_pack.nodes.loading import load_unet
 from distorch_pack.nodes.patcher import DisTorchModelPatcher
 from distorch_pack.nodes.settings import DisTorchSettings
@@ -129,13 +130,23 @@ def core_cast_layers(patcher) -> list[str]:
     return found
 
 
-def fresh_forward(plan) -> torch.Tensor:
-    """A fresh DisTorch load of the model placed by `plan` from the start (fixed mode, so the plan stands)."""
-    fresh = distorch_medium(DisTorchSettings.validate("cpu", 0.0, "cpu", "", ("cpu",), False))
+def fresh_forward(plan, patches=None) -> torch.Tensor:
+    """A fresh DisTorch load of the model placed by `plan` from the start (its load keeps the plan it is given:
+    without a budget from core a fixed amount would re-plan for its number) with `patches` (a LoRA's tensors)
+    or the 'diff' patches of `distorch_medium`."""
+    if patches is None:
+        fresh = distorch_medium(DisTorchSettings.validate("cpu", 0.0, "cpu", "", ("cpu",), False))
+    else:
+        fresh, _ = load_unet(MEDIUM, "default", DisTorchSettings.validate("cpu", 0.0, "cpu", "", ("cpu",), False))
+        fresh = comfy.sd.load_lora_for_models(fresh, None, patches, 1.0, 0)[0]
     DisTorchState.of(fresh.model).placement.move_to(plan)
-    mm.load_models_gpu([fresh])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runs, "place_for_run", lambda *args: None)
+        mm.load_models_gpu([fresh])
+    assert DisTorchState.of(fresh.model).plan is plan
     out = wan_forward(fresh.model.diffusion_model)
-    mm.unload_all_models()
+    index = next(i for i, loaded in enumerate(mm.current_loaded_models) if loaded.model is fresh)
+    mm.current_loaded_models.pop(index).model_unload()  # the fresh model only: a test's model stays loaded
     return out
 
 
@@ -293,3 +304,42 @@ def test_a_model_loaded_whole_streams_when_core_asks_for_room(fake_cuda, core_un
     assert patcher.loaded_size() <= fake_cuda.total - other.loaded_size()
     assert core_unloads == [] and core_cast_layers(patcher) == []
     assert torch.equal(wan_forward(patcher.model.diffusion_model), expected)
+
+
+def low_rank_lora(model, rank: int = 4) -> dict:
+    """A LoRA file's tensors (rank 4 on every block's first FFN matrix), as LoraLoaderModelOnly reads them."""
+    generator = torch.Generator().manual_seed(13)
+    tensors = {}
+    for key, weight in model.state_dict().items():
+        if key.endswith("ffn.0.weight") and ".blocks." in key:
+            layer = key.removesuffix(".weight")
+            tensors[f"{layer}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=generator) * 0.05
+            tensors[f"{layer}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=generator) * 0.05
+            tensors[f"{layer}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
+def test_low_rank_loras_follow_the_blocks_that_move(fake_cuda):
+    """A plain LoRA runs as a side path on streamed layers and is baked into resident ones: when blocks change tier
+    the side paths are built again for the new streamed set (none left on a resident layer, none missing on a
+    streamed one), and the output equals a fresh load with the same plan bit for bit and core's within rounding."""
+    patcher, _ = load_unet(MEDIUM, "default", AUTO)
+    patcher.load_device = FAKE_GPU
+    tensors = low_rank_lora(patcher.model)
+    patched = fake_cuda.track(comfy.sd.load_lora_for_models(patcher, None, tensors, 1.0, 0)[0])
+    core = comfy.sd.load_diffusion_model(folder_paths.get_full_path("diffusion_models", MEDIUM))
+    core = comfy.sd.load_lora_for_models(core, None, tensors, 1.0, 0)[0]
+    mm.load_models_gpu([core])
+    expected = wan_forward(core.model.diffusion_model)
+    mm.unload_all_models()
+    shapes = Shapes(patched)
+    fake_cuda.total = card_for(patched, shapes, resident_blocks=10.5)
+    state = DisTorchState.of(patched.model)
+    for larger in (False, True, False):
+        sample_load(patched, shapes, larger)
+        side = set(lora.installed(patched.model).layers)
+        assert side == {f"{b}.ffn.0" for b in state.plan.streamed}, "side paths on the streamed blocks only"
+        assert core_cast_layers(patched) == []
+        out = wan_forward(patched.model.diffusion_model)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(fresh_forward(state.plan, tensors), out), "as a fresh load with this plan"
