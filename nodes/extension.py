@@ -32,8 +32,10 @@ class DisTorchUNetLoader(LoaderNode):
             node_id="DisTorchUNetLoader",
             display_name=NODE_TITLES["DisTorchUNetLoader"],
             category=CATEGORY,
-            description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned "
-                         "RAM or a donor GPU, streaming those blocks to the compute GPU just before they run."),
+            description=("Loads a diffusion model (.safetensors or .gguf). With auto_placement each run keeps as "
+                         "much of it on the compute GPU as ComfyUI's budget for that run allows; otherwise "
+                         "virtual_vram_gb of it lives in pinned RAM or a donor GPU. Those blocks are streamed to the "
+                         "compute GPU just before they run."),
             inputs=[
                 io.Combo.Input("unet_name", options=unet_files(),
                                tooltip="Diffusion model from models/diffusion_models or models/unet (.gguf too)."),
@@ -47,9 +49,10 @@ class DisTorchUNetLoader(LoaderNode):
 
     @classmethod
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
-                expert_mode_allocations="") -> io.NodeOutput:
+                expert_mode_allocations="", auto_placement=False) -> io.NodeOutput:
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
-                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
+                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
+                                     auto_placement=auto_placement))
         model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
         return io.NodeOutput(model, ui=plan_ui)
 
@@ -79,9 +82,10 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
 
         @classmethod
         def execute(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="", type=None,
-                    **files) -> io.NodeOutput:
+                    auto_placement=False, **files) -> io.NodeOutput:
             settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
-                                         donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
+                                         donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
+                                         auto_placement=auto_placement))
             ordered = [files[k] for k in sorted(files)]
             clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
             return io.NodeOutput(clip, ui=plan_ui)
@@ -123,9 +127,11 @@ class DisTorchVAELoader(LoaderNode):
         )
 
     @classmethod
-    def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations=""):
+    def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="",
+                auto_placement=False):
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
-                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations))
+                                     donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
+                                     auto_placement=auto_placement))
         vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
         return io.NodeOutput(vae, ui=plan_ui)
 
@@ -149,7 +155,7 @@ class DisTorchCheckpointLoader(LoaderNode):
                 *unet[:3], *clip[:3],
                 io.Combo.Input("vae_device", options=list(devices), default=devices[0],
                                tooltip="Device the VAE decodes and encodes on."),
-                unet[3], clip[3],
+                unet[3], clip[3], unet[4], clip[4],
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )

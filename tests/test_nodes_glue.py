@@ -15,6 +15,7 @@ from distorch_pack.nodes.settings import (
     DisTorchSettings,
     NumberSpec,
     TextSpec,
+    ToggleSpec,
     device_choices,
     distorch_specs,
     donor_choices,
@@ -27,13 +28,15 @@ DEVICES = ("cuda:0", "cuda:1", "cpu")
 @pytest.mark.parametrize("kind, default", [("unet", 4.0), ("clip", 0.0), ("vae", 0.0)])
 def test_distorch_inputs_match_multigpu_names_and_defaults(kind, default):
     specs = distorch_specs(kind, device_choices(2), donor_choices(2))
-    assert [s.name for s in specs] == ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations"]
-    compute, vram, donor, expert = specs
+    assert [s.name for s in specs] == ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
+                                       "auto_placement"]
+    compute, vram, donor, expert, auto = specs
     assert isinstance(compute, ChoiceSpec) and compute.options == DEVICES and compute.default == "cuda:0"
     assert isinstance(vram, NumberSpec)
     assert (vram.default, vram.minimum, vram.maximum, vram.step) == (default, 0.0, 128.0, 0.1)
     assert isinstance(donor, ChoiceSpec) and donor.options == ("cpu", "cuda:0", "cuda:1") and donor.default == "cpu"
     assert isinstance(expert, TextSpec) and expert.optional and expert.default == ""
+    assert isinstance(auto, ToggleSpec) and auto.default is True, "new nodes start in auto mode"
     assert all(s.tooltip for s in specs) and set(TOOLTIPS) == {s.name for s in specs}
 
 
