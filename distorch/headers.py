@@ -105,7 +105,10 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     dtypes: dict[str, int] = defaultdict(int)
     for entry in entries:
         dtypes[entry.dtype or "unknown"] += entry.nbytes
-    return ModelSizes(name, tuple(ordered), rest, dtype_bytes=dict(dtypes), dtype_source="file")
+    # The loaders map the file (gguf_loader.read_gguf, safetensors' mmap), so a block may stay in it: the disk tier
+    # takes what RAM cannot hold, as it does for the loaded model (in the file's format).
+    return ModelSizes(name, tuple(ordered), rest, in_file=dict(ordered), dtype_bytes=dict(dtypes),
+                      dtype_source="file")
 
 
 def _block_lists(entries: list[TensorEntry]) -> list[str]:
