@@ -1,9 +1,11 @@
 """The DisTorch nodes' ids, titles and widget inputs in order: one table the ComfyUI nodes, the example
 workflows, the workflow converter and their tests share (pure data, no ComfyUI import)."""
 
-DISTORCH_INPUTS = ("compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations")
-# Inputs added after the first release, each appended as the last widget of every DisTorch loader (saved workflows
-# keep their widget positions; a workflow without one loads with its default).
+# `auto_placement` comes after the four MultiGPU inputs: UI workflows match widget values by position (a workflow
+# saved before it existed lacks it).
+DISTORCH_INPUTS = ("compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations", "auto_placement")
+# Inputs added after auto_placement, each appended as the last widget of every DisTorch loader (saved workflows keep
+# their widget positions; a workflow without one loads with its default).
 LATER_INPUTS = {"stream_format": "stored"}
 
 NODE_TITLES = {
@@ -16,7 +18,7 @@ NODE_TITLES = {
     "DisTorchCheckpointLoader": "Load Checkpoint (DisTorch)",
 }
 
-# Single-model loaders: their widgets before the four DisTorch inputs, in order.
+# Single-model loaders: their widgets before the DisTorch inputs, in order.
 FILE_INPUTS = {
     "DisTorchUNetLoader": ("unet_name", "weight_dtype"),
     "DisTorchCLIPLoader": ("clip_name", "type"),
@@ -27,10 +29,12 @@ FILE_INPUTS = {
 }
 
 # The checkpoint loader's widgets: the names and order of ComfyUI-MultiGPU's advanced checkpoint loader, so a
-# diffusion model and its text encoders each get their own virtual VRAM; the two expert strings are optional.
+# diffusion model and its text encoders each get their own virtual VRAM; the two expert strings are optional, and the
+# two auto_placement switches come after them (added later: position-matched UI workflows keep their values).
 CHECKPOINT_INPUTS = ("ckpt_name", "unet_compute_device", "unet_virtual_vram_gb", "unet_donor_device",
                      "clip_compute_device", "clip_virtual_vram_gb", "clip_donor_device", "vae_device",
-                     "unet_expert_mode_allocations", "clip_expert_mode_allocations")
+                     "unet_expert_mode_allocations", "clip_expert_mode_allocations", "unet_auto_placement",
+                     "clip_auto_placement")
 
 OUTPUT_TYPES = {
     "DisTorchUNetLoader": ("MODEL",),

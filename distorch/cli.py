@@ -3,6 +3,7 @@ over, and a safetensors model written as a Q8_0 GGUF.
 
     python -m distorch plan flux1-dev-Q8_0.gguf --vram-gb 12
     python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 16 --virtual-vram-gb 14 --json
+    python -m distorch plan wan2.2_t2v_14B_fp16.safetensors --vram-gb 24 --width 1280 --height 720 --frames 81
     python -m distorch demo
     python -m distorch convert multigpu_workflow.json -o distorch_workflow.json
     python -m distorch quantize wan2.1_t2v_14B_bf16.safetensors wan2.1_t2v_14B-Q8_0.gguf --type q8_0
@@ -10,16 +11,31 @@ over, and a safetensors model written as a Q8_0 GGUF.
 
 import argparse
 import json
+import os
 import sys
 
 from .allocation import is_device_name
+from .budget import ComputeBudget
 from .compat import Machine
 from .convert import ConvertError, convert_workflow
-from .headers import read_model_sizes
+from .headers import read_tensor_entries, sizes_from_entries
+from .ledger import LEDGER
 from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
-from .planner import Plan, PlanError, plan_sizes
+from .planner import Plan, PlanError, plan_request, plan_sizes
 from .report import dtype_note, plan_totals, tier_rows
-from .units import GIB
+from .request import PlacementRequest
+from .units import GIB, format_gb
+from .workload import (
+    CORE_INFERENCE_MIN,
+    CORE_RESERVED_VRAM,
+    ActivationEstimate,
+    Workload,
+    WorkloadError,
+    core_weight_budget,
+    detect_family,
+    estimate,
+    known_families,
+)
 
 # The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
 if __package__ and "." in __package__:
@@ -60,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"VRAM kept for activations (default {DEFAULT_ACTIVATION_RESERVE_GB})")
     plan.add_argument("--prefetch", type=int, default=2, help="streaming slots on the GPU (default 2)")
     plan.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    workload = plan.add_argument_group("workload", "plan one sampler run as a DisTorch loader in auto mode does: "
+                                                   "ComfyUI's activation estimate for the model's family and this "
+                                                   "size, and the weight budget it leaves (--vram-gb: free VRAM)")
+    workload.add_argument("--width", type=int, help="output width in pixels")
+    workload.add_argument("--height", type=int, help="output height in pixels")
+    workload.add_argument("--frames", type=int, default=1, help="video frames (default 1: an image)")
+    workload.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     demo = commands.add_parser("demo", help="stream a small built-in model and check it against the resident run")
     demo.add_argument("--device", default=None, help="compute device (default: cuda:0 when present, else cpu)")
     demo.add_argument("--virtual-vram-gb", type=_non_negative, default=None,
@@ -122,8 +145,12 @@ def main(argv=None) -> int:
 def run_plan(args) -> int:
     if args.prefetch < 1:
         return _fail(f"--prefetch must be at least 1, got {args.prefetch}")
-    sizes = read_model_sizes(args.model_file)
+    workload = _workload(args)
+    entries = read_tensor_entries(args.model_file)
+    sizes = sizes_from_entries(os.path.basename(args.model_file), entries)
     inventory = _inventory(args)
+    if workload is not None:
+        return run_workload_plan(args, workload, entries, sizes, inventory)
     virtual_vram, proposed = args.virtual_vram_gb, False
     if virtual_vram is None and not args.expert:
         virtual_vram, proposed = propose_virtual_vram(sizes, args, inventory), True
@@ -133,6 +160,78 @@ def run_plan(args) -> int:
     summary = summarize(args.model_file, result, inventory, virtual_vram, proposed, args.activation_reserve_gb)
     print(json.dumps(summary, indent=2) if args.json else format_summary(result, summary))
     return 0
+
+
+def run_workload_plan(args, workload: Workload, entries, sizes, inventory: MemoryInventory) -> int:
+    """The plan a DisTorch loader makes for one run: automatic unless --virtual-vram-gb or --expert fix the amount
+    (then the amount is checked against the same budget, and streams more where it does not fit)."""
+    family = detect_family({e.name: e.shape for e in entries})
+    if family is None:
+        raise WorkloadError(f"{args.model_file}: no activation estimate for this model: its family is not one of "
+                            f"{known_families()}; plan it without --width/--height")
+    activation = estimate(family, workload)
+    free = _compute_free(args)
+    floor = format_gb(CORE_INFERENCE_MIN + CORE_RESERVED_VRAM)
+    source = (f"ComfyUI's formula: {format_gb(free)} free minus max({floor}, "
+              f"activations + {format_gb(CORE_RESERVED_VRAM)})")
+    budget = ComputeBudget(core_weight_budget(free, activation.minimum_bytes),
+                           activation_bytes=activation.minimum_bytes, source=source)
+    auto = args.virtual_vram_gb is None and not args.expert
+    request = PlacementRequest.validate(args.compute_device, args.virtual_vram_gb or 0.0, args.donor, args.expert,
+                                        prefetch=args.prefetch, auto=auto)
+    result = plan_request(sizes, request, memory=inventory, others=LEDGER.holdings(), budget=budget)
+    summary = summarize(args.model_file, result, inventory, _gb(result.streamed_stored_bytes) if auto else
+                        args.virtual_vram_gb, False, None)
+    summary.update(workload_summary(result, workload, activation, free))
+    print(json.dumps(summary, indent=2) if args.json else format_workload_summary(result, summary))
+    return 0
+
+
+def workload_summary(plan: Plan, workload: Workload, activation: ActivationEstimate, free: int) -> dict:
+    return {
+        "mode": "automatic" if plan.mode == "auto" else "fixed",
+        "workload": {"width": workload.width, "height": workload.height, "frames": workload.frames,
+                     "batch": workload.batch},
+        "activation": {**activation.as_dict(), "gb": _gb(activation.minimum_bytes),
+                       "cfg_gb": _gb(activation.cfg_bytes)},
+        "budget_gb": _gb(plan.budget.weight_bytes),
+        "free_vram_gb": _gb(free),
+        "streamed_gb": _gb(plan.streamed_stored_bytes),
+        "prefetch_reason": plan.prefetch_reason,
+        "predicted_copy_s_per_pass": round(plan.schedule.copy_s, 4) if plan.schedule else 0.0,
+    }
+
+
+def format_workload_summary(plan: Plan, summary: dict) -> str:
+    activation = summary["activation"]
+    shape = "x".join(str(n) for n in activation["latent_shape"])
+    lines = [plan.report(),
+             f"  workload: {Workload(**summary['workload']).describe()}, latent {shape} ({activation['family']}); "
+             f"ComfyUI's activation estimate {activation['gb']:.2f} GB ({activation['cfg_gb']:.2f} GB with cond and "
+             "uncond batched)"]
+    pageable = f" (+ {summary['pageable_ram_gb']:.2f} GB pageable)" if summary["pageable_ram_gb"] else ""
+    lines.append(f"  pinned RAM needed: {summary['pinned_ram_gb']:.2f} GB{pageable}")
+    return "\n".join(lines)
+
+
+def _workload(args) -> Workload | None:
+    given = [name for name in ("width", "height") if getattr(args, name) is not None]
+    if not given:
+        if args.frames != 1 or args.batch != 1:
+            raise WorkloadError("--frames and --batch describe a workload: give --width and --height too")
+        return None
+    if len(given) == 1:
+        raise WorkloadError(f"--{given[0]} needs --{'height' if given[0] == 'width' else 'width'} too")
+    if args.compute_device.strip().lower() == "cpu":
+        raise WorkloadError("--width/--height plan for a GPU's budget; compute on the CPU has none")
+    return Workload(args.width, args.height, args.frames, args.batch)
+
+
+def _compute_free(args) -> int:
+    """The compute GPU's free memory as ComfyUI sees it before loading the model (--vram-gb, or probed)."""
+    if args.vram_gb is not None:
+        return int(args.vram_gb * GIB)
+    return MemoryInventory.probe().get(args.compute_device.strip().lower()).free
 
 
 def run_convert(args) -> int:
@@ -209,14 +308,14 @@ def proposal_step_gb(sizes) -> float:
 
 
 def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, proposed: bool,
-              reserve_gb: float) -> dict:
+              reserve_gb: float | None) -> dict:
     compute = inventory.get(plan.compute_device)
     totals = plan_totals(plan)
     per_forward = totals.per_pass_bytes
     return {
         "file": path,
         "model": plan.model_name,
-        "total_gb": _gb(plan.resident_bytes + plan.streamed_bytes),
+        "total_gb": _gb(plan.resident_bytes + plan.streamed_stored_bytes),
         "blocks": len(plan.blocks),
         "rest_gb": _gb(plan.rest_bytes),
         "compute_device": plan.compute_device,

@@ -3,7 +3,8 @@
 One table serves the stand-in nodes ComfyUI registers when those packs are not installed (nodes/compat.py)
 and the workflow converter (convert.py). An entry lists the original's widget inputs as the original
 declares them (names, order, required/optional, defaults) and a rule that turns their values into the
-values of the DisTorch node doing the work. Pure data: no ComfyUI import.
+values of the DisTorch node doing the work. Pure data: no ComfyUI import. Every mapping places by the original's
+numbers: `auto_placement` is off (fixed mode) on every node an old workflow turns into, as it was made.
 
 What the inputs without a counterpart here do (documented on the nodes and in the README):
 - `eject_models`: no effect. ComfyUI's model management decides what to unload (in MultiGPU 2.6 the
@@ -166,7 +167,8 @@ def _file_values(values: Mapping) -> dict:
 
 def _placed(compute: str) -> dict:
     """The whole model on one device: what the plain MultiGPU wrappers and core's loaders do."""
-    return {"compute_device": compute, "virtual_vram_gb": 0.0, "donor_device": "cpu", "expert_mode_allocations": ""}
+    return {"compute_device": compute, "virtual_vram_gb": 0.0, "donor_device": "cpu", "expert_mode_allocations": "",
+            "auto_placement": False}
 
 
 def _unet_dtype(values: Mapping) -> dict:
@@ -178,7 +180,7 @@ def distorch2_rule(values: Mapping, machine: Machine) -> dict:
     compute = values["compute_device"] if "compute_device" in values else values["device"]
     return {**_file_values(values), **_unet_dtype(values), "compute_device": compute,
             "virtual_vram_gb": values["virtual_vram_gb"], "donor_device": values["donor_device"],
-            "expert_mode_allocations": values["expert_mode_allocations"] or ""}
+            "expert_mode_allocations": values["expert_mode_allocations"] or "", "auto_placement": False}
 
 
 def distorch1_rule(values: Mapping, machine: Machine) -> dict:
@@ -187,7 +189,7 @@ def distorch1_rule(values: Mapping, machine: Machine) -> dict:
     donor = machine.other_gpu(compute) if values["use_other_vram"] and compute != "cpu" else "cpu"
     return {**_file_values(values), **_unet_dtype(values), "compute_device": compute,
             "virtual_vram_gb": values["virtual_vram_gb"], "donor_device": donor,
-            "expert_mode_allocations": values["expert_mode_allocations"] or ""}
+            "expert_mode_allocations": values["expert_mode_allocations"] or "", "auto_placement": False}
 
 
 def device_rule(values: Mapping, machine: Machine) -> dict:
@@ -207,7 +209,8 @@ def _checkpoint(ckpt: str, unet: Mapping, clip: Mapping, vae_device: str) -> dic
             "clip_compute_device": clip["compute_device"], "clip_virtual_vram_gb": clip["virtual_vram_gb"],
             "clip_donor_device": clip["donor_device"], "vae_device": vae_device,
             "unet_expert_mode_allocations": unet["expert_mode_allocations"],
-            "clip_expert_mode_allocations": clip["expert_mode_allocations"]}
+            "clip_expert_mode_allocations": clip["expert_mode_allocations"],
+            "unet_auto_placement": unet["auto_placement"], "clip_auto_placement": clip["auto_placement"]}
 
 
 def checkpoint_distorch2_rule(values: Mapping, machine: Machine) -> dict:
@@ -219,7 +222,8 @@ def checkpoint_distorch2_rule(values: Mapping, machine: Machine) -> dict:
 def checkpoint_advanced_distorch2_rule(values: Mapping, machine: Machine) -> dict:
     unet, clip = ({"compute_device": values[f"{p}_compute_device"], "virtual_vram_gb": values[f"{p}_virtual_vram_gb"],
                    "donor_device": values[f"{p}_donor_device"],
-                   "expert_mode_allocations": values[f"{p}_expert_mode_allocations"] or ""} for p in ("unet", "clip"))
+                   "expert_mode_allocations": values[f"{p}_expert_mode_allocations"] or "", "auto_placement": False}
+                  for p in ("unet", "clip"))
     return _checkpoint(values["ckpt_name"], unet, clip, values["vae_device"])
 
 

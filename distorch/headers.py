@@ -54,10 +54,16 @@ class TensorEntry:
     name: str
     nbytes: int
     dtype: str = ""  # as distorch.units.dtype_label spells it
+    shape: tuple[int, ...] = ()  # logical shape, torch order
 
 
 def read_model_sizes(path: str) -> ModelSizes:
-    """Block sizes of a .safetensors or .gguf file, reading only its header.
+    """Block sizes of a .safetensors or .gguf file, reading only its header (see `read_tensor_entries`)."""
+    return sizes_from_entries(os.path.basename(path), read_tensor_entries(path))
+
+
+def read_tensor_entries(path: str) -> list[TensorEntry]:
+    """Every tensor of a .safetensors or .gguf file (name, bytes, format, shape), reading only its header.
 
     A file that starts with the GGUF magic, or is named .gguf, is read as GGUF (a .gguf file with another
     start is "not a GGUF file"); anything else as safetensors, and a safetensors error on a file not named
@@ -81,7 +87,7 @@ def read_model_sizes(path: str) -> ModelSizes:
         except HeaderError as error:
             raise HeaderError(f"{error} (read as safetensors: the file does not start with the GGUF magic "
                               f"{_GGUF_MAGIC!r})") from None
-    return sizes_from_entries(os.path.basename(path), entries)
+    return entries
 
 
 def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
@@ -99,7 +105,10 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     dtypes: dict[str, int] = defaultdict(int)
     for entry in entries:
         dtypes[entry.dtype or "unknown"] += entry.nbytes
-    return ModelSizes(name, tuple(ordered), rest, dtype_bytes=dict(dtypes), dtype_source="file")
+    # The loaders map the file (gguf_loader.read_gguf, safetensors' mmap), so a block may stay in it: the disk tier
+    # takes what RAM cannot hold, as it does for the loaded model (in the file's format).
+    return ModelSizes(name, tuple(ordered), rest, in_file=dict(ordered), dtype_bytes=dict(dtypes),
+                      dtype_source="file")
 
 
 def _block_lists(entries: list[TensorEntry]) -> list[str]:
@@ -201,7 +210,7 @@ def read_safetensors_index(path: str) -> tuple[SafetensorsTensor, ...]:
 
 def _safetensors_entries(path: str) -> list[TensorEntry]:
     spans, _ = _safetensors_spans(path)
-    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype)) for span in spans]
+    return [TensorEntry(span.name, span.end - span.begin, dtype_label(span.dtype), span.shape) for span in spans]
 
 
 def _safetensors_spans(path: str) -> tuple[list["_Span"], int]:
@@ -306,7 +315,8 @@ def _check_disjoint(path: str, spans: list[_Span]) -> None:
 def _gguf_entries(path: str) -> list[TensorEntry]:
     read_header = _gguf_header_reader()
     header = read_header(path)
-    return [TensorEntry(info.name, info.nbytes, dtype_label(info.type_name)) for info in header.tensor_infos]
+    return [TensorEntry(info.name, info.nbytes, dtype_label(info.type_name), tuple(info.shape))
+            for info in header.tensor_infos]
 
 
 def _gguf_header_reader():

@@ -35,6 +35,8 @@ from .blocks import (
     live_bytes,
     point_into,
 )
+from .budget import ComputeBudget
+from .costmodel import Timings
 from .files import Backing, FileReader, copy_to
 from .ledger import LEDGER, Account, Ledger
 from .memory import MemoryInventory
@@ -236,19 +238,25 @@ class Placement:
     # -- re-plan, re-place -------------------------------------------------------------------------------
 
     def replan(self, request: PlacementRequest | None = None, *,
-               memory: Mapping[str, int] | MemoryInventory | None = None) -> Plan:
+               memory: Mapping[str, int] | MemoryInventory | None = None, budget: ComputeBudget | None = None,
+               timings: Timings | None = None) -> Plan:
         """A new plan for this model as its weights lie now (staged blocks count as in RAM or on their donor,
         resident ones as on the compute device), against `memory` (probed when None); nothing moves.
 
         Plan while paused: an open streamer's slots count as used memory in a probe. `request` defaults to the
-        one this placement was planned for (another amount, another inventory, another compute device).
+        one this placement was planned for (another amount, another inventory, another compute device). `budget`
+        and `timings` as in `distorch.planner.plan_request`: a run's budget on the compute device (which then
+        replaces the probe of that device) and what a run measured. A budget plan of a staged model grows or
+        shrinks the streamed set it has, so `move_to` moves only the blocks the budget needs moved.
         """
         request = self.request if request is None else request
         if request is None:
             raise ValueError("distorch: this placement was given a plan, not a request; pass the request to plan")
         model = self._live_model()
+        keep = self.plan.streamed if budget is not None and self.is_staged else None
         sizes = model_sizes(model, self._layout_now(model), self._held_encoded())
-        return plan_request(sizes, request, memory=memory, others=self._ledger.others(model))
+        return plan_request(sizes, request, memory=memory, others=self._ledger.others(model),
+                            budget=budget, timings=timings, keep=keep)
 
     def move_to(self, new_plan: Plan, *, request: PlacementRequest | None = None,
                 progress: StagingProgress | None = None, pin: bool = True) -> None:

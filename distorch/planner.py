@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .allocation import AllocationMode, AllocationSpec
+from .budget import ComputeBudget
+from .costmodel import MAX_PREFETCH, PassEstimate, Timings, choose_prefetch, copy_times, estimate_pass
 from .ledger import LEDGER, Holding
 from .memory import MemoryInventory
 from .report import format_report
@@ -111,7 +113,7 @@ class BlockPlacement:
     streamed: bool
     pinned: bool = False
     disk: bool = False  # left in the model file's mapping and streamed from there
-    reason: str = ""  # why the block got its tier, for the report
+    reason: str = field(default="", compare=False)  # why the block got its tier, for the report (not the placement)
     encoded_nbytes: int = 0  # streamed smaller in the plan's stream format: its bytes so (0: streamed as stored)
     decode_scratch: int = 0  # temporaries its decode takes on the compute device beside the decode buffer
 
@@ -156,6 +158,12 @@ class Plan:
     # The model files as planned: reads check a file is still the same (a rewrite after planning raises).
     files: tuple["FileIdentity", ...] = field(default=(), compare=False)
     stream_format: str = "stored"  # how streamed blocks travel (a request.StreamFormat value)
+    # How it was chosen (the report's "why"): a fixed amount or automatic, against which run budget, the pass the
+    # cost model predicts for it, and why it has `prefetch` slots.
+    mode: str = field(default="fixed", compare=False)  # "fixed" (virtual_vram_gb / expert string) or "auto"
+    budget: ComputeBudget | None = field(default=None, compare=False)
+    schedule: PassEstimate | None = field(default=None, compare=False)
+    prefetch_reason: str = field(default="", compare=False)
 
     @property
     def placement(self) -> dict[str, str]:
@@ -197,15 +205,17 @@ class Plan:
     def decode_bytes(self) -> int:
         """The decode buffer on the compute device (the largest encoded block as stored) and its decode's scratch;
         0 when nothing streams encoded."""
-        decoding = [b for b in self.blocks if b.decodes]
-        if not decoding:
-            return 0
-        return max(b.nbytes for b in decoding) + max(b.decode_scratch for b in decoding)
+        return _decode_footprint(self.blocks)
 
     @property
     def compute_bytes(self) -> int:
         """Planned weight memory on the compute device: resident weights, the streaming slots, the decode buffer."""
-        return self.resident_bytes + self.prefetch * self.slot_bytes + self.decode_bytes
+        return self.resident_bytes + self.slot_total
+
+    @property
+    def slot_total(self) -> int:
+        """Compute-device bytes streaming takes: the slots and the decode buffer (none when nothing streams)."""
+        return self.prefetch * self.slot_bytes + self.decode_bytes
 
     @property
     def pinned_bytes(self) -> int:
@@ -256,29 +266,112 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
 
 
 def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
-                 memory: Mapping[str, int] | MemoryInventory | None = None, others: tuple[Holding, ...] = ()) -> Plan:
-    """The plan for a validated request: `plan_sizes` without the checks, and `others` given, never looked up."""
+                 memory: Mapping[str, int] | MemoryInventory | None = None, others: tuple[Holding, ...] = (),
+                 budget: ComputeBudget | None = None, timings: Timings | None = None,
+                 keep: frozenset[str] | None = None) -> Plan:
+    """The plan for a validated request: `plan_sizes` without the checks, and `others` given, never looked up.
+
+    Args:
+        budget: what this run may keep on the compute device (ComfyUI's weight budget for its workload). Auto mode
+            plans the fewest streamed blocks that fit it; a fixed amount that does not fit it streams more (and
+            says so). Without a budget, auto mode plans for the compute device's usable memory (no workload known
+            yet) and a fixed amount is checked against that memory as before.
+        timings: what a run measured (per-block forward times, copy rates); auto mode picks the prefetch depth
+            that predicts the fastest pass with them (distorch.costmodel).
+        keep: the blocks streamed now (a staged model): a budget plan grows or shrinks this set rather than
+            spreading anew, so re-placing moves only the blocks the budget needs moved.
+    """
     compute_device = request.compute_device
-    prefetch = request.prefetch
     inventory = _inventory(memory)
-    inventory_device(inventory, compute_device)
+    device = inventory_device(inventory, compute_device)
+    others = tuple(others)
     spec = request.allocation
     if spec is not None:
-        offload, tiers = _expert_targets(sizes, compute_device, spec, inventory)
+        requested, tiers = _expert_targets(sizes, compute_device, spec, inventory)
     else:
-        offload, tiers = _normal_targets(sizes, request.virtual_vram_gb, request.donor_device)
-    others = tuple(others)
-    warnings = _offload_warnings(sizes, offload)
-    streamed = choose_streamed([n for _, n in sizes.blocks], offload)
+        requested, tiers = _normal_targets(sizes, 0.0 if request.auto else request.virtual_vram_gb,
+                                           request.donor_device)
+    if request.auto and budget is None:
+        budget = ComputeBudget(device.usable, source=f"{compute_device}'s usable memory (no run seen yet)")
+    if budget is None:
+        return _fixed_plan(sizes, request, inventory, others, tiers, requested)
+    return _budget_plan(sizes, request, inventory, others, tiers, requested, budget, timings, keep)
+
+
+def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
+                tiers: list, requested: int) -> Plan:
+    """A fixed amount with no run budget known (the loader, the CLI without a workload): checked against the
+    compute device's usable memory, a PlanError naming the amount that fits when it does not."""
+    streamed = choose_streamed([n for _, n in sizes.blocks], requested)
     stream = _stream_nbytes(sizes, request.stream_format)
-    host = _HostRoom.of(sizes, compute_device, streamed, prefetch, inventory, others, stream)
-    placements = _assign_storage(sizes, compute_device, streamed, tiers, inventory, host, stream)
-    result = Plan(sizes.name, compute_device, placements, sizes.rest_bytes, prefetch, offload, tuple(warnings),
-                  others, host.added(placements), inventory.pinned_elsewhere,
-                  dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source, files=sizes.files,
-                  stream_format=str(request.stream_format.value))
-    _check_capacity(result, sizes, inventory, host)
+    option = _Option.of(sizes, request.compute_device, streamed, request.prefetch, tiers, inventory, others, stream)
+    result = _make_plan(sizes, request, inventory, option, requested, tuple(_offload_warnings(sizes, requested)))
+    _check_capacity(result, sizes, inventory, option.host)
     return result
+
+
+def _budget_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
+                 tiers: list, requested: int, budget: ComputeBudget, timings: Timings | None,
+                 keep: frozenset[str] | None) -> Plan:
+    block_bytes = [n for _, n in sizes.blocks]
+    stream = _stream_nbytes(sizes, request.stream_format)
+    as_streamed = [stream[name] for name, _ in sizes.blocks]
+    current = None if keep is None else [i for i, (name, _) in enumerate(sizes.blocks) if name in keep]
+    compute_s = _compute_times(timings, budget, len(block_bytes))
+    depths = range(1, MAX_PREFETCH + 1) if request.auto and compute_s else (request.prefetch,)
+    options: list[_Option] = []
+    for depth in depths:
+        streamed, fits = streamed_within(block_bytes, sizes.rest_bytes, budget.room, requested, depth, current,
+                                         as_streamed)
+        try:
+            option = _Option.of(sizes, request.compute_device, streamed, depth, tiers, inventory, others, stream, fits,
+                                resident_reason=_resident_reason(request, budget))
+        except PlanError:
+            if options:
+                break  # a deeper prefetch streams blocks the storage tiers have no room for
+            raise
+        copied = [n for n, _ in as_streamed]  # a copy moves the bytes as they stream
+        options.append(replace(option, estimate=estimate_pass(compute_s, copy_times(copied, option.tiers, timings),
+                                                              depth)))
+    prefetch, why = (choose_prefetch([o.estimate for o in options], request.prefetch) if request.auto else
+                     (request.prefetch, f"{request.prefetch} slots, as requested"))
+    chosen = next(o for o in options if o.prefetch == prefetch)
+    warnings = _offload_warnings(sizes, requested) + _budget_warnings(sizes, request, budget, chosen, requested)
+    result = _make_plan(sizes, request, inventory, chosen, requested, tuple(warnings),
+                        budget=budget, schedule=chosen.estimate, prefetch_reason=why)
+    _check_capacity(result, sizes, inventory, chosen.host, compute_checked=False)
+    return result
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One way to place the model: its streamed blocks at a prefetch depth, their storage, and its predicted pass."""
+
+    prefetch: int
+    placements: tuple[BlockPlacement, ...]
+    host: "_HostRoom"
+    fits: bool = True  # the compute-device part fits the run's budget
+    estimate: PassEstimate | None = None
+
+    @classmethod
+    def of(cls, sizes, compute, streamed, prefetch, tiers, inventory, others, stream, fits=True,
+           resident_reason: str = "not needed to reach the requested offload") -> "_Option":
+        host = _HostRoom.of(sizes, compute, streamed, prefetch, inventory, others, stream)
+        placements = _assign_storage(sizes, compute, streamed, tiers, inventory, host, stream, resident_reason)
+        return cls(prefetch, placements, host, fits)
+
+    @property
+    def tiers(self) -> dict[int, str]:
+        """Streamed block index -> tier value."""
+        return {i: b.tier.value for i, b in enumerate(self.placements) if b.streamed}
+
+
+def _make_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, option: _Option,
+               requested: int, warnings: tuple[str, ...], **extra) -> Plan:
+    return Plan(sizes.name, request.compute_device, option.placements, sizes.rest_bytes, option.prefetch, requested,
+                warnings, option.host.others, option.host.added(option.placements), inventory.pinned_elsewhere,
+                dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source, files=sizes.files,
+                stream_format=str(request.stream_format.value), mode="auto" if request.auto else "fixed", **extra)
 
 
 def _stream_nbytes(sizes: ModelSizes, stream_format) -> dict[str, tuple[int, int]]:
@@ -289,6 +382,104 @@ def _stream_nbytes(sizes: ModelSizes, stream_format) -> dict[str, tuple[int, int
     """
     encoded = sizes.encoded.get(str(getattr(stream_format, "value", stream_format)), {})
     return {name: encoded.get(name, (nbytes, 0)) for name, nbytes in sizes.blocks}
+
+
+def _compute_times(timings: Timings | None, budget: ComputeBudget, blocks: int) -> tuple[float, ...]:
+    """Measured forward times scaled to this run's activations; none when they were measured on other blocks."""
+    if timings is None or len(timings.compute_s) != blocks:
+        return ()
+    return timings.compute_for(budget.activation_bytes)
+
+
+def _resident_reason(request: PlacementRequest, budget: ComputeBudget) -> str:
+    if request.auto:
+        return "fits the budget"
+    return "kept by the requested virtual_vram_gb"
+
+
+def _budget_warnings(sizes: ModelSizes, request: PlacementRequest, budget: ComputeBudget, chosen: _Option,
+                     requested: int) -> list[str]:
+    compute = request.compute_device
+    needed = sizes.rest_bytes + _block_footprint(chosen) + budget.extra_bytes
+    if not chosen.fits:
+        return [f"even with every block streamed {sizes.name} needs {format_gb(needed)} on {compute} (other "
+                f"weights, {chosen.prefetch} slots, {format_gb(budget.extra_bytes)} of extras) but the budget for "
+                f"this run is {format_gb(budget.weight_bytes)}: the other weights are loaded in full anyway (never "
+                "cast layer by layer from RAM), so this run may run out of memory; lower the resolution, frames or "
+                "batch, or free VRAM"]
+    if request.auto:
+        return []
+    base = choose_streamed([n for _, n in sizes.blocks], requested)
+    streamed = [i for i, b in enumerate(chosen.placements) if b.streamed]
+    if len(streamed) <= len(base):
+        return []
+    extra = sum(b.nbytes for b in chosen.placements if b.streamed) - sum(sizes.blocks[i][1] for i in base)
+    return [f"virtual_vram_gb {request.virtual_vram_gb:g} does not fit the budget for this run "
+            f"({format_gb(budget.weight_bytes)} on {compute}): {len(streamed) - len(base)} more blocks streamed "
+            f"({format_gb(extra)}) rather than cast layer by layer from RAM"]
+
+
+def _block_footprint(option: _Option) -> int:
+    """Compute-device bytes of the blocks: the resident ones, the slots and the decode buffer."""
+    resident = sum(b.nbytes for b in option.placements if not b.streamed)
+    slot = max((b.stream_nbytes for b in option.placements if b.streamed), default=0)
+    return resident + option.prefetch * slot + _decode_footprint(option.placements)
+
+
+def _decode_footprint(placements) -> int:
+    """The decode buffer (largest encoded block as stored) plus the largest decode scratch; 0 without encoded blocks."""
+    decoding = [b for b in placements if b.decodes]
+    return max(b.nbytes for b in decoding) + max(b.decode_scratch for b in decoding) if decoding else 0
+
+
+def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requested: int,
+                    prefetch: int, current: list[int] | None = None,
+                    as_streamed: list[tuple[int, int]] | None = None) -> tuple[list[int], bool]:
+    """Indices of the blocks to stream (at least `requested` bytes, spread evenly as `choose_streamed` spreads
+    them) so that the rest, the resident blocks and `prefetch` slots fit `room`; and whether they fit at all
+    (False: every block streamed and still over `room`).
+
+    The slots are as large as the largest streamed block, so each block size is tried as the slot size (streaming
+    only blocks up to it): a large block streamed would cost `prefetch` slots of its size. Of the choices that fit,
+    the one streaming the fewest bytes wins; equal blocks (the usual model) make this a single choice.
+
+    With `current` (the blocks streamed now), the choice grows or shrinks that set (`adjust_streamed`) rather than
+    spreading anew, so a re-placement moves only the blocks the new budget needs moved.
+
+    `as_streamed` (per block: bytes as streamed, decode scratch) sizes the slots of a stream format, plus the decode
+    buffer its encoded blocks need; without it every block streams as stored.
+    """
+    as_streamed = as_streamed or [(n, 0) for n in block_bytes]
+
+    def decode(chosen) -> int:
+        encoded = [i for i in chosen if as_streamed[i][0] != block_bytes[i]]
+        return max(block_bytes[i] for i in encoded) + max(as_streamed[i][1] for i in encoded) if encoded else 0
+
+    def choose(sizes: list[int], target: int) -> list[int]:
+        if current is None:
+            return choose_streamed(sizes, target)
+        return adjust_streamed(sizes, [i for i in current if sizes[i]], target)
+
+    def fits(chosen: list[int]) -> bool:
+        slot = max((as_streamed[i][0] for i in chosen), default=0)
+        resident = sum(block_bytes) - sum(block_bytes[i] for i in chosen)
+        return rest_bytes + resident + prefetch * slot + decode(chosen) <= room
+
+    requested_only = choose(block_bytes, requested)
+    if fits(requested_only):
+        return requested_only, True
+    must_leave = rest_bytes + sum(block_bytes) - room
+    fitting = []
+    for cap in sorted({as_streamed[i][0] for i, n in enumerate(block_bytes) if n}):
+        eligible = [n if as_streamed[i][0] <= cap else 0 for i, n in enumerate(block_bytes)]
+        target = max(requested, must_leave + prefetch * cap + decode([i for i, n in enumerate(eligible) if n]))
+        if target <= sum(eligible):
+            chosen = choose(eligible, target)
+            if fits(chosen):
+                fitting.append(chosen)
+    if not fitting:
+        return [i for i, n in enumerate(block_bytes) if n], False
+    return min(fitting, key=lambda chosen: (sum(block_bytes[i] for i in chosen), len(chosen))), True
 
 
 def choose_streamed(block_bytes: list[int], target: int) -> list[int]:
@@ -315,6 +506,27 @@ def choose_streamed(block_bytes: list[int], target: int) -> list[int]:
         index = _farthest_resident(block_bytes, chosen)
         chosen.append(index)
         streamed += block_bytes[index]
+    return sorted(chosen)
+
+
+def adjust_streamed(block_bytes: list[int], current: list[int], target: int) -> list[int]:
+    """`current` streamed blocks grown or shrunk to the fewest that reach `target` bytes, moving as few blocks as
+    possible: a block is added where it is farthest from any streamed one (as `choose_streamed`'s fix-up does), and
+    removed where streamed blocks crowd most (the earlier of equals: a pass's first blocks have the least time to
+    prefetch)."""
+    chosen = sorted(current)
+    streamed = sum(block_bytes[i] for i in chosen)
+    while streamed < target and len(chosen) < sum(1 for n in block_bytes if n):
+        index = _farthest_resident(block_bytes, chosen)
+        chosen.append(index)
+        streamed += block_bytes[index]
+    while chosen:
+        removable = [i for i in chosen if streamed - block_bytes[i] >= target]
+        if not removable:
+            break
+        index = min(removable, key=lambda i: (min((abs(i - c) for c in chosen if c != i), default=0), i))
+        chosen.remove(index)
+        streamed -= block_bytes[index]
     return sorted(chosen)
 
 
@@ -458,8 +670,8 @@ def _decode_bytes(blocks, stream: Mapping[str, tuple[int, int]]) -> int:
     return max(n for n, _ in decoding) + max(s for _, s in decoding) if decoding else 0
 
 
-def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
-                    stream: Mapping[str, tuple[int, int]]) -> tuple[BlockPlacement, ...]:
+def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom, stream: Mapping[str, tuple[int, int]],
+                    resident_reason: str = "not needed to reach the requested offload") -> tuple[BlockPlacement, ...]:
     """Spreads the streamed blocks over the storage tiers (by error diffusion, within each tier's room), leaves
     file-backed blocks on the disk tier while RAM is short, and page-locks RAM blocks within the pinned budget.
     Sizes as streamed (`stream`); a block left on the disk tier streams its stored bytes from the file."""
@@ -484,8 +696,7 @@ def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
     placements, pinned_left = [], host.pinned_left
     for index, (name, nbytes) in enumerate(sizes.blocks):
         if index not in devices:
-            placements.append(BlockPlacement(name, nbytes, compute, streamed=False,
-                                             reason="not needed to reach the requested offload"))
+            placements.append(BlockPlacement(name, nbytes, compute, streamed=False, reason=resident_reason))
             continue
         device, disk = devices[index], index in on_disk
         encoded, scratch = (0, 0) if disk or stream[name][0] == nbytes else stream[name]
@@ -572,9 +783,12 @@ def _pick_tier(tiers, planned, assigned, room, nbytes, done, name) -> str:
     return max(fitting, key=lambda d: (planned[d] * progress - assigned[d], -fitting.index(d)))
 
 
-def _check_capacity(result: Plan, sizes: ModelSizes, inventory: MemoryInventory, host: _HostRoom) -> None:
+def _check_capacity(result: Plan, sizes: ModelSizes, inventory: MemoryInventory, host: _HostRoom,
+                    compute_checked: bool = True) -> None:
+    """Raises when a device or RAM cannot hold its part; the compute device only when `compute_checked` (a run's
+    budget replaces that check: what does not fit it is a warning, see `_budget_warnings`)."""
     needed: dict[str, int] = {}
-    if result.compute_device != "cpu":
+    if result.compute_device != "cpu" and compute_checked:
         needed[result.compute_device] = result.compute_bytes
     for block in result.blocks:
         if block.streamed and block.device != "cpu":

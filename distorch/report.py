@@ -148,19 +148,60 @@ def format_report(plan) -> str:
     for row in tier_rows(plan):
         moved = format_gb(row.moved_off) if row.moved_off else "-"
         lines.append(f"  {row.device:<8} {row.role:<29} {row.blocks:>6} {format_gb(row.nbytes):>10} {moved:>10}")
+    lines.extend(_decision_lines(plan))
     lines.extend(_reason_lines(plan))
     if plan.streamed:
         lines.extend(_streaming_lines(plan, totals))
+        lines.extend(_schedule_lines(plan))
     lines.append(_ledger_line(plan))
     lines.extend(f"  warning: {w}" for w in plan.warnings)
     return "\n".join(lines)
 
 
+def _decision_lines(plan) -> list[str]:
+    """How the amount was decided: automatic or fixed, against which budget, with how many slots and why."""
+    budget = getattr(plan, "budget", None)
+    if budget is None:
+        return []
+    mode = "automatic, fitted to" if getattr(plan, "mode", "fixed") == "auto" else "fixed amount, checked against"
+    text = f"  placement: {mode} the run's budget of {format_gb(budget.weight_bytes)} on {plan.compute_device}"
+    if budget.source:
+        text += f" ({budget.source})"
+    lines = [text]
+    details = []
+    if budget.activation_bytes is not None:
+        details.append(f"activations {format_gb(budget.activation_bytes)} as ComfyUI estimates them")
+    if budget.extra_bytes:
+        details.append(f"{format_gb(budget.extra_bytes)} of non-weight extras kept on {plan.compute_device}")
+    if details:
+        lines.append(f"    {'; '.join(details)}")
+    if plan.streamed and getattr(plan, "prefetch_reason", ""):
+        lines.append(f"  prefetch: {plan.prefetch_reason}")
+    return lines
+
+
+def _schedule_lines(plan) -> list[str]:
+    """The cost model's view of one pass: copy time against compute, and which blocks wait for their copies."""
+    estimate = getattr(plan, "schedule", None)
+    if estimate is None:
+        return []
+    text = f"  predicted per pass: copies {estimate.copy_s * 1000:.0f} ms"
+    if estimate.pass_s is None:
+        return [text + " at nominal rates (compute not measured yet)"]
+    text += f", compute {estimate.compute_s * 1000:.0f} ms, pass {estimate.pass_s * 1000:.0f} ms"
+    if not estimate.waiting:
+        return [text + ": every copy hides behind the compute of the blocks before it"]
+    return [text + f": {len(estimate.waiting)} streamed block{'s' if len(estimate.waiting) > 1 else ''} wait "
+            f"{estimate.wait_s * 1000:.0f} ms in all for their copies"]
+
+
 def _reason_lines(plan) -> list[str]:
-    """Why the streamed blocks got their tiers: one line per (tier, reason), with the block count."""
+    """Why the blocks got their tiers: one line per (tier, reason), with the block count (resident blocks only when
+    a run's budget decided them)."""
     counts: dict[tuple[str, str], int] = {}
+    budgeted = getattr(plan, "budget", None) is not None
     for block in plan.blocks:
-        if block.streamed and block.reason:
+        if (block.streamed or budgeted) and block.reason:
             key = (block.tier.value, block.reason)
             counts[key] = counts.get(key, 0) + 1
     return [f"  {tier}: {n} block{'s' if n > 1 else ''}, {reason}" for (tier, reason), n in counts.items()]
@@ -233,6 +274,11 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
                   for r in tier_rows(plan)],
         "totals": asdict(plan_totals(plan)),
         "warnings": list(plan.warnings),
+        # How the amount was decided: "fixed" or "auto", the run's budget, the predicted pass and the slots' why.
+        "mode": getattr(plan, "mode", "fixed"),
+        "budget": plan.budget.as_dict() if getattr(plan, "budget", None) is not None else None,
+        "schedule": plan.schedule.as_dict() if getattr(plan, "schedule", None) is not None else None,
+        "prefetch_reason": getattr(plan, "prefetch_reason", ""),
         # The ledger's view when the plan was made: what the other DisTorch models hold, what core pinned.
         "ledger": {"others": [_holding_text(h) for h in getattr(plan, "others", ())],
                    "pinned_elsewhere": int(getattr(plan, "pinned_elsewhere", 0)),

@@ -7,8 +7,9 @@ the machine's device list and their widget's maximum). The rules, in one place:
 - `compute_device` and `donor_device` are 'cpu' or 'cuda:N' ('cuda' reads as 'cuda:0'), and on this machine
   when the caller knows its devices;
 - `virtual_vram_gb` is a number >= 0 (and at most the widget's maximum, for the nodes); `prefetch` >= 1;
-- without an expert string: a GPU cannot donate to itself when something is moved off it, and compute on the
-  CPU streams from RAM only;
+- `auto`: the amount follows each run's budget (the planner's `budget`), `virtual_vram_gb` is not used;
+- without an expert string: a GPU cannot donate to itself when something is moved off it (or may be, in auto
+  mode), and compute on the CPU streams from RAM only;
 - an expert string parses (ComfyUI-MultiGPU's grammar), names devices of this machine and needs a GPU compute
   device; it replaces `virtual_vram_gb` and `donor_device`;
 - `stream_format` is one of `StreamFormat` (how streamed blocks travel: as stored, or smaller; stream_format.py).
@@ -56,6 +57,7 @@ class PlacementRequest:
     donor_device: str = "cpu"
     expert_mode_allocations: str = ""  # ComfyUI-MultiGPU grammar; when non-empty it replaces the two above
     prefetch: int = 2  # streaming slots on the compute device (blocks in flight)
+    auto: bool = False  # the amount follows each run's budget; an expert string still places by itself
     stream_format: StreamFormat = StreamFormat.STORED  # how streamed blocks travel (resident ones stay as loaded)
 
     def __post_init__(self):
@@ -63,8 +65,8 @@ class PlacementRequest:
 
     @property
     def streams(self) -> bool:
-        """Whether the request moves anything off the compute device."""
-        return self.virtual_vram_gb > 0 or bool(self.expert_mode_allocations)
+        """Whether the request may move anything off the compute device."""
+        return self.auto or self.virtual_vram_gb > 0 or bool(self.expert_mode_allocations)
 
     @property
     def allocation(self) -> AllocationSpec | None:
@@ -75,13 +77,15 @@ class PlacementRequest:
     def validate(cls, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
                  expert_mode_allocations: str | None = "", available: tuple[str, ...] | None = None, *,
                  prefetch: int = 2, max_virtual_vram_gb: float | None = None,
-                 stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest":
+                 auto: bool = False, stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest":
         """The request, or the problem: one alone raises as itself (a `PlanError`, or an `AllocationError` for the
         expert string), several together as one `PlanError` naming each.
 
         Args:
             available: the devices of this machine; None leaves availability to the memory inventory.
             max_virtual_vram_gb: the largest `virtual_vram_gb` accepted (the node's widget maximum); None: no cap.
+            auto: plan each run for its budget (the amount is then unused, but still checked: it is what a
+                workflow falls back to with auto off).
             stream_format: how streamed blocks travel: "stored", "q8_0" or "fp8_e4m3fn".
 
         Example:
@@ -90,7 +94,7 @@ class PlacementRequest:
         """
         problems: list[ValueError] = []
         request = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                              problems, prefetch=prefetch, max_virtual_vram_gb=max_virtual_vram_gb,
+                              problems, prefetch=prefetch, max_virtual_vram_gb=max_virtual_vram_gb, auto=auto,
                               stream_format=stream_format)
         if len(problems) == 1:
             raise problems[0]
@@ -102,7 +106,7 @@ class PlacementRequest:
     def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                 expert_mode_allocations: str | None, available: tuple[str, ...] | None, problems: list,
                 prefix: str = "", *, prefetch: int = 2, max_virtual_vram_gb: float | None = None,
-                stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest | None":
+                auto: bool = False, stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest | None":
         """`validate` for one of several models of a node: appends its problems (inputs named `prefix` + name)."""
         before = len(problems)
         expert = (expert_mode_allocations or "").strip()
@@ -111,14 +115,16 @@ class PlacementRequest:
         gb = _virtual_vram(virtual_vram_gb, f"{prefix}virtual_vram_gb", max_virtual_vram_gb, problems)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             problems.append(PlanError(f"prefetch must be at least 1, got {prefetch!r}"))
+        if not isinstance(auto, bool):
+            problems.append(PlanError(f"{prefix}auto_placement must be true or false, got {auto!r}"))
         fmt = check_stream_format(stream_format, f"{prefix}stream_format", problems)
         if expert:
             _check_expert(expert, compute, available, problems, prefix)
         elif compute and donor:
-            _check_donor(compute, donor, gb, problems, prefix)
+            _check_donor(compute, donor, gb, problems, prefix, auto is True)
         if len(problems) > before:
             return None
-        return cls(compute, gb, donor, expert, prefetch, fmt)
+        return cls(compute, gb, donor, expert, prefetch, auto, fmt)
 
 
 def canonical_device(name) -> str | None:
@@ -162,11 +168,11 @@ def check_stream_format(value, what: str, problems: list) -> StreamFormat:
         return StreamFormat.STORED
 
 
-def _check_donor(compute: str, donor: str, gb: float, problems: list, prefix: str) -> None:
+def _check_donor(compute: str, donor: str, gb: float, problems: list, prefix: str, auto: bool) -> None:
     if compute == "cpu" and donor != "cpu":
         problems.append(PlanError(f"{prefix}compute_device 'cpu' streams from RAM only; set {prefix}donor_device to "
                                   f"'cpu', not {donor!r}"))
-    elif donor == compute and compute != "cpu" and gb > 0:
+    elif donor == compute and compute != "cpu" and (gb > 0 or auto):
         problems.append(PlanError(f"{prefix}donor_device {donor!r} is the compute device: choose 'cpu' or another "
                                   "GPU"))
 

@@ -704,9 +704,12 @@ class BlockStreamer:
             streaming_pass.schedule = list(_predict_next(streaming_pass.history))
         # Interrupted before this, the pass stays open on a frame that is gone: the next pass ends it.
         streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
-        if not completed:
-            self._release_all()
         self._current = streaming_pass
+        if not completed:
+            # The forward raised (an interrupt, a changed model file): no prefetch now, which would raise the same
+            # error again inside torch's always_call hook; the next pass starts its loads itself.
+            self._release_all()
+            return
         self._refill()  # wrap around: start fetching the first blocks of the next pass now
 
     def _end_interrupted(self) -> None:

@@ -32,8 +32,10 @@ class DisTorchUNetLoader(LoaderNode):
             node_id="DisTorchUNetLoader",
             display_name=NODE_TITLES["DisTorchUNetLoader"],
             category=CATEGORY,
-            description=("Loads a diffusion model (.safetensors or .gguf) and keeps virtual_vram_gb of it in pinned "
-                         "RAM or a donor GPU, streaming those blocks to the compute GPU just before they run."),
+            description=("Loads a diffusion model (.safetensors or .gguf). With auto_placement each run keeps as "
+                         "much of it on the compute GPU as ComfyUI's budget for that run allows; otherwise "
+                         "virtual_vram_gb of it lives in pinned RAM or a donor GPU. Those blocks are streamed to the "
+                         "compute GPU just before they run."),
             inputs=[
                 io.Combo.Input("unet_name", options=unet_files(),
                                tooltip="Diffusion model from models/diffusion_models or models/unet (.gguf too)."),
@@ -48,10 +50,10 @@ class DisTorchUNetLoader(LoaderNode):
 
     @classmethod
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
-                expert_mode_allocations="", stream_format="stored") -> io.NodeOutput:
+                expert_mode_allocations="", auto_placement=False, stream_format="stored") -> io.NodeOutput:
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                      donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                     stream_format=stream_format))
+                                     auto_placement=auto_placement, stream_format=stream_format))
         model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
         return io.NodeOutput(model, ui=plan_ui)
 
@@ -82,10 +84,10 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
 
         @classmethod
         def execute(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="", type=None,
-                    stream_format="stored", **files) -> io.NodeOutput:
+                    auto_placement=False, stream_format="stored", **files) -> io.NodeOutput:
             settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                          donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                         stream_format=stream_format))
+                                         auto_placement=auto_placement, stream_format=stream_format))
             ordered = [files[k] for k in sorted(files)]
             clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
             return io.NodeOutput(clip, ui=plan_ui)
@@ -128,10 +130,10 @@ class DisTorchVAELoader(LoaderNode):
 
     @classmethod
     def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="",
-                stream_format="stored"):
+                auto_placement=False, stream_format="stored"):
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                      donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                     stream_format=stream_format))
+                                     auto_placement=auto_placement, stream_format=stream_format))
         vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
         return io.NodeOutput(vae, ui=plan_ui)
 
@@ -155,7 +157,7 @@ class DisTorchCheckpointLoader(LoaderNode):
                 *unet[:3], *clip[:3],
                 io.Combo.Input("vae_device", options=list(devices), default=devices[0],
                                tooltip="Device the VAE decodes and encodes on."),
-                unet[3], clip[3],
+                unet[3], clip[3], unet[4], clip[4],
                 stream_format_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],

@@ -13,7 +13,8 @@ from comfy_api.latest import io
 import nodes as core_nodes
 
 from .devices import compute_devices, donor_devices
-from .settings import CheckpointSettings, ChoiceSpec, DisTorchSettings, NumberSpec, distorch_specs, stream_format_spec
+from .settings import (CheckpointSettings, ChoiceSpec, DisTorchSettings, NumberSpec, ToggleSpec, distorch_specs,
+                       stream_format_spec)
 
 CHECKPOINT_LOADER = "DisTorchCheckpointLoader"
 _ABSENT = object()  # a validate_inputs parameter the node does not have (None means: driven by a link)
@@ -21,17 +22,21 @@ _ABSENT = object()  # a validate_inputs parameter the node does not have (None m
 SETTINGS_INPUTS = ("compute_device", "device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
                    "stream_format", "use_other_vram", "unet_device", "clip_device", "vae_device", "unet_compute_device",
                    "unet_virtual_vram_gb", "unet_donor_device", "clip_compute_device", "clip_virtual_vram_gb",
-                   "clip_donor_device", "unet_expert_mode_allocations", "clip_expert_mode_allocations")
+                   "clip_donor_device", "unet_expert_mode_allocations", "clip_expert_mode_allocations",
+                   "auto_placement", "unet_auto_placement", "clip_auto_placement")
 
 
 def distorch_inputs(kind: str, prefix: str = "") -> list:
-    """The four DisTorch widgets, built from the pure specs in settings.py (names `prefix` + name)."""
+    """The DisTorch widgets, built from the pure specs in settings.py (names `prefix` + name)."""
     widgets = []
     for spec in distorch_specs(kind, compute_devices(), donor_devices()):
         name = prefix + spec.name
         if isinstance(spec, ChoiceSpec):
             widgets.append(io.Combo.Input(name, options=list(spec.options), default=spec.default,
                                           tooltip=spec.tooltip))
+        elif isinstance(spec, ToggleSpec):
+            widgets.append(io.Boolean.Input(name, default=spec.default, optional=True, label_on=spec.label_on,
+                                            label_off=spec.label_off, tooltip=spec.tooltip))
         elif isinstance(spec, NumberSpec):
             widgets.append(io.Float.Input(name, default=spec.default, min=spec.minimum, max=spec.maximum,
                                           step=spec.step, round=0.01, display_mode=io.NumberDisplay.slider,
@@ -65,7 +70,8 @@ def settings_for(target: str, native: Mapping) -> DisTorchSettings | CheckpointS
         return CheckpointSettings.validate(native, available)
     return DisTorchSettings.validate(native.get("compute_device"), native.get("virtual_vram_gb"),
                                      native.get("donor_device"), native.get("expert_mode_allocations"), available,
-                                     native.get("stream_format") or "stored")
+                                     auto_placement=native.get("auto_placement", False),
+                                     stream_format=native.get("stream_format") or "stored")
 
 
 class LoaderNode(io.ComfyNode):
@@ -89,6 +95,7 @@ class LoaderNode(io.ComfyNode):
                         unet_virtual_vram_gb=_ABSENT, unet_donor_device=_ABSENT, clip_compute_device=_ABSENT,
                         clip_virtual_vram_gb=_ABSENT, clip_donor_device=_ABSENT,
                         unet_expert_mode_allocations=_ABSENT, clip_expert_mode_allocations=_ABSENT,
+                        auto_placement=_ABSENT, unet_auto_placement=_ABSENT, clip_auto_placement=_ABSENT,
                         stream_format=_ABSENT):
         # Core passes the inputs named here that the node has (and checks the others, e.g. file lists, itself).
         given = {k: v for k, v in locals().items() if k in SETTINGS_INPUTS and v is not _ABSENT}

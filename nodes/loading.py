@@ -125,6 +125,7 @@ def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str, n
     """
     state = DisTorchState.attach(model, settings, loader_inventory(settings))
     state.ui_node = node_id
+    state.label = label
     # The log gets the table when the model is loaded (patcher.py); the node shows it now.
     text = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
                                        f"DisTorch plan for {label} ({state.plan.model_name})", 1)

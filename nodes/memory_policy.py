@@ -14,6 +14,7 @@ pinned more: the streamer pins only if core's cap still has room, after core's D
 give up registrations (`ensure_pin_registerable`, 0.33+); the plan already kept DisTorch within its safe share.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import comfy.model_management as mm
@@ -91,3 +92,14 @@ def _headroom() -> int:
     """--vram-headroom (ComfyUI 2026): VRAM core keeps completely free, counting other applications."""
     gigabytes = getattr(getattr(mm, "args", None), "vram_headroom", 0) or 0
     return int(gigabytes * 1024**3)
+
+
+def outside_memory_compiler():
+    """Slots and staging buffers live as long as the model, so ComfyUI's memory compiler (0.35+: it records
+    the allocations made inside a model's forward and replays them) must not record them: they are made
+    with its recording paused. Cores without the compiler have nothing to pause."""
+    try:
+        from comfy.model_prefetch import pause_malloc_graph
+    except ImportError:
+        return contextlib.nullcontext()
+    return pause_malloc_graph()

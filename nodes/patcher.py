@@ -1,14 +1,16 @@
 """`DisTorchModelPatcher`: ComfyUI's ModelPatcher with the streamed blocks handed to the DisTorch streamer.
 
-Core keeps doing everything it does for the rest of the model (loading, LoRA baking, partial unloads,
-pinning, accounting); the override of `_load_list()` hides the streamed blocks from it. For those
-blocks this patcher does what core's lowvram path does for an offloaded layer (mark it cast-on-use) and
-opens the streamer, which copies their weights into a slot just before each block runs. A LoRA on a
-streamed or GGUF layer runs as a low-rank side path beside the layer (nodes/lora.py) when it is a plain
-LoRA, else core's `LowVramPatch` merges it on the compute device each forward. `loaded_size()` counts
-the resident weights (core) plus the slots and the side paths' factors (here), and `model_size()` is what
-the model takes on the compute device when fully loaded (the same three), so core's memory request for
-it, `model_size() - loaded_size()` plus its activation estimate, is what loading it really needs.
+Core keeps doing what it does for the resident part of the model (loading, LoRA baking, pinning, accounting);
+the override of `_load_list()` hides the streamed blocks from it. For those blocks this patcher does what core's
+lowvram path does for an offloaded layer (mark it cast-on-use) and opens the streamer, which copies their weights
+into a slot just before each block runs. A LoRA on a streamed or GGUF layer runs as a low-rank side path beside the
+layer (nodes/lora.py) when it is a plain LoRA, else core's `LowVramPatch` merges it on the compute device each
+forward. `loaded_size()` counts the resident weights (core) plus the slots and the side paths' factors (here).
+
+Core's per-layer lowvram path never runs on a model with blocks: each load is planned against the budget core
+computed for the run (runs.py; the side paths' factors count in it), core is then asked to load everything left
+resident, and a partial unload streams more blocks instead of casting layers (`partially_unload`). A model without
+blocks has nothing to stream and is left to core.
 
 With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
 dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
@@ -16,7 +18,6 @@ places its blocks), and core's memory manager sees true sizes for it. docs/comfy
 the reasoning.
 """
 
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -26,10 +27,13 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
+from ..distorch import PlanError
+from ..distorch.budget import ComputeBudget
+from ..distorch.calibrate import RunTimer
 from ..distorch.units import format_gb
 from ..gguf_loader import is_quantized
-from . import lora
-from .memory_policy import loader_inventory, may_pin
+from . import lora, runs
+from .memory_policy import loader_inventory, may_pin, outside_memory_compiler
 from .progress import StagingProgressBar
 from .state import DisTorchState
 
@@ -37,6 +41,7 @@ logger = logging.getLogger("distorch.nodes")
 
 _FUNCTION_LISTS = (("weight", "weight_function"), ("bias", "bias_function"))
 _WRAPPER_KEY = "distorch"
+_EVERYTHING = 1e32  # the budget handed to core's load: every module it is given fits, none is cast per layer
 
 
 class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
@@ -66,6 +71,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             adopted.cached_patcher_init = factory
         adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _WRAPPER_KEY,
                                      _without_core_prefetch)
+        adopted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, _WRAPPER_KEY,
+                                     runs.record_workload)
         return adopted
 
     def is_dynamic(self) -> bool:
@@ -74,17 +81,25 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return False
 
     def model_size(self) -> int:
-        """Bytes on the compute device when fully loaded: the weights core loads plus the streaming slots.
+        """Bytes on the compute device when core has loaded the model, LoRA side paths' factors included.
 
-        Core frees `model_size() - loaded_size()` (x1.1, plus its activation estimate) before loading a
-        model; the streamed blocks never occupy the compute device beyond the slots, so counting them
-        would evict other models (a text encoder, the VAE) on every queue run.
+        Auto mode: the whole model, as core counts its own models, so core makes room for all of it (other models
+        go, as for its own) and the budget it computes is the most this card allows the run. (Core takes a model it
+        loads again out of its list before freeing memory, so this never makes core unload the model it is
+        loading.) Fixed mode: what the placement holds there, the layers core loads and the slots, so a text
+        encoder beside a streamed model is not evicted for bytes the model never puts there (a weight of a module
+        with children, such as Wan's `modulation`, is cast per use and not counted, as core's load does not).
         """
         state = DisTorchState.of(self.model)
-        side_paths = self._lora_routing(state).nbytes
-        if state is None or not state.streams:
-            return self._weights_size() + side_paths
-        return self._resident_size() + state.slot_bytes + side_paths
+        extras = self.device_extra_bytes()
+        if state is None or not state.plan.blocks or state.settings.auto:
+            return self._weights_size() + extras
+        return self._resident_size() + state.slot_bytes + extras
+
+    def device_extra_bytes(self) -> int:
+        """Bytes the model keeps on the compute device besides its weights while loaded (the LoRA side paths'
+        factors for the current plan): counted in `model_size`, in `loaded_size` and against each run's budget."""
+        return self._lora_routing(DisTorchState.of(self.model)).nbytes
 
     def get_ram_usage(self) -> int:
         """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included (as encoded)."""
@@ -125,13 +140,14 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         # Newer cores add arguments (0.33: return_weight, force_cast); pass on whatever this core uses.
         return super().patch_weight_to_device(key, device_to, *args, **kwargs)
 
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
         state = DisTorchState.of(self.model)
-        if state is None or not state.streams:
+        if state is None or not state.plan.blocks:
             side_paths = self._lora_routing(state, device_to).nbytes
             if not full_load and side_paths and lowvram_model_memory > 0:
                 lowvram_model_memory = max(lowvram_model_memory - side_paths, 1)
-            super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load)
+            super().load(device_to, lowvram_model_memory, force_patch_weights=force_patch_weights, full_load=full_load,
+                         **kwargs)
             self._attach_quantized_patches(state)
             # A full load counts model_size(), which has the side paths in it already.
             weights = min(self.model.model_loaded_weight_memory, self._weights_size())
@@ -140,27 +156,26 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         if force_patch_weights:  # how core's checkpoint save before ComfyUI 0.33 loads the model it reads
             _refuse_saving(state)
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
-        routing = self._lora_routing(state, device_to)
-        unlimited = full_load or lowvram_model_memory <= 0
-        budget = 1e32 if unlimited else max(lowvram_model_memory - state.slot_bytes - routing.nbytes, 1)
-        super().load(device_to, lowvram_model_memory=budget, force_patch_weights=force_patch_weights, full_load=False)
-        self._attach_quantized_patches(state)
-        self._prepare_streamed_modules(state)
-        side_path_bytes = lora.install(self, routing)
-        pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
+        budget = self._run_budget(state, lowvram_model_memory)
         try:
-            with _outside_memory_compiler():
-                opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
+            moved = runs.place_for_run(self, state, budget)
         except BaseException:
-            # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
-            # load starts over: cores from 0.33 make the interrupt a BaseException, which their own
-            # `except Exception: detach()` around load() does not catch.
-            self.detach()
+            self.detach()  # interrupted while re-placing (see `_open_streaming`): the next load starts over
             raise
-        self.model.model_lowvram = True
+        routing = self._lora_routing(state, device_to)
+        # Everything the plan keeps resident is loaded whole: core's per-layer cast-on-use path never starts here.
+        super().load(device_to, lowvram_model_memory=_EVERYTHING, force_patch_weights=force_patch_weights,
+                     full_load=False, **kwargs)
+        self._attach_quantized_patches(state)
+        if state.streams:
+            self._prepare_streamed_modules(state)
+        side_path_bytes = lora.install(self, routing)
+        opened = self._open_streaming(state) if state.streams else False
         self.model.model_loaded_weight_memory += state.slot_bytes + side_path_bytes
-        if opened:
+        if opened or moved:
             self._log_load(state)
+            runs.show_plan(state)
+        self._start_timing(state, budget)
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
@@ -178,11 +193,61 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return super().model_state_dict_for_saving(*args, **kwargs)
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
-        # Core gives each layer it moves off the device a LowVramPatch per patched key, beside the one a GGUF layer
-        # already has (and beside a side path): the chains are set again from the patch routing.
-        freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)
-        self._attach_quantized_patches(DisTorchState.of(self.model))
-        return freed
+        """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
+        run's activations; on 0.8+ also a smaller budget for this model's next load): more blocks are streamed,
+        never layers cast from RAM. Returns the bytes freed; when they are too few, core unloads the model."""
+        state = DisTorchState.of(self.model)
+        if state is None or not state.plan.blocks:
+            # Core gives each layer it moves off the device a LowVramPatch per patched key, beside the one a GGUF
+            # layer already has (and beside a side path): the chains are set again from the patch routing.
+            freed = super().partially_unload(device_to, memory_to_free, *args, **kwargs)  # 0.3.64 takes no more
+            self._attach_quantized_patches(state)
+            return freed
+        before = self.loaded_size()
+        budget = ComputeBudget(max(0, int(before - memory_to_free)), self.device_extra_bytes(),
+                               source=f"ComfyUI asked for {format_gb(memory_to_free)} back")
+        try:
+            moved = runs.place_for_run(self, state, budget)
+        except PlanError as error:
+            logger.warning("distorch: cannot stream more of %s (%s); ComfyUI unloads it instead", state.label, error)
+            return 0
+        if moved and state.streams:
+            self._prepare_streamed_modules(state)
+            self.model.model_lowvram = True
+        side_path_bytes = lora.install(self, self._lora_routing(state))  # the re-placement removed the old ones
+        self.model.model_loaded_weight_memory = self._resident_size() + state.slot_bytes + side_path_bytes
+        if moved:
+            runs.show_plan(state)
+        return max(0, before - self.loaded_size())
+
+    def _run_budget(self, state: DisTorchState, lowvram_model_memory: float) -> ComputeBudget | None:
+        """This run's budget for the model (None: core sets no limit)."""
+        return runs.run_budget(state, lowvram_model_memory, self.device_extra_bytes(), self.load_device,
+                               self.loaded_size())
+
+    def _open_streaming(self, state: DisTorchState) -> bool:
+        """Starts streaming (staging the blocks the first time); returns whether it was not streaming before."""
+        pin = state.streamer is not None or may_pin(state.plan.pinned_bytes)
+        try:
+            with outside_memory_compiler():
+                opened = state.open(self.model, pin=pin, progress=StagingProgressBar(state.ui_node))
+        except BaseException:
+            # The user interrupted staging (ComfyUI's progress hook raises). Leave the patcher unloaded so the next
+            # load starts over: cores from 0.33 make the interrupt a BaseException, which their own
+            # `except Exception: detach()` around load() does not catch.
+            self.detach()
+            raise
+        self.model.model_lowvram = True
+        return opened
+
+    def _start_timing(self, state: DisTorchState, budget: ComputeBudget | None) -> None:
+        """In auto mode, times this run's first passes (blocks' forwards, streamed copies) for the next plan."""
+        if not state.settings.auto or state.timer is not None:
+            return
+        blocks = [self.model.get_submodule(b.name) for b in state.plan.blocks]
+        activation = budget.activation_bytes if budget is not None else None
+        state.timer = RunTimer(blocks, torch.device(state.plan.compute_device), state.streamer,
+                               activation_bytes=activation or 0).attach()
 
     # -- streamed blocks ----------------------------------------------------------------------------
 
@@ -252,12 +317,6 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def _log_load(self, state: DisTorchState) -> None:
         logger.info("distorch: loaded %s on %s\n%s", type(self.model).__name__, state.plan.compute_device,
                     state.plan.report())
-        loaded = self.model.model_loaded_weight_memory - state.slot_bytes
-        planned = state.resident_layer_bytes(self.model)
-        if loaded < planned:
-            logger.warning("distorch: only %s of the planned %s resident layers fit now; ComfyUI casts the rest "
-                           "from RAM each step. Raise virtual_vram_gb to stream them with prefetch instead.",
-                           format_gb(loaded), format_gb(planned))
 
 
 def _refuse_saving(state: DisTorchState | None) -> None:
@@ -328,14 +387,3 @@ def _planned_for(model: torch.nn.Module, state: DisTorchState, device: torch.dev
     logger.info("distorch: planning %s again for %s", type(model).__name__, device)
     state.placement.move_to(state.placement.replan(settings, memory=loader_inventory(settings)), request=settings)
     return state
-
-
-def _outside_memory_compiler():
-    """Slots and staging buffers live as long as the model, so ComfyUI's memory compiler (0.35+: it records
-    the allocations made inside a model's forward and replays them) must not record them: they are made
-    with its recording paused. Cores without the compiler have nothing to pause."""
-    try:
-        from comfy.model_prefetch import pause_malloc_graph
-    except ImportError:
-        return contextlib.nullcontext()
-    return pause_malloc_graph()

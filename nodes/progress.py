@@ -34,7 +34,7 @@ class StagingProgressBar:
     """A `distorch.streamer.StagingProgress` that drives ComfyUI's progress bar of one node."""
 
     def __init__(self, loader_node: str | None):
-        self.node = loader_node if _in_running_prompt(loader_node) else None
+        self.node = loader_node if in_running_prompt(loader_node) else None
         self._bar = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -46,7 +46,8 @@ class StagingProgressBar:
             get_progress_state().finish_progress(self.node)
 
 
-def _in_running_prompt(node: str | None) -> bool:
+def in_running_prompt(node: str | None) -> bool:
+    """Whether `node` is a node of the prompt running now (a cached model's loader may belong to another one)."""
     if node is None or get_progress_state is None:
         return False
     dynprompt = getattr(get_progress_state(), "dynprompt", None)

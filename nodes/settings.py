@@ -1,4 +1,5 @@
-"""The four DisTorch inputs every loader node has, validated once into a frozen value.
+"""The DisTorch inputs every loader node has (four placement inputs and `auto_placement`), validated once into a
+frozen value.
 
 Pure Python (no ComfyUI import), so the schema defaults, tooltips and the validation messages are
 tested in CI; `nodes/inputs.py` turns the specs into ComfyUI widgets. The rules themselves are distorch's
@@ -41,12 +42,25 @@ class TextSpec:
     optional: bool = True
 
 
+@dataclass(frozen=True)
+class ToggleSpec:
+    """A switch. Optional, so an API prompt without it (saved before it existed) gets the Python default,
+    fixed placement: only the schema's default, which new nodes in the editor start with, is on."""
+
+    name: str
+    default: bool
+    tooltip: str
+    label_on: str
+    label_off: str
+
+
 TOOLTIPS = {
     "compute_device": "GPU that runs the model. Streamed blocks are copied to it just before they run.",
     "virtual_vram_gb": (
-        "GB of this model to keep off the compute GPU. Those blocks live in pinned RAM (or the donor GPU) and are "
-        "streamed in ahead of use, spread between resident blocks so copies overlap compute. 0 keeps the whole "
-        "model on the GPU."),
+        "With auto_placement off: GB of this model to keep off the compute GPU. Those blocks live in pinned RAM (or "
+        "the donor GPU) and are streamed in ahead of use, spread between resident blocks so copies overlap compute. "
+        "0 keeps the whole model on the GPU. With auto_placement on it is not used, and shows the amount the last "
+        "run chose."),
     "donor_device": (
         "Where moved blocks are stored: 'cpu' (pinned system RAM) or another GPU's VRAM. A donor GPU without "
         "room for all of them spills the rest into RAM."),
@@ -60,17 +74,29 @@ TOOLTIPS = {
         "'cuda:0,2.5gb;cpu,*' (without a '*' the rest goes to cpu), ratio 'cuda:0,8%;cuda:1,8%;cpu,4%' (an 8:8:4 "
         "split) or fraction of device memory 'cuda:0,0.1;cpu,0.5'. Amounts fill the devices in the order written "
         "and '*' takes the rest; the compute device's share stays resident, the others are streamed from there."),
+    "auto_placement": (
+        "On: each run keeps as much of the model on the compute GPU as ComfyUI's memory budget for that run allows "
+        "(it depends on resolution, frames, batch and the other models loaded) and streams the rest; the next run "
+        "moves only the blocks that change place. Off: virtual_vram_gb decides (workflows saved before this switch "
+        "existed load with it off). Either way, what does not fit a run's budget is streamed, never cast layer by "
+        "layer from RAM."),
 }
+AUTO_LABELS = ("auto", "fixed: virtual_vram_gb")
 
 
 def distorch_specs(kind: str, devices: tuple[str, ...], donors: tuple[str, ...]) -> list:
-    """The four DisTorch input specs for a loader of `kind` ("unet", "clip" or "vae")."""
+    """The DisTorch input specs for a loader of `kind` ("unet", "clip" or "vae"), in widget order.
+
+    `auto_placement` comes last: the frontend matches a saved workflow's widget values by position, so an input
+    added anywhere else would shift every value after it.
+    """
     return [
         ChoiceSpec("compute_device", devices, devices[0], TOOLTIPS["compute_device"]),
         NumberSpec("virtual_vram_gb", 4.0 if kind == "unet" else 0.0, 0.0, VIRTUAL_VRAM_MAX_GB,
                    VIRTUAL_VRAM_STEP_GB, TOOLTIPS["virtual_vram_gb"]),
         ChoiceSpec("donor_device", donors, donors[0], TOOLTIPS["donor_device"]),
         TextSpec("expert_mode_allocations", "", TOOLTIPS["expert_mode_allocations"]),
+        ToggleSpec("auto_placement", True, TOOLTIPS["auto_placement"], *AUTO_LABELS),
     ]
 
 
@@ -102,21 +128,25 @@ class DisTorchSettings(PlacementRequest):
     @classmethod
     def validate(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                  expert_mode_allocations: str | None, available: tuple[str, ...],
-                 stream_format: str = "stored") -> "DisTorchSettings":
-        """Checks the inputs against the devices of this machine; raises ValueError naming every bad input."""
+                 auto_placement: bool = False, stream_format: str = "stored") -> "DisTorchSettings":
+        """Checks the inputs against the devices of this machine; raises ValueError naming every bad input.
+
+        `auto_placement` defaults to off: a prompt saved before the input existed keeps its fixed amount."""
         problems = []
         settings = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                               problems, stream_format=stream_format)
+                               problems, auto_placement=auto_placement, stream_format=stream_format)
         _raise_problems(problems)
         return settings
 
     @classmethod
     def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                 expert_mode_allocations: str | None, available: tuple[str, ...], problems: list,
-                prefix: str = "", stream_format: str = "stored") -> "DisTorchSettings | None":
+                prefix: str = "", *, auto_placement: bool = False,
+                stream_format: str = "stored") -> "DisTorchSettings | None":
         """`validate` for one of several models of a node: appends its problems, naming inputs `prefix` + name."""
         return super().collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                               problems, prefix, max_virtual_vram_gb=VIRTUAL_VRAM_MAX_GB, stream_format=stream_format)
+                               problems, prefix, max_virtual_vram_gb=VIRTUAL_VRAM_MAX_GB,
+                               auto=False if auto_placement is None else auto_placement, stream_format=stream_format)
 
 
 def _raise_problems(problems: list) -> None:
@@ -142,7 +172,8 @@ class CheckpointSettings:
         unet, clip = (DisTorchSettings.collect(
             values[f"{p}_compute_device"], values[f"{p}_virtual_vram_gb"], values[f"{p}_donor_device"],
             values.get(f"{p}_expert_mode_allocations"), available, problems, prefix=f"{p}_",
-            stream_format=stream_format) for p in ("unet", "clip"))
+            auto_placement=values.get(f"{p}_auto_placement", False), stream_format=stream_format)
+        for p in ("unet", "clip"))
         vae = check_device(values["vae_device"], "vae_device", available, problems)
         _raise_problems(problems)
         return cls(unet, clip, vae)

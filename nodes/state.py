@@ -12,15 +12,27 @@ streamed blocks itself, so the placement leaves them alone. No ComfyUI import: t
 import dataclasses
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..distorch import MemoryInventory, PlacementRequest, Plan
+from ..distorch.calibrate import RunTimer
+from ..distorch.costmodel import Timings
 from ..distorch.placement import LayoutMismatch, Placement, StagingProgress
 
 logger = logging.getLogger("distorch.nodes")
 
 _ATTRIBUTE = "_distorch_state"
+
+
+@dataclass(frozen=True)
+class SamplerWorkload:
+    """What ComfyUI's sampler estimated for the run about to load the model (`sampler_helpers.estimate_memory`)."""
+
+    noise_shape: tuple[int, ...]
+    minimum_bytes: int  # batch x 1: what ComfyUI's weight budget left room for
+    cfg_bytes: int  # batch x 2
 
 
 class DisTorchState:
@@ -29,6 +41,10 @@ class DisTorchState:
     def __init__(self, placement: Placement):
         self.placement = placement  # the model's plan, ledger entry and streamer
         self.ui_node: str | None = None  # id of the loader node that planned it: its progress bar shows staging
+        self.label: str = ""  # the file name(s) the loader node shows
+        self.workload: SamplerWorkload | None = None  # the sampler run about to load the model, until it loads
+        self.timer: RunTimer | None = None  # times the current run's first passes (auto mode)
+        self.timings: Timings | None = None  # what the last timed run measured: the cost model's input
         self._streamed: tuple[Plan, frozenset[str], tuple[str, ...]] | None = None  # per plan: names, prefixes
 
     @classmethod
@@ -106,6 +122,22 @@ class DisTorchState:
 
     def streamed_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(name, module) for name, module in model.named_modules() if self.is_streamed(name)]
+
+    def block_modules(self, model: nn.Module, blocks: Iterable[str]) -> list[tuple[str, nn.Module]]:
+        """The modules inside `blocks` (block names), the blocks' own modules included."""
+        prefixes = tuple(f"{name}." for name in blocks)
+        names = set(blocks)
+        return [(name, module) for name, module in model.named_modules() if name in names or name.startswith(prefixes)]
+
+    def finish_timing(self) -> None:
+        """Takes what the last run's timer measured (after the run: it waits for the timing events) and detaches it."""
+        if self.timer is None:
+            return
+        self.timer.detach()
+        measured = self.timer.timings()
+        if measured is not None:
+            self.timings = measured
+        self.timer = None
 
     def open(self, model: nn.Module, pin: bool = True, progress: StagingProgress | None = None) -> bool:
         """Starts streaming `model` (the model this state is attached to), staging the weights the first time and

@@ -38,19 +38,22 @@ class Link:
 def signature(class_type: str) -> dict:
     if class_type in NODE_TITLES:
         names = widget_inputs(class_type)
-        inputs = [{"name": n, "type": "STRING" if n.endswith("expert_mode_allocations") else "COMBO", "widget": True,
-                   "control_after_generate": False,
-                   "optional": n.endswith("expert_mode_allocations") or n in LATER_INPUTS} for n in names]
-        for spec in inputs:
-            if spec["name"].endswith("virtual_vram_gb"):
-                spec["type"] = "FLOAT"
+        inputs = [{"name": n, "type": next((t for suffix, t in _DISTORCH_TYPES.items() if n.endswith(suffix)), "COMBO"),
+                   "widget": True, "control_after_generate": False,
+                   "optional": n.endswith(("expert_mode_allocations", "auto_placement")) or n in LATER_INPUTS}
+                  for n in names]
         return {"inputs": inputs, "outputs": list(output_types(class_type))}
     return CORE[class_type]
 
 
-def distorch(gb: float, compute: str = "cuda:0", donor: str = "cpu", expert: str = "") -> dict:
+_DISTORCH_TYPES = {"virtual_vram_gb": "FLOAT", "expert_mode_allocations": "STRING", "auto_placement": "BOOLEAN"}
+
+
+def distorch(gb: float, compute: str = "cuda:0", donor: str = "cpu", expert: str = "", auto: bool = True) -> dict:
+    """A DisTorch loader's inputs. The examples run in auto mode (each run places the model for its own budget);
+    `gb` is what the loader falls back to with auto_placement switched off."""
     return {"compute_device": compute, "virtual_vram_gb": gb, "donor_device": donor, "expert_mode_allocations": expert,
-            **LATER_INPUTS}
+            "auto_placement": auto, **LATER_INPUTS}
 
 
 def api_format(graph: list) -> dict:

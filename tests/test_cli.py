@@ -403,3 +403,97 @@ def test_proposal_search_is_bounded_for_tiny_blocks(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(cli, "plan_sizes", counted)
     code, _, err = run(capsys, "plan", str(path), "--vram-gb", "2.5", "--ram-gb", "64")
     assert code == 2 and "does not fit even with every block streamed" in err
+
+
+# -- a workload: the plan a DisTorch loader makes in auto mode (issue #18) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan14b(tmp_path_factory) -> Path:
+    from model_headers import wan14b_shapes, write_header_only
+
+    return write_header_only(tmp_path_factory.mktemp("wan") / "wan2.1_t2v_14B_bf16.safetensors", wan14b_shapes())
+
+
+def workload_plan(capsys, path: Path, vram_gb: float, width: int, height: int, frames: int = 81, *extra) -> dict:
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", str(vram_gb), "--ram-gb", "256", "--width",
+                         str(width), "--height", str(height), "--frames", str(frames), "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_workload_plan_is_automatic_and_gives_comfyuis_activation_estimate(wan14b, capsys):
+    data = workload_plan(capsys, wan14b, 24, 832, 480)
+    assert data["mode"] == "automatic" and data["blocks"] == 40
+    assert data["activation"]["latent_shape"] == [1, 16, 21, 60, 104]
+    assert data["activation"]["gb"] == pytest.approx(5.9, abs=0.05)  # ComfyUI's memory_required, batch 1
+    assert data["activation"]["cfg_gb"] == pytest.approx(2 * data["activation"]["gb"], abs=0.002)
+    # Weights on the card fit ComfyUI's budget: 24 GB free - (activations + 400 MB reserved).
+    assert data["budget_gb"] == pytest.approx(24 - data["activation"]["gb"] - 400 / 1024, abs=0.002)
+    assert data["vram_gb"]["total"] <= data["budget_gb"]
+    assert 0 < data["streamed_gb"] == data["moved_off_gb"] and data["virtual_vram_gb"] == data["streamed_gb"]
+
+
+def test_a_larger_workload_streams_strictly_more(wan14b, capsys):
+    at_480p = workload_plan(capsys, wan14b, 24, 832, 480)
+    at_720p = workload_plan(capsys, wan14b, 24, 1280, 720)
+    assert at_720p["streamed_gb"] > at_480p["streamed_gb"]
+    short = workload_plan(capsys, wan14b, 24, 1280, 720, 33)
+    assert at_720p["streamed_gb"] > short["streamed_gb"]
+    doubled = workload_plan(capsys, wan14b, 24, 832, 480, 81, "--batch", "2")
+    assert doubled["streamed_gb"] > at_480p["streamed_gb"]
+
+
+def test_nothing_streams_when_the_card_is_large_enough(wan14b, capsys):
+    data = workload_plan(capsys, wan14b, 80, 832, 480)
+    assert data["streamed"] == [] and data["streamed_gb"] == 0 and data["mode"] == "automatic"
+
+
+def test_a_fixed_amount_under_a_workload_streams_more_when_it_does_not_fit(wan14b, capsys):
+    data = workload_plan(capsys, wan14b, 24, 1280, 720, 81, "--virtual-vram-gb", "4")
+    assert data["mode"] == "fixed" and data["streamed_gb"] > 4.7
+    assert any("does not fit the budget for this run" in w for w in data["warnings"])
+
+
+def test_workload_table_says_why(wan14b, capsys):
+    code, out, err = run(capsys, "plan", str(wan14b), "--vram-gb", "16", "--ram-gb", "256", "--width", "832",
+                         "--height", "480", "--frames", "81")
+    assert code == 0, err
+    assert "placement: automatic, fitted to the run's budget of" in out
+    assert "latent 1x16x21x60x104 (Wan 2.1/2.2 (dim 5120)); ComfyUI's activation estimate 5.90 GB" in out
+    assert "resident: " in out and "prefetch: 2 slots, the default" in out
+
+
+def test_without_a_workload_the_output_is_unchanged(wan14b, capsys):
+    code, out, err = run(capsys, "plan", str(wan14b), "--vram-gb", "24", "--ram-gb", "256", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert "mode" not in data and "activation" not in data and data["proposed"] is True
+    assert data["activation_reserve_gb"] == 2.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--width", "832"], "--width needs --height too"),
+    (["--frames", "81"], "--frames and --batch describe a workload: give --width and --height too"),
+    (["--width", "0", "--height", "480"], "width must be a whole number >= 1, got 0"),
+    (["--width", "832", "--height", "480", "--compute-device", "cpu"], "compute on the CPU has none"),
+])
+def test_bad_workloads_exit_2_with_one_line(wan14b, capsys, extra, message):
+    code, out, err = run(capsys, "plan", str(wan14b), "--vram-gb", "24", "--ram-gb", "64", *extra)
+    assert code == 2 and not out and err.count("\n") == 1 and message in err, err
+
+
+def test_a_workload_for_an_unknown_family_names_it(tmp_path, capsys):
+    path = write_dit(tmp_path / "mystery.safetensors")
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "24", "--ram-gb", "64", "--width", "832",
+                         "--height", "480")
+    assert code == 2 and not out and err.count("\n") == 1
+    assert "mystery.safetensors: no activation estimate for this model: its family is not one of Wan" in err
+
+
+def test_workload_plan_never_imports_torch(wan14b):
+    code = ("import sys; from distorch.cli import main; "
+            f"rc = main(['plan', {str(wan14b)!r}, '--vram-gb', '16', '--ram-gb', '64', '--width', '1280', "
+            "'--height', '720', '--frames', '81', '--json']); sys.exit(3 if 'torch' in sys.modules else rc)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert json.loads(result.stdout)["mode"] == "automatic"

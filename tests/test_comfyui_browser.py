@@ -12,9 +12,10 @@ import pytest
 from browser_harness import ComfyPage, open_comfy_page
 
 from distorch import MemoryInventory, ModelSizes, plan_sizes
+from distorch.headers import read_model_sizes
 from distorch.memory import DeviceMemory
 from distorch.report import plan_to_dict, plan_totals
-from distorch.units import GIB, format_gb
+from distorch.units import GIB, MIB, format_gb
 
 pytestmark = pytest.mark.comfyui
 
@@ -29,7 +30,8 @@ def three_loader_workflow(unet_vram: float, clip_vram: float, expert: str = "") 
     model, so its blocks are staged (and the progress bar moves) in this run. The frontend rounds them to its
     0.1 GB step; any of them streams every block of the 6 MB Wan model, and 0.1 about half of the CLIP.
     """
-    distorch = {"compute_device": "cpu", "donor_device": "cpu", "expert_mode_allocations": ""}
+    # Fixed amounts: the numbers below decide (an API prompt without auto_placement gets the editor's default).
+    distorch = {"compute_device": "cpu", "donor_device": "cpu", "expert_mode_allocations": "", "auto_placement": False}
     return {
         "1": {"class_type": "DisTorchUNetLoader", "inputs": {
             "unet_name": "tiny_wan21.safetensors", "weight_dtype": "default", **distorch,
@@ -265,6 +267,34 @@ def test_a_gpu_plan_draws_every_tier_and_net_totals(run):
     assert "donor_gpu" in views[1]["cells"] and "donor VRAM: 7.23 GB" in views[1]["totals"][1]
     assert plan_totals(tiny).vram_freed_bytes < 0 and views[2]["costly"], "a plan that costs VRAM is flagged"
     assert views[2]["totals"][0].startswith("VRAM freed: -0.6")
+
+
+def test_an_auto_loader_shows_the_plan_its_run_chose(comfy_page, server):
+    """In auto mode the plan is made when the sampler loads the model, for that run's budget: the server sends it to
+    the loader node, whose view shows it and whose virtual_vram_gb shows the amount the run streamed. The run is on
+    a simulated GPU (tests/comfyui/distorch_test_nodes): under --cpu core sets no budget."""
+    sizes = read_model_sizes(str(server.base / "models" / "diffusion_models" / "tiny_wan21.safetensors"))
+    block, rest = 2 * max(n for _, n in sizes.blocks), 2 * sizes.rest_bytes  # bf16 file, fp32 on the CPU
+    vram = (int(0.8 * GIB) + 400 * MIB + rest + 3.5 * block) / GIB  # core's floor, the rest, 1.5 blocks, 2 slots
+    prompt = three_loader_workflow(unet_vram=0.0, clip_vram=0.0)
+    prompt["1"]["inputs"].update(auto_placement=True, virtual_vram_gb=0.0)
+    prompt["6"] = {"class_type": "DisTorchTestSimulatedGpu", "inputs": {"model": ["1", 0], "vram_gb": vram,
+                                                                        "bytes_per_cell": 1.0}}
+    prompt["5"]["inputs"]["model"] = ["6", 0]
+    comfy_page.load_api_workflow(prompt)
+    entry = comfy_page.queue_and_wait()
+    assert entry.get("status", {}).get("status_str") == "success", str(entry)[:3000]
+    plans = [m["data"] for m in comfy_page.messages if m.get("type") == "distorch.plan"]
+    assert plans and plans[-1]["node"] == "1" and plans[-1]["auto"], plans
+    chosen = plans[-1]["virtual_vram_gb"]
+    view = node_view(comfy_page, "1")
+    assert "pageable_ram" in view["cells"] and "resident" in view["cells"], view["cells"]
+    amount = comfy_page.page.evaluate("""() => window.app.graph.getNodeById(1).widgets
+        .find((w) => w.name === "virtual_vram_gb").value""")
+    assert plans[-1]["plan"]["totals"]["moved_off_bytes"] > 0 and amount == chosen, (amount, chosen)  # GB, 2 places
+    title = comfy_page.page.evaluate("() => document.querySelector('.distorch-plan .dt-title').textContent")
+    assert title.startswith("DisTorch plan (auto): 4 blocks"), title
+    assert not comfy_page.pack_problems(), comfy_page.pack_problems()
 
 
 def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):  # last: it replaces the workflow

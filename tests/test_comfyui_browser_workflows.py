@@ -13,6 +13,7 @@ import pytest
 from browser_harness import open_comfy_page
 from comfyui_harness import REPO
 
+from distorch.catalog import widget_inputs
 from scripts.snapshot_core_nodes import version_key
 
 pytestmark = pytest.mark.comfyui
@@ -54,3 +55,41 @@ def test_the_frontend_keeps_the_minimum_and_sends_the_api_twin(page, server, pat
         assert sent["class_type"] == node["class_type"]
         differing = {k: (v, sent["inputs"].get(k)) for k, v in node["inputs"].items() if sent["inputs"].get(k) != v}
         assert not differing, f"{path.stem} node {node_id} ({node['class_type']}): file vs frontend {differing}"
+
+
+_AUTO_VALUES = """() => Object.fromEntries(window.app.graph.nodes.filter((n) => n.type.startsWith("DisTorch"))
+    .map((n) => [String(n.id), Object.fromEntries(n.widgets.filter((w) => w.name.endsWith("auto_placement"))
+        .map((w) => [w.name, w.value]))]))"""
+
+
+def test_a_workflow_saved_before_auto_placement_loads_in_fixed_mode_and_a_new_node_starts_in_auto(page, server):
+    """UI workflows match widget values by position: one saved before the switch existed lacks its value, and the
+    frontend would leave the switch at its default (auto). The pack's extension switches it off, so such a workflow
+    keeps placing its models by the amounts it was saved with; a current save keeps its value; new nodes start in
+    auto mode."""
+    path = REPO / "workflows" / "wan22_14b_t2v.json"
+    current = json.loads(path.read_text())
+    old = json.loads(path.read_text())
+    loaders = [n for n in old["nodes"] if n["type"].startswith("DisTorch")]
+    for node in loaders:
+        assert node["widgets_values"][-1] is True
+        node["widgets_values"] = node["widgets_values"][:-1]  # as saved before the switch existed
+    load_ui_workflow(page, old, f"old_{server.install.version}.json")
+    values = page.page.evaluate(_AUTO_VALUES)
+    assert values == {str(n["id"]): {"auto_placement": False} for n in loaders}
+    sent = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert all(sent[str(n["id"])]["inputs"]["auto_placement"] is False for n in loaders)
+    assert all(sent[str(n["id"])]["inputs"]["virtual_vram_gb"] ==
+               n["widgets_values"][widget_inputs(n["type"]).index("virtual_vram_gb")] for n in loaders)
+    load_ui_workflow(page, current, f"current_{server.install.version}.json")
+    assert page.page.evaluate(_AUTO_VALUES) == {str(n["id"]): {"auto_placement": True} for n in loaders}
+    created = page.page.evaluate("""() => {
+        const node = window.LiteGraph.createNode("DisTorchCheckpointLoader");
+        window.app.graph.add(node);
+        const unet = window.LiteGraph.createNode("DisTorchUNetLoader");
+        window.app.graph.add(unet);
+        const values = (n) => Object.fromEntries(n.widgets.filter((w) => w.name.endsWith("auto_placement"))
+            .map((w) => [w.name, w.value]));
+        return [values(node), values(unet)];
+    }""")
+    assert created == [{"unet_auto_placement": True, "clip_auto_placement": True}, {"auto_placement": True}]

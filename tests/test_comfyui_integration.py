@@ -122,12 +122,15 @@ def test_comfyui_accounting_stays_true(server):
     assert report["loaded"] == report["expected_loaded"] == report["state_resident_layers"]
     assert report["open_after_load"] and report["equal_after_load"]
     assert report["same_streamer_after_second_load"]
-    assert report["partially_unloaded"] > 0
+    # Core asks for a byte back: one more block is streamed (never a layer cast by core), and the count follows.
+    assert report["partially_unloaded"] > 0 and report["streamed_after_partial_unload"] == report["streamed_blocks"] + 1
     assert report["loaded_after_partial_unload"] == report["loaded"] - report["partially_unloaded"]
     assert report["equal_after_partial_unload"]
     assert report["loaded_after_unload"] == 0 and not report["open_after_unload"] and report["staged_after_unload"]
-    assert report["loaded_after_reload"] == report["loaded"] and report["open_after_reload"]
-    assert report["equal_after_reload"]
+    # Reloaded without a limit: one block to gain back is within the hysteresis, so the placement stays as it is.
+    assert report["streamed_after_reload"] == report["streamed_after_partial_unload"]
+    assert report["loaded_after_reload"] == report["expected_after_reload"] == report["loaded_after_partial_unload"]
+    assert report["open_after_reload"] and report["equal_after_reload"]
 
 
 def test_recorded_core_signatures_and_catalog_match_the_live_server(server):

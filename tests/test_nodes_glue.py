@@ -15,6 +15,7 @@ from distorch_pack.nodes.settings import (
     DisTorchSettings,
     NumberSpec,
     TextSpec,
+    ToggleSpec,
     device_choices,
     distorch_specs,
     donor_choices,
@@ -28,13 +29,15 @@ DEVICES = ("cuda:0", "cuda:1", "cpu")
 @pytest.mark.parametrize("kind, default", [("unet", 4.0), ("clip", 0.0), ("vae", 0.0)])
 def test_distorch_inputs_match_multigpu_names_and_defaults(kind, default):
     specs = distorch_specs(kind, device_choices(2), donor_choices(2))
-    assert [s.name for s in specs] == ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations"]
-    compute, vram, donor, expert = specs
+    assert [s.name for s in specs] == ["compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
+                                       "auto_placement"]
+    compute, vram, donor, expert, auto = specs
     assert isinstance(compute, ChoiceSpec) and compute.options == DEVICES and compute.default == "cuda:0"
     assert isinstance(vram, NumberSpec)
     assert (vram.default, vram.minimum, vram.maximum, vram.step) == (default, 0.0, 128.0, 0.1)
     assert isinstance(donor, ChoiceSpec) and donor.options == ("cpu", "cuda:0", "cuda:1") and donor.default == "cpu"
     assert isinstance(expert, TextSpec) and expert.optional and expert.default == ""
+    assert isinstance(auto, ToggleSpec) and auto.default is True, "new nodes start in auto mode"
     assert all(s.tooltip for s in specs) and set(TOOLTIPS) == {s.name for s in specs} | {"stream_format"}
 
 
@@ -43,9 +46,9 @@ def test_the_stream_format_input_offers_the_formats_and_says_what_each_costs():
     assert spec.name == "stream_format" and spec.options == ("stored", "q8_0", "fp8_e4m3fn")
     assert spec.default == "stored"
     assert all(cost in spec.tooltip for cost in ("exact", "0.53 x", "near-lossless", "2.5 %"))
-    assert DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, "q8_0").stream_format == "q8_0"
+    assert DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, stream_format="q8_0").stream_format == "q8_0"
     with pytest.raises(ValueError, match="^DisTorch: stream_format 'q4' is not one of stored, q8_0, fp8_e4m3fn$"):
-        DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, "q4")
+        DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, stream_format="q4")
 
 
 def test_devices_without_gpu_or_in_cpu_mode():

@@ -107,8 +107,10 @@ def test_distorch_settings_in_workflows_are_valid(path):
     assert loaders, "every example uses the DisTorch loaders"
     for node in loaders:
         i = node["inputs"]
-        DisTorchSettings.validate(i["compute_device"], i["virtual_vram_gb"], i["donor_device"],
-                                  i["expert_mode_allocations"], ("cuda:0", "cuda:1", "cpu"))
+        settings = DisTorchSettings.validate(i["compute_device"], i["virtual_vram_gb"], i["donor_device"],
+                                             i["expert_mode_allocations"], ("cuda:0", "cuda:1", "cpu"),
+                                             i["auto_placement"])
+        assert settings.auto, "the examples leave placement on auto"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

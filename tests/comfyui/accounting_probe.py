@@ -51,6 +51,7 @@ def main() -> None:
 
     freed = patcher.partially_unload(patcher.offload_device, memory_to_free=1)
     report["partially_unloaded"] = freed
+    report["streamed_after_partial_unload"] = len(state.plan.streamed)
     report["loaded_after_partial_unload"] = patcher.loaded_size()
     report["equal_after_partial_unload"] = torch.equal(patcher_forward(patcher), expected)
 
@@ -62,6 +63,8 @@ def main() -> None:
 
     mm.load_models_gpu([patcher])
     report["loaded_after_reload"] = patcher.loaded_size()
+    report["expected_after_reload"] = leaf_weight_bytes(patcher.model, state) + state.slot_bytes
+    report["streamed_after_reload"] = len(state.plan.streamed)
     report["open_after_reload"] = state.streamer.is_open
     report["equal_after_reload"] = torch.equal(patcher_forward(patcher), expected)
     print("RESULT " + json.dumps(report))

@@ -1,12 +1,18 @@
 // The DisTorch plan on each loader node: a block map (one cell per block in execution order, coloured by
 // tier), a legend, the net totals, and the full plan table on demand. The loader sends the plan with its
 // output (nodes/loading.py `plan_model`): `distorch_plan` is distorch.report.plan_to_dict, `text` the table.
+// In auto mode each run re-plans the model for its own budget when ComfyUI loads it (nodes/runs.py): the
+// server then sends the `distorch.plan` message, and the view (and the virtual_vram_gb widget, which shows the
+// amount the last run chose) follow it.
 //
-// Served from /extensions/<pack>/js/, so the frontend's modules are three folders up. Only app.js is
-// imported: it is the frontend's public API (scripts/widgets.js logs a warning when imported).
+// Served from /extensions/<pack>/js/, so the frontend's modules are three folders up. Only app.js and api.js
+// are imported: they are the frontend's public API (scripts/widgets.js logs a warning when imported).
+import { api } from "../../../scripts/api.js";
 import { app } from "../../../scripts/app.js";
 
 const WIDGET = "distorch_plan";
+const PLAN_EVENT = "distorch.plan";
+const AUTO_SUFFIX = "auto_placement";
 // Fixed, so the node never changes size when a plan arrives (no layout jumps in the graph).
 // Inside: 3 + 18 + 40 + 26 (a legend of up to two lines) + 4 lines of 14 + 6 gaps of 3 + 3 = 164 px, plus
 // the frontend's 10 px margin above and below.
@@ -130,8 +136,17 @@ class PlanView {
     renderTitle() {
         const plan = this.plan;
         const streamed = plan.blocks.filter((b) => b.tier !== "resident").length;
-        this.title.textContent = `DisTorch plan: ${plan.blocks.length} blocks, ${streamed} streamed`;
-        this.title.title = `${plan.label} (${plan.model}) on ${plan.compute_device}`;
+        const mode = plan.mode === "auto" ? " (auto)" : "";
+        this.title.textContent = `DisTorch plan${mode}: ${plan.blocks.length} blocks, ${streamed} streamed`;
+        const details = [`${plan.label} (${plan.model}) on ${plan.compute_device}`];
+        if (plan.budget) {
+            details.push(`budget: ${formatGB(plan.budget.weight_bytes)} (${plan.budget.source})`);
+            if (plan.budget.activation_bytes != null) {
+                details.push(`activations: ${formatGB(plan.budget.activation_bytes)} as ComfyUI estimates them`);
+            }
+        }
+        if (plan.prefetch_reason) details.push(`prefetch: ${plan.prefetch_reason}`);
+        this.title.title = details.join("\n");
     }
 
     renderMap() {
@@ -187,8 +202,14 @@ class PlanView {
         held.title = `pinned ${formatGB(t.pinned_bytes)}, pageable ${formatGB(t.pageable_bytes)}`;
         const saved = t.saved_bytes > 0 ? ` (${this.plan.stream_format}, ${formatGB(t.saved_bytes)} less)` : "";
         perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}${saved}`;
+        const schedule = this.plan.schedule;
+        const predicted = schedule && t.per_pass_bytes > 0
+            ? `; predicted ${(schedule.copy_s * 1000).toFixed(0)} ms of copies per pass`
+              + (schedule.pass_s != null ? `, ${(schedule.pass_s * 1000).toFixed(0)} ms per pass with compute` : "")
+            : "";
         perStep.title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and uncond, "
-            + "two when it runs them separately" + (this.plan.stream_note ? `. ${this.plan.stream_note}` : "");
+            + `two when it runs them separately${predicted}`
+            + (this.plan.stream_note ? `. ${this.plan.stream_note}` : "");
     }
 
     toggleTable() {
@@ -240,6 +261,31 @@ function isDisTorchLoader(nodeData) {
         ("unet_virtual_vram_gb" in inputs && "unet_donor_device" in inputs);
 }
 
+// A workflow saved before the auto_placement switch existed has no value for it, and the frontend leaves such a
+// widget at its default (on): it is switched off here, so the workflow places its models by the amounts it was
+// saved with. Widget values are matched by position; only later inputs (stream_format) follow the switch.
+function keepSavedAmounts(node, info) {
+    const saved = info?.widgets_values;
+    if (!saved || typeof saved !== "object") return;
+    (node.widgets ?? []).forEach((widget, index) => {
+        if (!widget.name?.endsWith(AUTO_SUFFIX)) return;
+        const value = Array.isArray(saved) ? saved[index] : saved[widget.name];
+        if (typeof value !== "boolean") widget.value = false;
+    });
+}
+
+// The plan a run chose (auto mode, or a fixed amount that had to stream more), sent while the model loads.
+function showRunPlan(detail) {
+    const graph = app.graph;
+    const node = graph?.getNodeById(Number(detail?.node)) ?? graph?.getNodeById(detail?.node);
+    const view = node?.widgets?.find((w) => w.name === WIDGET)?.distorchView;
+    if (!view) return;
+    view.show(detail.plan, detail.text);
+    const amount = node.widgets.find((w) => w.name === "virtual_vram_gb");
+    if (detail.auto && amount) amount.value = detail.virtual_vram_gb;
+    node.setDirtyCanvas?.(true, true);
+}
+
 function addPlanWidget(node) {
     const view = new PlanView();
     const widget = node.addDOMWidget(WIDGET, "distorch-plan", view.root, {
@@ -266,6 +312,7 @@ app.registerExtension({
     name: "distorch.PlanView",
     async setup() {
         addStyle();
+        api.addEventListener(PLAN_EVENT, (event) => showRunPlan(event.detail));
     },
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (!isDisTorchLoader(nodeData)) return;
@@ -273,6 +320,12 @@ app.registerExtension({
         nodeType.prototype.onNodeCreated = function () {
             const result = onNodeCreated?.apply(this, arguments);
             addPlanWidget(this);
+            return result;
+        };
+        const onConfigure = nodeType.prototype.onConfigure;
+        nodeType.prototype.onConfigure = function (info) {
+            const result = onConfigure?.apply(this, arguments);
+            keepSavedAmounts(this, info);
             return result;
         };
         const onExecuted = nodeType.prototype.onExecuted;

@@ -170,6 +170,58 @@ class DisTorchTestConsumeModel:
         return {}
 
 
+class DisTorchTestSimulatedGpu:
+    """The DisTorch model on a simulated GPU of `vram_gb`, for the server runs with `--cpu` (where core sets no weight
+    budget): each load gets the budget core's formula gives that card for the run's own activation estimate,
+    `vram_gb - max(minimum_inference_memory, minimum_memory_required + reserved)`. The model's memory_usage_factor is
+    set so that core estimates `bytes_per_cell` per latent cell (frames x height x width), so latents of a few frames
+    take a few blocks' worth of a test model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "vram_gb": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.0001}),
+                             "bytes_per_cell": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1e12, "step": 1.0})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "simulate"
+    CATEGORY = "testing"
+
+    def simulate(self, model, vram_gb, bytes_per_cell):
+        simulated = _simulated_class(type(model)).__new__(_simulated_class(type(model)))
+        simulated.__dict__.update(vars(model.clone()))
+        simulated.model_options["distorch_test_vram"] = int(vram_gb * 1024**3)
+        base_model = simulated.model
+        base_model.memory_usage_factor = 1.0
+        base_model.memory_usage_factor = bytes_per_cell / base_model.memory_required([1, 16, 1, 1, 1])
+        return (simulated,)
+
+
+_SIMULATED = {}
+
+
+def _simulated_class(base: type) -> type:
+    """A subclass of the pack's patcher whose run budget is the simulated card's (clones keep the class)."""
+    if base.__name__ == "SimulatedGpuPatcher":
+        return base
+    if base not in _SIMULATED:
+        import comfy.model_management as mm
+
+        budget_type = sys.modules[base.__module__].ComputeBudget
+
+        def _run_budget(self, state, lowvram_model_memory):
+            workload = state.workload
+            base._run_budget(self, state, lowvram_model_memory)  # takes the recorded workload, as a real run does
+            minimum = workload.minimum_bytes if workload is not None else 0
+            reserve = max(mm.minimum_inference_memory(), minimum + mm.extra_reserved_memory())
+            vram = self.model_options["distorch_test_vram"]
+            return budget_type(max(0, vram - reserve), self.device_extra_bytes(), minimum or None,
+                               f"a simulated GPU of {vram / 1024**3:.4f} GB (test node)")
+
+        _SIMULATED[base] = type("SimulatedGpuPatcher", (base,), {"_run_budget": _run_budget})
+    return _SIMULATED[base]
+
+
 def _pack_module(name: str):
     """A module of the DisTorch pack as ComfyUI imported it (its package name is the custom node's path)."""
     import nodes
@@ -194,4 +246,5 @@ NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroCondition
                        "DisTorchTestProcessRSS": DisTorchTestProcessRSS,
                        "DisTorchTestCLIPWithConfig": DisTorchTestCLIPWithConfig,
                        "DisTorchTestEncodeWithImage": DisTorchTestEncodeWithImage,
-                       "DisTorchTestConsumeModel": DisTorchTestConsumeModel}
+                       "DisTorchTestConsumeModel": DisTorchTestConsumeModel,
+                       "DisTorchTestSimulatedGpu": DisTorchTestSimulatedGpu}

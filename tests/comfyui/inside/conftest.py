@@ -9,6 +9,7 @@ of CPU devices away from Dynamic VRAM, and a memory compiler's recording scope.
 
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -47,18 +48,30 @@ def no_models_left_loaded():
 
 
 class FakeGpuMemory:
-    """Free memory of FAKE_GPU as core's get_free_memory reports it: its size minus what core has loaded there."""
+    """Free memory of FAKE_GPU as core's get_free_memory reports it: its size minus what is loaded there.
+
+    Loaded means the models core tracks on FAKE_GPU plus the patchers a test `track`s: core takes a model it is
+    about to load again out of its list first (it is its own clone), while its weights stay on the device.
+    """
 
     def __init__(self, total: int, real):
         self.total = total
         self._real = real
+        self._tracked = weakref.WeakSet()
+
+    def track(self, patcher):
+        self._tracked.add(patcher)
+        return patcher
+
+    def used(self) -> int:
+        patchers = [m.model for m in mm.current_loaded_models if m.device == FAKE_GPU and m.model is not None]
+        patchers += [p for p in self._tracked if p.load_device == FAKE_GPU]
+        return sum({id(p.model): p.loaded_size() for p in patchers}.values())
 
     def __call__(self, dev=None, torch_free_too=False):
         if dev != FAKE_GPU:
             return self._real(dev, torch_free_too)
-        used = sum(m.model_loaded_memory() for m in mm.current_loaded_models
-                   if m.device == FAKE_GPU and m.model is not None)
-        free = self.total - used
+        free = self.total - self.used()
         return (free, 0) if torch_free_too else free
 
 
@@ -68,6 +81,17 @@ def fake_gpu(monkeypatch):
     memory = FakeGpuMemory(0, mm.get_free_memory)
     monkeypatch.setattr(mm, "get_free_memory", memory)
     return memory
+
+
+@pytest.fixture
+def fake_cuda(fake_gpu, monkeypatch):
+    """Core treats FAKE_GPU as an NVIDIA GPU of `fake_gpu.total` bytes and computes a weight budget for models on it
+    (`lowvram_model_memory`), which it does for no CPU device under `--cpu`."""
+    real = mm.is_device_cpu
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False if device == FAKE_GPU else real(device))
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    monkeypatch.setattr(mm, "MIN_WEIGHT_MEMORY_RATIO", 0.0)  # NVIDIA's: the budget is free memory minus the reserve
+    return fake_gpu
 
 
 if HAS_DYNAMIC:
