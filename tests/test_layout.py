@@ -3,6 +3,7 @@ bench scaffolding lives under tests/ or bench/, one copy of each runtime module 
 branches on `__package__`, and no module named after the vague "compat"."""
 
 import ast
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -60,3 +61,25 @@ def test_each_runtime_module_is_loaded_once_in_a_test_process():
     ours = {str(path) for path in runtime_files()[1:]}
     loaded = Counter(getattr(m, "__file__", None) for m in {id(m): m for m in sys.modules.values()}.values())
     assert {file: copies for file, copies in loaded.items() if file in ours and copies > 1} == {}
+
+
+def test_inside_a_pack_distorch_reaches_the_pack_s_own_gguf_loader(tmp_path):
+    """Imported as ComfyUI imports a custom node (a package named after its folder's path, the repository root not on
+    sys.path), distorch's GGUF engine is the pack's own gguf_loader and no top-level copy loads."""
+    name = str(ROOT).replace(".", "_x_")  # ComfyUI's module name for custom_nodes/<folder>
+    script = f"""
+import importlib, importlib.util, sys
+assert importlib.util.find_spec("gguf_loader") is None, "the repository root must not be on sys.path here"
+spec = importlib.util.spec_from_file_location({name!r}, {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+sys.modules[{name!r}] = pack = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pack)
+inside = lambda module: importlib.import_module({name!r} + "." + module)
+assert inside("distorch.echo").echo is inside("gguf_loader.errors").echo
+assert inside("distorch.headers")._gguf_header_reader() is inside("gguf_loader.gguf_header").read_gguf_header
+assert inside("distorch.cli").IMAGE_ARCHITECTURES is inside("gguf_loader.arch").IMAGE_ARCHITECTURES
+top_level = sorted(m for m in sys.modules if m.split(".")[0] in ("distorch", "gguf_loader"))
+assert not top_level, top_level
+"""
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
