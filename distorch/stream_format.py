@@ -32,19 +32,15 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from gguf import GGMLQuantizationType
 
 from .blocks import Block, TensorCluster, TensorView
+from .gguf_engine import gguf_module
 from .hostbuf import ALIGNMENT, align_up
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.dequant import dequantize_blocks
-    from ..gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-else:
-    from gguf_loader.dequant import dequantize_blocks
-    from gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-
-from gguf import GGMLQuantizationType
+_q8_0 = gguf_module("quantize")
+dequantize_blocks = gguf_module("dequant").dequantize_blocks
+Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into = _q8_0.Q8_0_BLOCK, _q8_0.Q8_0_BLOCK_BYTES, _q8_0.quantize_q8_0_into
 
 
 class StreamFormat(str, Enum):
