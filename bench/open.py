@@ -20,10 +20,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the packages, and the test helpers
+
+from ggml_samples import random_blocks  # noqa: E402
 
 from gguf_loader import GGUFFileWriter, read_gguf, read_gguf_header  # noqa: E402
-from gguf_loader.samples import random_blocks  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the packages, and the test helpers
 
 import distorch  # noqa: E402
 from distorch.hostbuf import FlatBuffer  # noqa: E402
@@ -87,7 +88,7 @@ def build_model(name: str, dtype: str, device: str, depth: int | None) -> ToyDiT
 
 
 def _quantized(model: ToyDiT, device: str) -> ToyDiT:
-    from gguf_loader.bench_support import quantize_toy_dit  # the GGUF engine's Q8_0 path
+    from quantized_toy import quantize_toy_dit  # the GGUF engine's Q8_0 path
 
     return quantize_toy_dit(model, device)
 

@@ -18,7 +18,7 @@ from .request import PlacementRequest, PlanError, StreamFormat
 # The runtime half (torch) loads on first use: `python -m distorch plan` answers from a file header
 # without importing torch. `plan` (of a live model) is runtime: it discovers the model's blocks.
 _LAZY = {
-    "StreamHandle": "api", "stream": "api",
+    "StreamHandle": "apply_plan", "stream": "apply_plan",
     "LayoutMismatch": "placement", "Placement": "placement", "plan": "placement",
     "ModelLayout": "blocks", "discover": "blocks",
     "CpuCopyEngine": "engine", "CudaCopyEngine": "engine",

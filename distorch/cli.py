@@ -16,10 +16,11 @@ import sys
 
 from .allocation import is_device_name
 from .budget import ComputeBudget
-from .compat import Machine
 from .convert import ConvertError, convert_workflow
+from .gguf_engine import gguf_module
 from .headers import read_tensor_entries, sizes_from_entries
 from .ledger import LEDGER
+from .legacy_loaders import Machine
 from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
 from .planner import Plan, PlanError, plan_request, plan_sizes
 from .report import dtype_note, plan_totals, tier_rows
@@ -37,11 +38,7 @@ from .workload import (
     known_families,
 )
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.arch import IMAGE_ARCHITECTURES
-else:
-    from gguf_loader.arch import IMAGE_ARCHITECTURES
+IMAGE_ARCHITECTURES = gguf_module("arch").IMAGE_ARCHITECTURES
 
 # Practical pinned host-to-device rates (research/prefetch.md §3.2: ~22-26 GB/s Gen4, ~45-55 GB/s Gen5).
 PCIE_RATES_GBPS = {"PCIe 4.0 x16": 24.0, "PCIe 5.0 x16": 50.0}

@@ -5,7 +5,7 @@
 Both formats ComfyUI saves are handled: the UI format (nodes with `widgets_values`, `links`, subgraph
 definitions) and the API format (id → `class_type`, `inputs`). Node ids, links, titles, positions,
 modes and every other node stay as they are; a converted node keeps every value its user set (through
-the mapping in compat.py) and the report names the values that have no effect here. A node that cannot
+the mapping in legacy_loaders.py) and the report names the values that have no effect here. A node that cannot
 be converted faithfully (a link into an input with no DisTorch counterpart, a built-in VAE name) is left
 as it is and reported.
 """
@@ -14,7 +14,7 @@ import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .compat import CORE, LEGACY_LOADERS, LegacyLoader, Machine
+from .legacy_loaders import CORE, LEGACY_LOADERS, LegacyLoader, Machine
 
 
 class ConvertError(ValueError):

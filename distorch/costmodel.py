@@ -65,14 +65,6 @@ class PassEstimate:
                 "waiting": list(self.waiting), "wait_s": round(self.wait_s, 6)}
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One prefetch depth the planner could use: the blocks it streams and their copy times."""
-
-    prefetch: int
-    copy_s: Mapping[int, float]  # streamed block index -> seconds to copy it
-
-
 def copy_times(block_bytes: Sequence[int], tiers: Mapping[int, str], timings: Timings | None) -> dict[int, float]:
     """Seconds to copy each streamed block (index -> tier) at the measured (or nominal) rate of its tier."""
     timings = timings or Timings()

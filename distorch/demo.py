@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import stream
+from .apply_plan import stream
 from .blocks import discover
 from .placement import plan
 from .toy import make_toy_dit

@@ -4,10 +4,9 @@ One helper serves both packages: it lives in the GGUF engine (gguf_loader.errors
 from distorch; importing it loads no torch (gguf_loader imports its modules on first use).
 """
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.errors import ECHO_CHARS, echo
-else:
-    from gguf_loader.errors import ECHO_CHARS, echo
+from .gguf_engine import gguf_module
+
+_errors = gguf_module("errors")
+ECHO_CHARS, echo = _errors.ECHO_CHARS, _errors.echo
 
 __all__ = ["ECHO_CHARS", "echo"]

@@ -14,15 +14,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .echo import echo
+from .gguf_engine import gguf_module
 from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
 from .units import dtype_label
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.bounds import MAX_TENSORS
-else:
-    from gguf_loader.bounds import MAX_TENSORS
+MAX_TENSORS = gguf_module("bounds").MAX_TENSORS
 
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 # json.loads builds every value before any check can run (86 MB of nested empty lists: 6.6 s and 2.3 GB), so what
@@ -320,9 +317,4 @@ def _gguf_entries(path: str) -> list[TensorEntry]:
 
 
 def _gguf_header_reader():
-    # The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-    if __package__ and "." in __package__:
-        from ..gguf_loader.header import read_gguf_header
-    else:
-        from gguf_loader.header import read_gguf_header
-    return read_gguf_header
+    return gguf_module("gguf_header").read_gguf_header  # on first use: a safetensors file needs no GGUF parser

@@ -540,15 +540,18 @@ def _farthest_resident(block_bytes: list[int], chosen: list[int]) -> int:
 
 
 @dataclass(frozen=True)
-class _Tier:
+class _StorageQuota:
+    """A device that may hold streamed blocks (a donor GPU or "cpu") and its cap on their bytes; the `Tier` each
+    block gets there (donor, pinned, pageable, disk) is chosen per block by `_assign_storage`."""
+
     device: str
     quota: int | None  # None: no limit beyond the device's free memory
 
 
 def _normal_targets(sizes: ModelSizes, virtual_vram_gb: float, donor: str):
-    tiers = [_Tier(donor, None)]
+    tiers = [_StorageQuota(donor, None)]
     if donor != "cpu":
-        tiers.append(_Tier("cpu", None))  # what does not fit the donor GPU spills into RAM
+        tiers.append(_StorageQuota("cpu", None))  # what does not fit the donor GPU spills into RAM
     return min(gb_to_bytes(virtual_vram_gb), sizes.total_bytes), tiers
 
 
@@ -556,7 +559,7 @@ def _expert_targets(sizes: ModelSizes, compute: str, spec: AllocationSpec, inven
     amounts = _expert_amounts(sizes, spec, inventory)
     remainder = spec.remainder_device
     # The remainder device has no cap: what another device has no room for spills there.
-    tiers = [_Tier(d, None if d == remainder else amount) for d, amount in amounts.items() if d != compute]
+    tiers = [_StorageQuota(d, None if d == remainder else amount) for d, amount in amounts.items() if d != compute]
     return sizes.total_bytes - amounts.get(compute, 0), tiers
 
 

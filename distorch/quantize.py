@@ -38,17 +38,14 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
 from .echo import echo
+from .gguf_engine import gguf_module
 from .headers import HeaderError, SafetensorsTensor, read_safetensors_index
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.arch import IMAGE_ARCHITECTURES, guess_from_names, image_signatures
-    from ..gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-    from ..gguf_loader.writer import GGUFFileWriter
-else:
-    from gguf_loader.arch import IMAGE_ARCHITECTURES, guess_from_names, image_signatures
-    from gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-    from gguf_loader.writer import GGUFFileWriter
+_arch, _q8_0 = gguf_module("arch"), gguf_module("quantize")
+IMAGE_ARCHITECTURES, guess_from_names, image_signatures = (
+    _arch.IMAGE_ARCHITECTURES, _arch.guess_from_names, _arch.image_signatures)
+Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into = _q8_0.Q8_0_BLOCK, _q8_0.Q8_0_BLOCK_BYTES, _q8_0.quantize_q8_0_into
+GGUFFileWriter = gguf_module("writer").GGUFFileWriter
 
 logger = logging.getLogger("distorch.quantize")
 

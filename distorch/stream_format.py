@@ -31,20 +31,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 
 from .blocks import Block, TensorCluster, TensorView
+from .gguf_engine import gguf_module
 from .hostbuf import ALIGNMENT, align_up
 from .request import StreamFormat
 
-# The GGUF engine is a sibling package: relative inside the ComfyUI pack, top-level when run from the repo.
-if __package__ and "." in __package__:
-    from ..gguf_loader.dequant import dequantize_blocks
-    from ..gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-else:
-    from gguf_loader.dequant import dequantize_blocks
-    from gguf_loader.quantize import Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into
-
-from gguf import GGMLQuantizationType
+_q8_0 = gguf_module("quantize")
+dequantize_blocks = gguf_module("dequant").dequantize_blocks
+Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into = _q8_0.Q8_0_BLOCK, _q8_0.Q8_0_BLOCK_BYTES, _q8_0.quantize_q8_0_into
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_HEADER_BYTES = 16  # the float32 scale, padded so that the codes start 16-byte aligned

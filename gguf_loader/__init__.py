@@ -24,9 +24,8 @@ Main entry points:
 import importlib
 
 # Imported on first use, so `import gguf_loader` stays cheap and planning a file from its header
-# (gguf_loader.header) never imports torch.
+# (gguf_loader.gguf_header) never imports torch.
 _EXPORTS = {
-    "dequantize": "api",
     "IMAGE_ARCHITECTURES": "arch", "TEXT_ARCHITECTURES": "arch", "Architecture": "arch",
     "detect_architecture": "arch", "model_kind": "arch",
     "dequantize_blocks": "dequant", "supported_qtypes": "dequant",
@@ -35,11 +34,11 @@ _EXPORTS = {
     "EncoderPart": "encoder_files", "attach_vision_towers": "encoder_files", "is_vision_projector": "encoder_files",
     "text_encoder_state_dict": "encoder_files", "tokenizer_entries": "encoder_files",
     "vision_projector_state_dict": "encoder_files",
-    "GGUFHeader": "header", "TensorInfo": "header", "read_gguf_header": "header",
+    "GGUFHeader": "gguf_header", "TensorInfo": "gguf_header", "read_gguf_header": "gguf_header",
     "GGUFLayer": "ops", "GGUFOpsConfig": "ops", "make_ops": "ops",
     "quantize_q8_0": "quantize",
     "GGUFFile": "reader", "read_gguf": "reader",
-    "GGMLMeta": "tensor", "GGMLTensor": "tensor", "is_quantized": "tensor",
+    "GGMLMeta": "tensor", "GGMLTensor": "tensor", "dequantize": "tensor", "is_quantized": "tensor",
     "map_text_encoder": "encoders",
     "map_vision_tower": "encoders.qwen", "unpermute_qk": "encoders.llama", "map_gpt_oss": "encoders.gpt_oss",
     "sentencepiece_model": "encoders.sentencepiece", "tekken_model": "encoders.mistral_tokenizer",

@@ -1,4 +1,4 @@
-"""What a GGUF header may cost to read: the bounds the parser (header.py) enforces before it expands anything.
+"""What a GGUF header may cost to read: the bounds the parser (gguf_header.py) enforces before it expands anything.
 
 A well-formed but hostile file can ask a reader to build millions of Python objects: 192 MB of nested empty
 arrays took 37 s and 1.4 GB in `python -m distorch plan`, 2.5 GB of metadata strings 13 s and 5.2 GB, before

@@ -35,11 +35,6 @@ def as_qtype(value: GGMLQuantizationType | str | int) -> GGMLQuantizationType:
     return qtype
 
 
-def block_layout(qtype: GGMLQuantizationType) -> tuple[int, int]:
-    """(elements per block, bytes per block)."""
-    return GGML_QUANT_SIZES[qtype]
-
-
 def is_plain(qtype: GGMLQuantizationType) -> bool:
     """True for types torch can view directly (floats and ints), False for block-quantized ones."""
     return qtype in PLAIN_QTYPES

@@ -1,4 +1,4 @@
-"""GGUF reader: the validated header (header.py) plus zero-copy tensor views of the mapped file."""
+"""GGUF reader: the validated header (gguf_header.py) plus zero-copy tensor views of the mapped file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES
 
 from .dequant.memory import frombuffer_readonly
 from .errors import echo
-from .header import GGUFHeader, TensorInfo, _close_quietly, _map, _Parser, read_gguf_header
+from .gguf_header import GGUFHeader, TensorInfo, _close_quietly, _map, _Parser, read_gguf_header
 from .tensor import GGMLMeta, GGMLTensor
 from .torch_dtypes import PLAIN_TORCH_DTYPES
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, quants
 
-from .header import MAX_DIMS, ORIG_SHAPE_PREFIX
+from .gguf_header import MAX_DIMS, ORIG_SHAPE_PREFIX
 from .qtypes import as_qtype, byte_shape, nbytes_of
 from .tensor import GGMLTensor
 from .torch_dtypes import PLAIN_TORCH_DTYPES, TORCH_DTYPE_QTYPES

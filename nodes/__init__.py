@@ -4,7 +4,7 @@
     settings.py        the DisTorch inputs (auto_placement last): widget specs and validated values (pure; rules:
                        distorch/request.py)
     catalog.py         the nodes' table (pure data from distorch/catalog.py)
-    compat_detect.py   which of ComfyUI-MultiGPU / ComfyUI-GGUF this ComfyUI loads (pure)
+    installed_packs.py which of ComfyUI-MultiGPU / ComfyUI-GGUF this ComfyUI loads (pure)
     state.py           the attachment on a model: its `distorch.Placement`, the loader node's id, a run's timings
     folders.py, progress.py, gguf_support.py   model file lists, the staging progress bar, GGUF in ComfyUI
     memory_policy.py   ComfyUI's memory policy (pinned-RAM budget, compute GPU room), read in this one place
@@ -13,7 +13,7 @@
     patcher.py         DisTorchModelPatcher: core places the rest, the placement streams the blocks
     loading.py, checkpoint.py   the loaders (core's own, then adopted and planned)
     inputs.py          the widgets and the one validation every loader node shares
-    compat.py          stand-ins for the other packs' loader ids
-    compat_route.py    the workflow converter's HTTP route
+    stand_ins.py       stand-ins for the other packs' loader ids (table: distorch/legacy_loaders.py)
+    convert_route.py   the workflow converter's HTTP route
     extension.py       the DisTorch nodes and their registration
 """

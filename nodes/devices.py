@@ -7,7 +7,7 @@ The choices themselves are pure functions in settings.py (tested without ComfyUI
 import comfy.model_management as mm
 import torch
 
-from ..distorch.compat import Machine
+from ..distorch.legacy_loaders import Machine
 from .settings import device_choices, donor_choices
 
 
@@ -26,6 +26,6 @@ def donor_devices() -> tuple[str, ...]:
 
 
 def machine() -> Machine:
-    """This machine as the ComfyUI-MultiGPU mapping (distorch/compat.py) sees it: default device and GPUs."""
+    """This machine as the ComfyUI-MultiGPU mapping (distorch/legacy_loaders.py) sees it: default device and GPUs."""
     devices = compute_devices()
     return Machine(default_device=devices[0], gpus=tuple(d for d in devices if d != "cpu"))

@@ -11,13 +11,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .catalog import FILE_INPUTS, NODE_TITLES
 from .checkpoint import load_checkpoint
-from .compat import compat_nodes
-from .compat_route import register_convert_route
+from .convert_route import register_convert_route
 from .devices import compute_devices
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
 from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices, distorch_inputs, stream_format_input
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .progress import executing_node_id
+from .stand_ins import stand_in_nodes
 
 WEB_DIRECTORY = "./nodes/web"
 CATEGORY = "DisTorch"
@@ -180,7 +180,7 @@ class DisTorchExtension(ComfyExtension):
 
         register_gguf_folders()
         register_convert_route(PromptServer.instance.routes)
-        return NODES + compat_nodes()
+        return NODES + stand_in_nodes()
 
 
 async def comfy_entrypoint() -> DisTorchExtension:

@@ -14,7 +14,7 @@ blocks has nothing to stream and is left to core.
 
 With Dynamic VRAM (ComfyUI 2026) a DisTorch model stays a classic, non-dynamic patcher beside the
 dynamic ones: core's block prefetch queue and its weight faulting never touch it (the streamer
-places its blocks), and core's memory manager sees true sizes for it. docs/comfyui_compat.md has
+places its blocks), and core's memory manager sees true sizes for it. docs/comfyui_memory_management.md has
 the reasoning.
 """
 

@@ -1,5 +1,6 @@
 """Shared pytest fixtures and markers."""
 
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
@@ -23,12 +24,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+class _SameModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `distorch_pack.distorch.x` the module `distorch.x` (and the same for gguf_loader): one copy of each.
+
+    Without it the node modules' relative imports (`from ..distorch.placement import ...`) would load a second
+    copy of distorch and gguf_loader beside the top-level one the tests import: two ledgers, two `Placement`
+    classes, isinstance checks failing across them. Inside ComfyUI there is only the pack's copy.
+    """
+
+    def __init__(self, pack: str, packages: tuple[str, ...]):
+        self._aliases = {f"{pack}.{name}": name for name in packages}
+
+    def _target(self, fullname: str) -> str | None:
+        for alias, name in self._aliases.items():
+            if fullname == alias or fullname.startswith(alias + "."):
+                return name + fullname[len(alias):]
+        return None
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if self._target(fullname) else None
+
+    def create_module(self, spec):
+        return None  # a placeholder, replaced by the real module below
+
+    def exec_module(self, module):
+        # The import system returns what sys.modules holds for the name once this returns: the top-level module.
+        sys.modules[module.__name__] = importlib.import_module(self._target(module.__name__))
+
+
 def _import_pack_as_comfyui_does():
     """Imports the repo root as a package (ComfyUI imports custom_nodes/<pack>/__init__.py the same way).
 
     Node modules use relative imports (`from ..distorch import ...`), so tests reach them as
-    `distorch_pack.nodes.*`, exactly the import path they have inside ComfyUI.
+    `distorch_pack.nodes.*`, exactly the import path they have inside ComfyUI; their `distorch` and `gguf_loader`
+    are the top-level packages (`_SameModules`).
     """
+    sys.meta_path.insert(0, _SameModules("distorch_pack", ("distorch", "gguf_loader")))
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("distorch_pack", root / "__init__.py",
                                                   submodule_search_locations=[str(root)])

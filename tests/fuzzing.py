@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from ggml_samples import random_blocks
 from gguf import GGML_QUANT_SIZES
 from hostile_files import HOSTILE_GGUF, HOSTILE_SAFETENSORS, write_hostile
 
 from distorch.cli import main as cli_main
 from gguf_loader import GGUFError, GGUFFileWriter, dequantize, read_gguf, supported_qtypes
-from gguf_loader.samples import random_blocks
 from gguf_loader.torch_dtypes import PLAIN_TORCH_DTYPES
 
 MAX_ERROR_CHARS = 400

@@ -6,10 +6,10 @@ import struct
 
 import numpy as np
 import torch
+from ggml_samples import random_blocks
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_loader import GGUFFileWriter
-from gguf_loader.samples import random_blocks
 
 QT = GGMLQuantizationType
 VT = GGUFValueType

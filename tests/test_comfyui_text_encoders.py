@@ -192,7 +192,7 @@ SCALES = {"Q8_0": (2e-4,), "Q4_K": (6e-5, 4.5e-4)}
 
 
 def scaled_blocks(qtype: str, count: int, seed: int, scales: tuple) -> torch.Tensor:
-    from gguf_loader.samples import random_blocks
+    from ggml_samples import random_blocks
 
     blocks = random_blocks(qtype, count, seed=seed)
     for offset, value in zip((0, 2), scales):

@@ -1,6 +1,6 @@
 """The stand-in table for ComfyUI-MultiGPU / ComfyUI-GGUF loader ids, the check for installed packs, and the converter.
 
-The expected signatures below are transcribed from the originals, independently of distorch/compat.py:
+The expected signatures below are transcribed from the originals, independently of distorch/legacy_loaders.py:
 ComfyUI-MultiGPU 2.6.3 `wrappers.py` (DisTorch2 wrappers add the optional inputs `compute_device` — named
 `device` on CLIP loaders —, `virtual_vram_gb` 4.0, `donor_device` 'cpu', `expert_mode_allocations` '',
 `eject_models` True, False on CLIP loaders; DisTorch v1 wrappers add `device`, `virtual_vram_gb` 4.0 (max 24),
@@ -13,8 +13,8 @@ import json
 import pytest
 
 from distorch.catalog import NODE_TITLES, widget_inputs
-from distorch.compat import GGUF, LEGACY_LOADERS, MULTIGPU, Machine, loaders_of
 from distorch.convert import ConvertError, convert_workflow
+from distorch.legacy_loaders import GGUF, LEGACY_LOADERS, MULTIGPU, Machine, loaders_of
 
 DISTORCH2 = [("compute_device", None), ("virtual_vram_gb", 4.0), ("donor_device", "cpu"),
              ("expert_mode_allocations", ""), ("eject_models", True)]
@@ -170,7 +170,7 @@ def test_use_other_vram_without_another_gpu_keeps_ram_as_donor():
 # -- which packs ComfyUI loads ------------------------------------------------------------------------------------
 
 def test_installed_packs_found_by_folder_name_or_project_name(tmp_path):
-    from distorch_pack.nodes.compat_detect import installed_packs
+    from distorch_pack.nodes.installed_packs import installed_packs
 
     custom = tmp_path / "custom_nodes"
     (custom / "comfyui-multigpu").mkdir(parents=True)
@@ -198,7 +198,7 @@ def test_installed_packs_found_by_folder_name_or_project_name(tmp_path):
     ],
 )
 def test_installed_packs_follow_comfyuis_loading_rules(tmp_path, entries, whitelist, expected):
-    from distorch_pack.nodes.compat_detect import installed_packs
+    from distorch_pack.nodes.installed_packs import installed_packs
 
     for name in entries:
         path = tmp_path / name

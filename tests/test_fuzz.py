@@ -47,7 +47,7 @@ def test_the_file_targets_find_a_removed_bound(tmp_path, monkeypatch):
     accepted by the plan: an escape."""
     import fuzzing
 
-    from gguf_loader.header import _TensorTable
+    from gguf_loader.gguf_header import _TensorTable
 
     monkeypatch.setattr(fuzzing, "HOSTILE_RATE", 1.0)
     monkeypatch.setattr(fuzzing, "HOSTILE_GGUF", {"overlap": fuzzing.HOSTILE_GGUF["overlap"]})

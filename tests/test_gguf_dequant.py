@@ -6,13 +6,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from ggml_samples import random_blocks
 from gguf import GGML_QUANT_SIZES
 from gguf_helpers import QT, assert_bits_equal
 
 from gguf_loader import GGMLTensor, GGUFError, dequantize, dequantize_blocks, supported_qtypes
-from gguf_loader.dequant import CONSTANTS, api, register
+from gguf_loader.dequant import CONSTANTS, driver, register
 from gguf_loader.dequant.registry import kernel_for
-from gguf_loader.samples import random_blocks
 
 ALL_TYPES = [t for t in supported_qtypes()]
 EXPECTED = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
@@ -74,7 +74,7 @@ def test_orig_shape_differs_from_byte_rows():
 def test_chunked_processing_matches_one_shot(monkeypatch):
     blocks = torch.from_numpy(random_blocks(QT.Q5_K, 50, seed=5))
     whole = dequantize_blocks(blocks, QT.Q5_K, torch.bfloat16)
-    monkeypatch.setattr(api, "CPU_CHUNK_ELEMENTS", 3 * 256)  # 3 blocks per chunk, a ragged last chunk
+    monkeypatch.setattr(driver, "CPU_CHUNK_ELEMENTS", 3 * 256)  # 3 blocks per chunk, a ragged last chunk
     assert torch.equal(dequantize_blocks(blocks, QT.Q5_K, torch.bfloat16), whole)
 
 
@@ -157,7 +157,7 @@ def test_any_block_count_at_any_storage_offset(qtype, monkeypatch):
     field at an odd offset raised torch's "storage_offset() must be divisible by 4". It hit the last chunk
     of a tensor holding one block, one-block tensors, and every tensor of a file with alignment 1."""
     block_size, _ = GGML_QUANT_SIZES[qtype]
-    monkeypatch.setattr(api, "CPU_CHUNK_ELEMENTS", 4 * block_size)  # 4 blocks per chunk: 5 leaves one block
+    monkeypatch.setattr(driver, "CPU_CHUNK_ELEMENTS", 4 * block_size)  # 4 blocks per chunk: 5 leaves one block
     for n_blocks in (1, 2, 3, 5):
         blocks = random_blocks(qtype, n_blocks, seed=n_blocks)
         expected = reference(blocks, qtype).reshape(n_blocks, -1)
@@ -170,7 +170,7 @@ def test_any_block_count_at_any_storage_offset(qtype, monkeypatch):
 
 def test_last_chunk_of_one_block_at_the_real_chunk_size():
     """The issue's repro: 16385 Q3_K blocks are one full CPU chunk (16384 blocks) plus one."""
-    blocks = random_blocks(QT.Q3_K, api.CPU_CHUNK_ELEMENTS // 256 + 1, seed=2)
+    blocks = random_blocks(QT.Q3_K, driver.CPU_CHUNK_ELEMENTS // 256 + 1, seed=2)
     assert_bits_equal(dequantize_blocks(torch.from_numpy(blocks), QT.Q3_K), reference(blocks, QT.Q3_K))
 
 

@@ -12,6 +12,7 @@ import re
 import pytest
 import tokenizer_fixtures as fx
 import torch
+from ggml_samples import random_blocks
 from gguf_helpers import QT
 
 from gguf_loader import (
@@ -24,7 +25,6 @@ from gguf_loader import (
     read_gguf,
     text_encoder_state_dict,
 )
-from gguf_loader.samples import random_blocks
 
 spm = pytest.importorskip("sentencepiece")
 GEMMA3_ROWS = 262_144  # llama.cpp's Gemma 3 GGUFs (the 270M's config; converters cut the table to the vocabulary)

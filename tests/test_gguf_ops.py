@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ggml_samples import random_blocks
 from gguf_helpers import QT
 from torch import nn
 
 from gguf_loader import GGMLTensor, GGUFFileWriter, GGUFOpsConfig, dequantize, make_ops, read_gguf
-from gguf_loader.samples import random_blocks
 
 
 class SmallNet(nn.Module):

@@ -4,9 +4,9 @@ import gguf
 import numpy as np
 import torch
 from gguf_helpers import QT
+from quantized_toy import quantize_toy_dit
 
 from gguf_loader import GGMLTensor, dequantize
-from gguf_loader.bench_support import quantize_toy_dit
 from gguf_loader.quantize import quantize_q8_0
 
 

@@ -7,6 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from ggml_samples import random_blocks
 from gguf import GGML_QUANT_SIZES
 from gguf_helpers import (
     QT,
@@ -34,7 +35,6 @@ from gguf_loader import (
     supported_qtypes,
     write_gguf,
 )
-from gguf_loader.samples import random_blocks
 from gguf_loader.torch_dtypes import PLAIN_TORCH_DTYPES
 
 QUANTIZED_BY_GGUF_PY = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.MXFP4, QT.TQ1_0, QT.TQ2_0]

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from ggml_samples import random_blocks
 from gguf_helpers import QT
 from torch import nn
 
 from gguf_loader import GGMLTensor, dequantize, is_quantized
-from gguf_loader.samples import random_blocks
 
 
 def make(qtype=QT.Q8_0, shape=(4, 64)) -> GGMLTensor:

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from ggml_samples import random_blocks
 from gguf_helpers import QT
 from torch import nn
 
@@ -27,7 +28,6 @@ from distorch.lowrank import (
 )
 from distorch.toy import ToyDiTBlock
 from gguf_loader import GGMLTensor, dequantize, make_ops, quantize_q8_0
-from gguf_loader.samples import random_blocks
 
 FP32_EPS = torch.finfo(torch.float32).eps
 

@@ -10,13 +10,13 @@ import weakref
 
 import pytest
 import torch
-from distorch_pack.distorch.memory import MemoryInventory  # the copy nodes/ imports (isinstance checks)
 from distorch_pack.nodes.settings import DisTorchSettings
 from distorch_pack.nodes.state import DisTorchState
 from dit_models import make_quirky, sampling_run
 
 import distorch
 from distorch.ledger import LEDGER
+from distorch.memory import MemoryInventory
 from distorch.units import GIB
 
 ROOMY = {"cpu": 64 * GIB}

@@ -6,9 +6,6 @@ The node modules are imported as ComfyUI imports them: as part of the pack packa
 
 import pytest
 import torch
-from distorch_pack.distorch import MemoryInventory
-from distorch_pack.distorch.toy import make_toy_dit
-from distorch_pack.distorch.units import GIB
 from distorch_pack.nodes.settings import (
     TOOLTIPS,
     ChoiceSpec,
@@ -22,6 +19,10 @@ from distorch_pack.nodes.settings import (
     stream_format_spec,
 )
 from distorch_pack.nodes.state import DisTorchState
+
+from distorch import MemoryInventory
+from distorch.toy import make_toy_dit
+from distorch.units import GIB
 
 DEVICES = ("cuda:0", "cuda:1", "cpu")
 
@@ -91,7 +92,7 @@ def test_several_problems_are_reported_together():
 
 
 def _state_for(model, share=0.5, device="cpu"):
-    from distorch_pack.distorch import discover
+    from distorch import discover
 
     gb = share * discover(model).block_bytes / GIB
     settings = DisTorchSettings(device, gb, "cpu", "")

@@ -390,8 +390,9 @@ def test_close_without_unstaging_keeps_the_flat_buffers_for_the_next_open():
 
 def test_quantized_gguf_blocks_stream_their_bytes():
     """GGUF weights stay GGMLTensors: the streamer moves their raw blocks and the layers dequantize in the slot."""
+    from quantized_toy import quantize_toy_dit
+
     from gguf_loader import GGMLTensor
-    from gguf_loader.bench_support import quantize_toy_dit
 
     with torch.device("meta"):
         shape_only = ToyDiT(dim=64, depth=6, heads=2, channels=8)

@@ -5,7 +5,7 @@ A kernel fills a float32 output from raw blocks:
     kernel(blocks: uint8[n_blocks, type_size], out: float32[n_blocks, block_size]) -> None
 
 Writing into a caller-provided float32 buffer (instead of returning a new tensor) lets the driver in
-`api.py` process large tensors chunk by chunk with cache-sized temporaries, reuse one scratch buffer
+`driver.py` process large tensors chunk by chunk with cache-sized temporaries, reuse one scratch buffer
 for float16/bfloat16 targets, and allocate the final output once. Kernels must produce exactly what
 gguf-py's numpy `dequantize_blocks` produces (same float32 operations in the same order).
 """

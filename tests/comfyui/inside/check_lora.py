@@ -24,13 +24,13 @@ import pytest
 import torch
 from conftest import FAKE_GPU
 from distorch_pack.gguf_loader import GGMLTensor, quantize_q8_0
-from distorch_pack.gguf_loader.samples import random_blocks
 from distorch_pack.nodes import lora
 from distorch_pack.nodes.folders import register_gguf_folders
 from distorch_pack.nodes.gguf_support import comfy_gguf_operations
 from distorch_pack.nodes.loading import load_unet
 from distorch_pack.nodes.settings import DisTorchSettings
 from distorch_pack.nodes.state import DisTorchState
+from ggml_samples import random_blocks
 from make_models import STACKED_LORAS
 from pack_in_comfyui import wan_forward
 from torch import nn

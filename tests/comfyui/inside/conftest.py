@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[3]
 MODELS = Path(os.environ["DISTORCH_TEST_MODELS"])
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/comfyui: pack_in_comfyui
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # tests: ggml_samples (last: it shadows nothing)
 
 import comfy.cli_args  # noqa: E402
 

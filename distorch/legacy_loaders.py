@@ -1,6 +1,6 @@
 """The loader node ids of ComfyUI-MultiGPU (v2.6), ComfyUI-GGUF and core, and how each maps onto a DisTorch node.
 
-One table serves the stand-in nodes ComfyUI registers when those packs are not installed (nodes/compat.py)
+One table serves the stand-in nodes ComfyUI registers when those packs are not installed (nodes/stand_ins.py)
 and the workflow converter (convert.py). An entry lists the original's widget inputs as the original
 declares them (names, order, required/optional, defaults) and a rule that turns their values into the
 values of the DisTorch node doing the work. Pure data: no ComfyUI import. Every mapping places by the original's

@@ -1,4 +1,5 @@
-"""Dequantization entry points: block-level driver and tensor-level `dequantize`."""
+"""The driver: runs a GGML type's kernel over raw blocks in cache-sized chunks (`dequantize_blocks`), and over
+one tensor's raw bytes (`dequantize_raw`)."""
 
 from __future__ import annotations
 

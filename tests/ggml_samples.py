@@ -1,4 +1,4 @@
-"""Synthetic block data for tests and benchmarks: random bytes with sane scale fields.
+"""Synthetic GGML block data for tests and benchmarks: random bytes with sane scale fields.
 
 Random bytes are valid GGML blocks for every type, but random fp16 scales are often huge, inf or NaN.
 `random_blocks` overwrites each type's scale fields with moderate values so dequantized numbers are

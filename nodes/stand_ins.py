@@ -1,9 +1,9 @@
 """Stand-ins for the loader node ids of ComfyUI-MultiGPU and ComfyUI-GGUF, so workflows built on them run here.
 
-A pack's ids are registered only when ComfyUI does not load that pack (compat_detect.py), and never an
+A pack's ids are registered only when ComfyUI does not load that pack (installed_packs.py), and never an
 id something else has already registered: an installed pack is never shadowed. Each stand-in has the
 original's inputs (names, order, required/optional, defaults) and runs the DisTorch loader its values
-map onto; the table and the mapping are distorch/compat.py, which the workflow converter uses too.
+map onto; the table and the mapping are distorch/legacy_loaders.py, which the workflow converter uses too.
 """
 
 import logging
@@ -14,12 +14,12 @@ from comfy_api.latest import io
 import nodes as core_nodes
 
 from ..distorch.catalog import NODE_TITLES
-from ..distorch.compat import GGUF, GGUF_DTYPES, MULTIGPU, LegacyLoader, loaders_of
+from ..distorch.legacy_loaders import GGUF, GGUF_DTYPES, MULTIGPU, LegacyLoader, loaders_of
 from .checkpoint import load_checkpoint
-from .compat_detect import installed_packs
 from .devices import compute_devices, machine
 from .folders import UNET_GGUF_KEY, text_encoder_files, unet_files, vae_files
 from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices
+from .installed_packs import installed_packs
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .progress import executing_node_id
 from .settings import TOOLTIPS, VIRTUAL_VRAM_STEP_GB
@@ -29,7 +29,7 @@ logger = logging.getLogger("distorch.nodes")
 CATEGORY = "DisTorch/compat"
 
 
-def compat_nodes() -> list[type[io.ComfyNode]]:
+def stand_in_nodes() -> list[type[io.ComfyNode]]:
     """The stand-in nodes for the packs ComfyUI does not load; logs what it registered and what it left alone."""
     installed = installed_packs(folder_paths.get_folder_paths("custom_nodes"), _whitelist())
     built = []

@@ -1,4 +1,4 @@
-"""Helpers for the benchmarks: quantized versions of the synthetic models in `distorch.toy`."""
+"""Quantized versions of the synthetic models in `distorch.toy`, for tests and benchmarks (bench/stream.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .ops import make_ops
-from .quantize import quantize_q8_0
+from gguf_loader.ops import make_ops
+from gguf_loader.quantize import quantize_q8_0
 
 
 def quantize_toy_dit(model: nn.Module, device: str | torch.device, seed: int = 0,
