@@ -22,6 +22,7 @@ from stream_reference import with_format_values
 import distorch
 from distorch import CpuCopyEngine, Placement, PlacementRequest, PlanError, Tier
 from distorch import streamer as streamer_module
+from distorch.budget import ComputeBudget
 from distorch.ledger import Ledger
 from distorch.lowrank import LowRankTerm, SidePaths, layer_geometry, stack_terms
 from distorch.memory import RAM_RESERVE_FIXED, RAM_RESERVE_SHARE, DeviceMemory, MemoryInventory
@@ -146,6 +147,28 @@ def test_the_planner_fits_more_blocks_in_ram_pinned_ram_and_a_donor_when_they_ar
     assert {b.tier for b in plan_request(sizes, on_donor, memory=donor).blocks} == {Tier.DONOR}
     with pytest.raises(PlanError):
         plan_request(sizes, dataclasses.replace(on_donor, stream_format="stored"), memory=donor)
+
+
+def test_auto_placement_counts_encoded_slots_and_the_decode_buffer_against_the_run_budget():
+    """A run budget in auto mode: the slots hold encoded blocks, the decode buffer one block as stored plus its
+    scratch. Room for the rest + 6.5 blocks: q8_0 keeps 4 blocks resident (4 + 2 x 0.53 + 1.04 = 6.1; a fifth would
+    make 7.1), as stored does (4 + 2 slots); both fit the budget. Encoded slots do not save VRAM at 2 slots (the
+    decode buffer costs what they save): the formats save RAM and copies, the planner must not promise more."""
+    block, n, rest = 100 * MIB, 10, 10 * MIB
+    sizes = ModelSizes("M", tuple((f"blocks.{i}", block) for i in range(n)), rest,
+                       bytes_on={"cpu": n * block + rest}, in_ram={f"blocks.{i}": block for i in range(n)},
+                       encoded={"q8_0": {f"blocks.{i}": (53 * MIB, 4 * MIB) for i in range(n)}})
+    machine = MemoryInventory({"cuda:0": DeviceMemory("cuda:0", 4 * GIB, 4 * GIB),
+                               "cpu": DeviceMemory("cpu", ram_free(n * block), 8 * GIB)})
+    budget = ComputeBudget(rest + 6 * block + block // 2, source="test")
+    request = PlacementRequest("cuda:0", 0.0, auto=True)
+    stored = plan_request(sizes, request, memory=machine, budget=budget)
+    encoded = plan_request(sizes, dataclasses.replace(request, stream_format="q8_0"), memory=machine, budget=budget)
+    for plan in (stored, encoded):
+        assert plan.compute_bytes <= budget.room, plan.report()
+    assert encoded.decode_bytes == block + 4 * MIB and encoded.slot_bytes == 53 * MIB
+    assert encoded.compute_bytes == rest + 4 * block + 2 * 53 * MIB + block + 4 * MIB
+    assert len(encoded.streamed) == len(stored.streamed) == 6, (encoded.report(), stored.report())
 
 
 def test_a_format_that_is_not_offered_is_refused_in_one_line():
