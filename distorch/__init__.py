@@ -13,7 +13,7 @@ import importlib
 from .allocation import AllocationError, AllocationMode, AllocationSpec, parse_allocation
 from .memory import MemoryInventory, safe_pinned_bytes
 from .planner import ModelSizes, Plan, Tier, plan_sizes
-from .request import PlacementRequest, PlanError
+from .request import PlacementRequest, PlanError, StreamFormat
 
 # The runtime half (torch) loads on first use: `python -m distorch plan` answers from a file header
 # without importing torch. `plan` (of a live model) is runtime: it discovers the model's blocks.
@@ -54,6 +54,7 @@ __all__ = [
     "Placement",
     "PlacementRequest",
     "StreamHandle",
+    "StreamFormat",
     "StreamStats",
     "Tier",
     "discover",

@@ -1,8 +1,12 @@
 """The DisTorch nodes' ids, titles and widget inputs in order: one table the ComfyUI nodes, the example
 workflows, the workflow converter and their tests share (pure data, no ComfyUI import)."""
 
-# `auto_placement` is last: UI workflows match widget values by position (a workflow saved before it existed lacks it).
+# `auto_placement` comes after the four MultiGPU inputs: UI workflows match widget values by position (a workflow
+# saved before it existed lacks it).
 DISTORCH_INPUTS = ("compute_device", "virtual_vram_gb", "donor_device", "expert_mode_allocations", "auto_placement")
+# Inputs added after auto_placement, each appended as the last widget of every DisTorch loader (saved workflows keep
+# their widget positions; a workflow without one loads with its default).
+LATER_INPUTS = {"stream_format": "stored"}
 
 NODE_TITLES = {
     "DisTorchUNetLoader": "Load Diffusion Model (DisTorch)",
@@ -42,8 +46,8 @@ OUTPUT_TYPES = {
 def widget_inputs(node_id: str) -> tuple[str, ...]:
     """All widget inputs of a DisTorch node in the order ComfyUI lists them."""
     if node_id == "DisTorchCheckpointLoader":
-        return CHECKPOINT_INPUTS
-    return FILE_INPUTS[node_id] + DISTORCH_INPUTS
+        return CHECKPOINT_INPUTS + tuple(LATER_INPUTS)
+    return FILE_INPUTS[node_id] + DISTORCH_INPUTS + tuple(LATER_INPUTS)
 
 
 def output_types(node_id: str) -> tuple[str, ...]:

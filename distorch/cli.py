@@ -177,7 +177,7 @@ def run_workload_plan(args, workload: Workload, entries, sizes, inventory: Memor
     request = PlacementRequest.validate(args.compute_device, args.virtual_vram_gb or 0.0, args.donor, args.expert,
                                         prefetch=args.prefetch, auto=auto)
     result = plan_request(sizes, request, memory=inventory, others=LEDGER.holdings(), budget=budget)
-    summary = summarize(args.model_file, result, inventory, _gb(result.streamed_bytes) if auto else
+    summary = summarize(args.model_file, result, inventory, _gb(result.streamed_stored_bytes) if auto else
                         args.virtual_vram_gb, False, None)
     summary.update(workload_summary(result, workload, activation, free))
     print(json.dumps(summary, indent=2) if args.json else format_workload_summary(result, summary))
@@ -193,7 +193,7 @@ def workload_summary(plan: Plan, workload: Workload, activation: ActivationEstim
                        "cfg_gb": _gb(activation.cfg_bytes)},
         "budget_gb": _gb(plan.budget.weight_bytes),
         "free_vram_gb": _gb(free),
-        "streamed_gb": _gb(plan.streamed_bytes),
+        "streamed_gb": _gb(plan.streamed_stored_bytes),
         "prefetch_reason": plan.prefetch_reason,
         "predicted_copy_s_per_pass": round(plan.schedule.copy_s, 4) if plan.schedule else 0.0,
     }
@@ -312,7 +312,7 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
     return {
         "file": path,
         "model": plan.model_name,
-        "total_gb": _gb(plan.resident_bytes + plan.streamed_bytes),
+        "total_gb": _gb(plan.resident_bytes + plan.streamed_stored_bytes),
         "blocks": len(plan.blocks),
         "rest_gb": _gb(plan.rest_bytes),
         "compute_device": plan.compute_device,

@@ -20,7 +20,7 @@ What the inputs without a counterpart here do (documented on the nodes and in th
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from .catalog import widget_inputs
+from .catalog import LATER_INPUTS, widget_inputs
 
 MULTIGPU = "ComfyUI-MultiGPU"
 GGUF = "ComfyUI-GGUF"
@@ -86,7 +86,7 @@ class LegacyLoader:
     def to_native(self, values: Mapping, machine: Machine) -> dict:
         """The target node's values, in its widget order, from the original's values (missing ones: defaults)."""
         filled = {**self.defaults(machine), **{k: v for k, v in values.items() if k in self.input_names}}
-        native = self.rule(filled, machine)
+        native = {**LATER_INPUTS, **self.rule(filled, machine)}  # inputs the originals never had: their defaults
         order = widget_inputs(self.target)
         missing = [n for n in order if n not in native]
         if missing:

@@ -8,6 +8,11 @@ Two ways to own the weights outside the streamed blocks ("the rest" and the resi
 - `distorch.stream` places them itself (`places_resident=True`): moved to the compute device, moved back on
   `release()`;
 - the node pack leaves them to ComfyUI, which loads, patches and offloads them around the streamed blocks.
+
+With a stream format (`PlacementRequest.stream_format`) the streamed blocks are staged encoded and the model's
+tensors of their encoded weights are placeholders between forwards (streamer.py). What a placed model looks like
+is then the streamer's to say: `_layout_now` puts the staged encoded blocks back into a fresh discovery as they
+were taken over, lying in their staging buffers, and `model_sizes` counts the bytes they hold there.
 """
 
 import logging
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from .blocks import (
+    Block,
     ModelLayout,
     TensorCluster,
     bytes_by_dtype,
@@ -31,12 +37,13 @@ from .blocks import (
 )
 from .budget import ComputeBudget
 from .costmodel import Timings
-from .files import FileReader, copy_to
+from .files import Backing, FileReader, copy_to
 from .ledger import LEDGER, Account, Ledger
 from .memory import MemoryInventory
 from .pages import MappingTable, release_file_pages, trim_heap
 from .planner import ModelSizes, Plan, plan_request
-from .request import PlacementRequest, PlanError
+from .request import PlacementRequest, PlanError, StreamFormat
+from .stream_format import BlockCodec
 from .streamer import BlockStreamer, StagingProgress, StoragePlacement, StreamStats
 
 logger = logging.getLogger("distorch.placement")
@@ -247,7 +254,8 @@ class Placement:
             raise ValueError("distorch: this placement was given a plan, not a request; pass the request to plan")
         model = self._live_model()
         keep = self.plan.streamed if budget is not None and self.is_staged else None
-        return plan_request(model_sizes(model), request, memory=memory, others=self._ledger.others(model),
+        sizes = model_sizes(model, self._layout_now(model), self._held_encoded())
+        return plan_request(sizes, request, memory=memory, others=self._ledger.others(model),
                             budget=budget, timings=timings, keep=keep)
 
     def move_to(self, new_plan: Plan, *, request: PlacementRequest | None = None,
@@ -274,7 +282,10 @@ class Placement:
         if new_plan.compute_device != self.plan.compute_device and self.is_staged:
             raise RuntimeError(f"distorch: {type(model).__name__} streams to {self.plan.compute_device} and cannot "
                                f"move to {new_plan.compute_device} while staged; release() it first")
-        layout = discover(model)
+        if new_plan.stream_format != self.plan.stream_format and self.is_staged:
+            raise RuntimeError(f"distorch: {type(model).__name__} streams as {self.plan.stream_format} and cannot "
+                               f"change to {new_plan.stream_format} while staged; release() it first")
+        layout = self._layout_now(model)
         check_layout(new_plan, layout)
         old_plan, old = self.plan, self.streamer
         if old is None:  # nothing taken over yet: the next open checks the rest and places by the new plan
@@ -317,10 +328,26 @@ class Placement:
             self._place_resident(model, clusters)
         self.streamer = self._build_streamer(self.plan, pin)
 
+    def _layout_now(self, model: nn.Module) -> ModelLayout:
+        """The model as it lies now: a fresh discovery, in which the blocks staged encoded (whose tensors view
+        placeholders) are the blocks taken over, lying in their staging buffers."""
+        layout = discover(model)
+        staged = self.streamer.staged_encoded() if self.streamer is not None else {}
+        if not staged:
+            return layout
+        return ModelLayout(tuple(_lying_in(block, self._layout.block(block.name), staged[block.name][0])
+                                 if block.name in staged else block for block in layout.blocks), layout.rest)
+
+    def _held_encoded(self) -> dict[str, tuple[str, int]]:
+        return self.streamer.staged_encoded() if self.streamer is not None else {}
+
     def _build_streamer(self, plan: Plan, pin: bool) -> BlockStreamer:
         """The streamer for `plan` over the layout taken over (its clusters say where each weight came from)."""
         blocks = [b for b in self._layout.blocks if b.name in plan.streamed]
-        storage = {b.name: StoragePlacement(b.device, b.pinned and pin, b.disk) for b in plan.blocks if b.streamed}
+        fmt = StreamFormat.parse(plan.stream_format)
+        storage = {b.name: StoragePlacement(b.device, b.pinned and pin, b.disk,
+                                            fmt if b.decodes else StreamFormat.STORED)
+                   for b in plan.blocks if b.streamed}
         return BlockStreamer(self._live_model(), blocks, storage, plan.compute_device,
                              prefetch=self._prefetch or plan.prefetch, debug=self._debug, engine=self._engine,
                              account=self._account)
@@ -351,7 +378,7 @@ class Placement:
 
 def plan(model: nn.Module, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
          expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-         prefetch: int = 2, ledger: Ledger | None = None) -> Plan:
+         prefetch: int = 2, ledger: Ledger | None = None, stream_format: str = "stored") -> Plan:
     """Plans which blocks of `model` stay on `compute_device` and which are streamed from where.
 
     The plan is reserved in the ledger under `model` (replacing its earlier plan) until the model is
@@ -367,6 +394,9 @@ def plan(model: nn.Module, *, compute_device: str, virtual_vram_gb: float = 0.0,
         memory: free bytes per device (plus an optional "pinned" budget), or an inventory; probed when None.
         prefetch: streaming slots (blocks in flight) the plan reserves on the compute device.
         ledger: where models' memory is recorded; the process-wide `distorch.ledger.LEDGER` by default.
+        stream_format: how streamed blocks are held and copied: "stored" (as loaded), "q8_0" (GGUF Q8_0 blocks,
+            ~0.53 x bf16, near-lossless) or "fp8_e4m3fn" (~0.5 x bf16, ~2.5 % weight error); decoded on the
+            compute device before each block runs. Resident blocks stay as loaded.
 
     Raises:
         PlanError: when the placement does not fit the free memory, or the devices are unusable.
@@ -377,14 +407,50 @@ def plan(model: nn.Module, *, compute_device: str, virtual_vram_gb: float = 0.0,
         >>> print(p.report())
     """
     request = PlacementRequest.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
-                                        prefetch=prefetch)
+                                        prefetch=prefetch, stream_format=stream_format)
     return Placement.planned(model, request, memory=memory, ledger=ledger).plan
 
 
-def model_sizes(model: nn.Module) -> ModelSizes:
-    """What the planner needs of a live model: its blocks and where their weights lie now, in the loaded dtypes."""
-    sizes = ModelSizes.from_layout(type(model).__name__, discover(model))
-    return replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model")
+def model_sizes(model: nn.Module, layout: ModelLayout | None = None,
+                held_encoded: Mapping[str, tuple[str, int]] | None = None) -> ModelSizes:
+    """What the planner needs of a live model: its blocks and where their weights lie now, in the loaded dtypes, and
+    each block's size in every stream format that makes it smaller.
+
+    Args:
+        layout: the model as it lies now (`Placement._layout_now`); discovered when None.
+        held_encoded: blocks staged encoded: name -> (device, bytes their staging buffer holds there).
+    """
+    layout = discover(model) if layout is None else layout
+    sizes = ModelSizes.from_layout(type(model).__name__, layout)
+    encoded = {fmt.value: _encoded_sizes(layout, fmt) for fmt in StreamFormat if fmt is not StreamFormat.STORED}
+    sizes = replace(sizes, dtype_bytes=bytes_by_dtype(model), dtype_source="model", encoded=encoded)
+    return _holding_encoded(sizes, held_encoded or {})
+
+
+def _encoded_sizes(layout: ModelLayout, fmt: StreamFormat) -> dict[str, tuple[int, int]]:
+    """Block name -> (bytes in `fmt`, decode scratch on a GPU), for the blocks `fmt` makes smaller."""
+    codecs = {block.name: BlockCodec.build(block.clusters, fmt) for block in layout.blocks if block.clusters}
+    return {name: (codec.encoded_nbytes, codec.decode_scratch_bytes("cuda"))
+            for name, codec in codecs.items() if codec.encoded}
+
+
+def _holding_encoded(sizes: ModelSizes, held: Mapping[str, tuple[str, int]]) -> ModelSizes:
+    """`sizes` with each block staged encoded counted as what its buffer holds (RAM it takes, bytes on its device)."""
+    if not held:
+        return sizes
+    stored = dict(sizes.blocks)
+    in_ram, bytes_on = dict(sizes.in_ram), dict(sizes.bytes_on)
+    for name, (device, nbytes) in held.items():
+        bytes_on[device] = bytes_on.get(device, 0) - stored[name] + nbytes
+        if device == "cpu":
+            in_ram[name] = nbytes
+    return replace(sizes, in_ram=in_ram, bytes_on=bytes_on)
+
+
+def _lying_in(found: Block, taken_over: Block, device: str) -> Block:
+    """`taken_over` (the block as first discovered) lying in its staging buffer on `device`, in `found`'s order."""
+    clusters = tuple(replace(c, device=device, backing=Backing.RAM, source=None) for c in taken_over.clusters)
+    return replace(found, nbytes=taken_over.nbytes, clusters=clusters)
 
 
 def check_layout(plan: Plan, layout: ModelLayout) -> None:

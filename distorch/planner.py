@@ -8,7 +8,11 @@ with copy time > compute time per block an interleaved plan reaches max(compute,
 where a tail plan stalls on every tail block (research/prefetch.md §4.2).
 
 RAM is counted as staging uses it: a streamed block already in ordinary RAM is moved into its staging
-buffer, so it adds nothing; a block in a file mapping or on a GPU adds its bytes. What other DisTorch
+buffer, so it adds nothing; a block in a file mapping or on a GPU adds its bytes. With a stream format
+(`PlacementRequest.stream_format`, stream_format.py) a streamed block is staged, held and copied smaller: every
+count of a streamed block's host buffer, donor VRAM, slot and copy uses its size as streamed (`_stream_nbytes`),
+and the compute device also holds one decode buffer (the largest decoded block). How many bytes leave the compute
+device is still counted as stored: that is what the user asked to move off it. What other DisTorch
 models reserved and have not allocated yet comes from the ledger (ledger.py), as does the pinned RAM
 they hold.
 
@@ -59,6 +63,9 @@ class ModelSizes:
     # header: the file's dtype) or "model" (a live model: the dtype the loader built, e.g. fp8 from bf16).
     dtype_bytes: Mapping[str, int] = field(default_factory=dict)
     dtype_source: str = ""
+    # Per stream format, the blocks it makes smaller: block name -> (bytes as streamed, decode scratch bytes on a
+    # GPU). Blocks a format leaves as stored are absent; sizes from a file header have none (everything as stored).
+    encoded: Mapping[str, Mapping[str, tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def block_bytes(self) -> int:
@@ -107,6 +114,18 @@ class BlockPlacement:
     pinned: bool = False
     disk: bool = False  # left in the model file's mapping and streamed from there
     reason: str = field(default="", compare=False)  # why the block got its tier, for the report (not the placement)
+    encoded_nbytes: int = 0  # streamed smaller in the plan's stream format: its bytes so (0: streamed as stored)
+    decode_scratch: int = 0  # temporaries its decode takes on the compute device beside the decode buffer
+
+    @property
+    def stream_nbytes(self) -> int:
+        """Bytes its host buffer (or donor VRAM), its slot and each copy take: `nbytes` unless it is encoded."""
+        return self.encoded_nbytes or self.nbytes
+
+    @property
+    def decodes(self) -> bool:
+        """Streamed encoded: decoded into the compute device's decode buffer before it runs."""
+        return self.streamed and self.encoded_nbytes > 0
 
     @property
     def tier(self) -> Tier:
@@ -138,6 +157,7 @@ class Plan:
     dtype_source: str = ""
     # The model files as planned: reads check a file is still the same (a rewrite after planning raises).
     files: tuple["FileIdentity", ...] = field(default=(), compare=False)
+    stream_format: str = "stored"  # how streamed blocks travel (a request.StreamFormat value)
     # How it was chosen (the report's "why"): a fixed amount or automatic, against which run budget, the pass the
     # cost model predicts for it, and why it has `prefetch` slots.
     mode: str = field(default="fixed", compare=False)  # "fixed" (virtual_vram_gb / expert string) or "auto"
@@ -157,7 +177,19 @@ class Plan:
 
     @property
     def streamed_bytes(self) -> int:
+        """Bytes of the streamed blocks as they stream (held off the compute device, copied per forward): encoded in
+        the plan's stream format; `streamed_stored_bytes` as stored."""
+        return sum(b.stream_nbytes for b in self.blocks if b.streamed)
+
+    @property
+    def streamed_stored_bytes(self) -> int:
+        """Bytes the streamed blocks take as stored: what leaves the compute device."""
         return sum(b.nbytes for b in self.blocks if b.streamed)
+
+    @property
+    def saved_bytes(self) -> int:
+        """What the stream format saves in RAM (or donor VRAM) and on every forward's copies."""
+        return self.streamed_stored_bytes - self.streamed_bytes
 
     @property
     def resident_bytes(self) -> int:
@@ -166,22 +198,28 @@ class Plan:
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes of one streaming slot: the largest streamed block."""
-        return max((b.nbytes for b in self.blocks if b.streamed), default=0)
+        """Bytes of one streaming slot: the largest streamed block as it streams."""
+        return max((b.stream_nbytes for b in self.blocks if b.streamed), default=0)
+
+    @property
+    def decode_bytes(self) -> int:
+        """The decode buffer on the compute device (the largest encoded block as stored) and its decode's scratch;
+        0 when nothing streams encoded."""
+        return _decode_footprint(self.blocks)
 
     @property
     def compute_bytes(self) -> int:
-        """Planned weight memory on the compute device: resident weights plus the streaming slots."""
+        """Planned weight memory on the compute device: resident weights, the streaming slots, the decode buffer."""
         return self.resident_bytes + self.slot_total
 
     @property
     def slot_total(self) -> int:
-        """Compute-device bytes of the streaming slots (none when nothing streams)."""
-        return self.prefetch * self.slot_bytes
+        """Compute-device bytes streaming takes: the slots and the decode buffer (none when nothing streams)."""
+        return self.prefetch * self.slot_bytes + self.decode_bytes
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks if b.pinned)
+        return sum(b.stream_nbytes for b in self.blocks if b.pinned)
 
     @property
     def disk_bytes(self) -> int:
@@ -192,8 +230,8 @@ class Plan:
         donors: dict[str, int] = {}
         for block in self.blocks:
             if block.tier is Tier.DONOR:
-                donors[block.device] = donors.get(block.device, 0) + block.nbytes
-        pageable = sum(b.nbytes for b in self.blocks if b.tier is Tier.PAGEABLE)
+                donors[block.device] = donors.get(block.device, 0) + block.stream_nbytes
+        pageable = sum(b.stream_nbytes for b in self.blocks if b.tier is Tier.PAGEABLE)
         return Holding(self.model_name, self.pinned_bytes, pageable, self.disk_bytes, tuple(sorted(donors.items())),
                        self.ram_added, staged)
 
@@ -265,7 +303,8 @@ def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryI
     """A fixed amount with no run budget known (the loader, the CLI without a workload): checked against the
     compute device's usable memory, a PlanError naming the amount that fits when it does not."""
     streamed = choose_streamed([n for _, n in sizes.blocks], requested)
-    option = _Option.of(sizes, request.compute_device, streamed, request.prefetch, tiers, inventory, others)
+    stream = _stream_nbytes(sizes, request.stream_format)
+    option = _Option.of(sizes, request.compute_device, streamed, request.prefetch, tiers, inventory, others, stream)
     result = _make_plan(sizes, request, inventory, option, requested, tuple(_offload_warnings(sizes, requested)))
     _check_capacity(result, sizes, inventory, option.host)
     return result
@@ -275,21 +314,25 @@ def _budget_plan(sizes: ModelSizes, request: PlacementRequest, inventory: Memory
                  tiers: list, requested: int, budget: ComputeBudget, timings: Timings | None,
                  keep: frozenset[str] | None) -> Plan:
     block_bytes = [n for _, n in sizes.blocks]
+    stream = _stream_nbytes(sizes, request.stream_format)
+    as_streamed = [stream[name] for name, _ in sizes.blocks]
     current = None if keep is None else [i for i, (name, _) in enumerate(sizes.blocks) if name in keep]
     compute_s = _compute_times(timings, budget, len(block_bytes))
     depths = range(1, MAX_PREFETCH + 1) if request.auto and compute_s else (request.prefetch,)
     options: list[_Option] = []
     for depth in depths:
-        streamed, fits = streamed_within(block_bytes, sizes.rest_bytes, budget.room, requested, depth, current)
+        streamed, fits = streamed_within(block_bytes, sizes.rest_bytes, budget.room, requested, depth, current,
+                                         as_streamed)
         try:
-            option = _Option.of(sizes, request.compute_device, streamed, depth, tiers, inventory, others, fits,
+            option = _Option.of(sizes, request.compute_device, streamed, depth, tiers, inventory, others, stream, fits,
                                 resident_reason=_resident_reason(request, budget))
         except PlanError:
             if options:
                 break  # a deeper prefetch streams blocks the storage tiers have no room for
             raise
-        options.append(replace(option, estimate=estimate_pass(compute_s, copy_times(block_bytes, option.tiers,
-                                                                                     timings), depth)))
+        copied = [n for n, _ in as_streamed]  # a copy moves the bytes as they stream
+        options.append(replace(option, estimate=estimate_pass(compute_s, copy_times(copied, option.tiers, timings),
+                                                              depth)))
     prefetch, why = (choose_prefetch([o.estimate for o in options], request.prefetch) if request.auto else
                      (request.prefetch, f"{request.prefetch} slots, as requested"))
     chosen = next(o for o in options if o.prefetch == prefetch)
@@ -311,10 +354,10 @@ class _Option:
     estimate: PassEstimate | None = None
 
     @classmethod
-    def of(cls, sizes, compute, streamed, prefetch, tiers, inventory, others, fits=True,
+    def of(cls, sizes, compute, streamed, prefetch, tiers, inventory, others, stream, fits=True,
            resident_reason: str = "not needed to reach the requested offload") -> "_Option":
-        host = _HostRoom.of(sizes, compute, streamed, prefetch, inventory, others)
-        placements = _assign_storage(sizes, compute, streamed, tiers, inventory, host, resident_reason)
+        host = _HostRoom.of(sizes, compute, streamed, prefetch, inventory, others, stream)
+        placements = _assign_storage(sizes, compute, streamed, tiers, inventory, host, stream, resident_reason)
         return cls(prefetch, placements, host, fits)
 
     @property
@@ -328,7 +371,17 @@ def _make_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryIn
     return Plan(sizes.name, request.compute_device, option.placements, sizes.rest_bytes, option.prefetch, requested,
                 warnings, option.host.others, option.host.added(option.placements), inventory.pinned_elsewhere,
                 dtype_bytes=dict(sizes.dtype_bytes), dtype_source=sizes.dtype_source, files=sizes.files,
-                mode="auto" if request.auto else "fixed", **extra)
+                stream_format=str(request.stream_format.value), mode="auto" if request.auto else "fixed", **extra)
+
+
+def _stream_nbytes(sizes: ModelSizes, stream_format) -> dict[str, tuple[int, int]]:
+    """Per block, (bytes as it streams in `stream_format`, decode scratch): its host buffer, donor VRAM, slot and copy.
+
+    A block the format leaves as stored, or any block of sizes without encoded sizes (a file header), streams its
+    stored bytes with no decode. A block left on the disk tier streams as stored too (`_assign_storage`).
+    """
+    encoded = sizes.encoded.get(str(getattr(stream_format, "value", stream_format)), {})
+    return {name: encoded.get(name, (nbytes, 0)) for name, nbytes in sizes.blocks}
 
 
 def _compute_times(timings: Timings | None, budget: ComputeBudget, blocks: int) -> tuple[float, ...]:
@@ -367,14 +420,21 @@ def _budget_warnings(sizes: ModelSizes, request: PlacementRequest, budget: Compu
 
 
 def _block_footprint(option: _Option) -> int:
-    """Compute-device bytes of the blocks: the resident ones and the slots."""
+    """Compute-device bytes of the blocks: the resident ones, the slots and the decode buffer."""
     resident = sum(b.nbytes for b in option.placements if not b.streamed)
-    slot = max((b.nbytes for b in option.placements if b.streamed), default=0)
-    return resident + option.prefetch * slot
+    slot = max((b.stream_nbytes for b in option.placements if b.streamed), default=0)
+    return resident + option.prefetch * slot + _decode_footprint(option.placements)
+
+
+def _decode_footprint(placements) -> int:
+    """The decode buffer (largest encoded block as stored) plus the largest decode scratch; 0 without encoded blocks."""
+    decoding = [b for b in placements if b.decodes]
+    return max(b.nbytes for b in decoding) + max(b.decode_scratch for b in decoding) if decoding else 0
 
 
 def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requested: int,
-                    prefetch: int, current: list[int] | None = None) -> tuple[list[int], bool]:
+                    prefetch: int, current: list[int] | None = None,
+                    as_streamed: list[tuple[int, int]] | None = None) -> tuple[list[int], bool]:
     """Indices of the blocks to stream (at least `requested` bytes, spread evenly as `choose_streamed` spreads
     them) so that the rest, the resident blocks and `prefetch` slots fit `room`; and whether they fit at all
     (False: every block streamed and still over `room`).
@@ -385,25 +445,34 @@ def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requeste
 
     With `current` (the blocks streamed now), the choice grows or shrinks that set (`adjust_streamed`) rather than
     spreading anew, so a re-placement moves only the blocks the new budget needs moved.
+
+    `as_streamed` (per block: bytes as streamed, decode scratch) sizes the slots of a stream format, plus the decode
+    buffer its encoded blocks need; without it every block streams as stored.
     """
+    as_streamed = as_streamed or [(n, 0) for n in block_bytes]
+
+    def decode(chosen) -> int:
+        encoded = [i for i in chosen if as_streamed[i][0] != block_bytes[i]]
+        return max(block_bytes[i] for i in encoded) + max(as_streamed[i][1] for i in encoded) if encoded else 0
+
     def choose(sizes: list[int], target: int) -> list[int]:
         if current is None:
             return choose_streamed(sizes, target)
         return adjust_streamed(sizes, [i for i in current if sizes[i]], target)
 
     def fits(chosen: list[int]) -> bool:
-        slot = max((block_bytes[i] for i in chosen), default=0)
+        slot = max((as_streamed[i][0] for i in chosen), default=0)
         resident = sum(block_bytes) - sum(block_bytes[i] for i in chosen)
-        return rest_bytes + resident + prefetch * slot <= room
+        return rest_bytes + resident + prefetch * slot + decode(chosen) <= room
 
     requested_only = choose(block_bytes, requested)
     if fits(requested_only):
         return requested_only, True
     must_leave = rest_bytes + sum(block_bytes) - room
     fitting = []
-    for cap in sorted({n for n in block_bytes if n}):
-        eligible = [n if n <= cap else 0 for n in block_bytes]
-        target = max(requested, must_leave + prefetch * cap)
+    for cap in sorted({as_streamed[i][0] for i, n in enumerate(block_bytes) if n}):
+        eligible = [n if as_streamed[i][0] <= cap else 0 for i, n in enumerate(block_bytes)]
+        target = max(requested, must_leave + prefetch * cap + decode([i for i, n in enumerate(eligible) if n]))
         if target <= sum(eligible):
             chosen = choose(eligible, target)
             if fits(chosen):
@@ -563,11 +632,11 @@ class _HostRoom:
 
     @classmethod
     def of(cls, sizes: ModelSizes, compute: str, streamed: list[int], prefetch: int, inventory: MemoryInventory,
-           others: tuple[Holding, ...]) -> "_HostRoom":
+           others: tuple[Holding, ...], stream: Mapping[str, tuple[int, int]]) -> "_HostRoom":
         blocks = [sizes.blocks[i] for i in streamed]
         extra = 0
         if compute == "cpu":
-            slots = prefetch * max((n for _, n in blocks), default=0)
+            slots = prefetch * max((stream[name][0] for name, _ in blocks), default=0) + _decode_bytes(blocks, stream)
             resident = sizes.total_bytes - sum(n for _, n in blocks)
             resident_on_host = max(0, sizes.bytes_on.get("cpu", 0) - sum(sizes.on_host(name) for name, _ in blocks))
             extra = slots + max(0, resident - resident_on_host)
@@ -593,17 +662,24 @@ class _HostRoom:
 
     def added(self, placements) -> int:
         """RAM the placement adds beyond what the model's weights already take."""
-        staged = sum(b.nbytes for b in placements if b.streamed and b.device == "cpu" and not b.disk)
+        staged = sum(b.stream_nbytes for b in placements if b.streamed and b.device == "cpu" and not b.disk)
         bounce = self.disk_bounce if any(b.disk for b in placements) else 0
         return max(0, staged - self.moved + self.compute_extra) + bounce
 
 
-def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
+def _decode_bytes(blocks, stream: Mapping[str, tuple[int, int]]) -> int:
+    """The decode buffer and scratch the encoded ones of `blocks` (name, stored bytes) need on the compute device."""
+    decoding = [(nbytes, stream[name][1]) for name, nbytes in blocks if stream[name][0] != nbytes]
+    return max(n for n, _ in decoding) + max(s for _, s in decoding) if decoding else 0
+
+
+def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom, stream: Mapping[str, tuple[int, int]],
                     resident_reason: str = "not needed to reach the requested offload") -> tuple[BlockPlacement, ...]:
     """Spreads the streamed blocks over the storage tiers (by error diffusion, within each tier's room), leaves
-    file-backed blocks on the disk tier while RAM is short, and page-locks RAM blocks within the pinned budget."""
-    streamed_bytes = sum(sizes.blocks[i][1] for i in streamed)
-    largest = max((sizes.blocks[i][1] for i in streamed), default=0)
+    file-backed blocks on the disk tier while RAM is short, and page-locks RAM blocks within the pinned budget.
+    Sizes as streamed (`stream`); a block left on the disk tier streams its stored bytes from the file."""
+    streamed_bytes = sum(stream[sizes.blocks[i][0]][0] for i in streamed)
+    largest = max((stream[sizes.blocks[i][0]][0] for i in streamed), default=0)
     room = _tier_rooms(tiers, sizes, inventory, largest, host)
     if streamed_bytes > sum(room.values()):
         raise PlanError(
@@ -614,34 +690,40 @@ def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
     assigned = {t.device: 0 for t in tiers}
     devices, done = {}, 0
     for index in streamed:
-        name, nbytes = sizes.blocks[index]
+        name = sizes.blocks[index][0]
+        nbytes = stream[name][0]
         devices[index] = _pick_tier(tiers, planned, assigned, room, nbytes, done, name)
         assigned[devices[index]] += nbytes
         done += nbytes
-    on_disk = _disk_blocks(sizes, devices, host)
+    on_disk = _disk_blocks(sizes, devices, host, stream)
     placements, pinned_left = [], host.pinned_left
     for index, (name, nbytes) in enumerate(sizes.blocks):
         if index not in devices:
             placements.append(BlockPlacement(name, nbytes, compute, streamed=False, reason=resident_reason))
             continue
         device, disk = devices[index], index in on_disk
-        pinned = device == "cpu" and not disk and nbytes <= pinned_left and compute != "cpu"
-        pinned_left -= nbytes if pinned else 0
-        block = BlockPlacement(name, nbytes, device, streamed=True, pinned=pinned, disk=disk)
+        encoded, scratch = (0, 0) if disk or stream[name][0] == nbytes else stream[name]
+        held = encoded or nbytes
+        pinned = device == "cpu" and not disk and held <= pinned_left and compute != "cpu"
+        pinned_left -= held if pinned else 0
+        block = BlockPlacement(name, nbytes, device, streamed=True, pinned=pinned, disk=disk, encoded_nbytes=encoded,
+                               decode_scratch=scratch)
         placements.append(replace(block, reason=_reason(block, compute, tiers, host)))
     return tuple(placements)
 
 
-def _disk_blocks(sizes: ModelSizes, devices: dict[int, str], host: _HostRoom) -> set[int]:
-    """Blocks that stay in their file mapping because staging all RAM-tier blocks would not fit, spread evenly."""
+def _disk_blocks(sizes: ModelSizes, devices: dict[int, str], host: _HostRoom,
+                 stream: Mapping[str, tuple[int, int]]) -> set[int]:
+    """Blocks that stay in their file mapping because staging all RAM-tier blocks (as streamed) would not fit, spread
+    evenly."""
     in_ram = [i for i, device in devices.items() if device == "cpu"]
-    staged = sum(sizes.blocks[i][1] for i in in_ram)
+    staged = sum(stream[sizes.blocks[i][0]][0] for i in in_ram)
     shortfall = max(0, staged - host.moved + host.compute_extra) - host.usable
     candidates = [i for i in in_ram if sizes.file_backed(*sizes.blocks[i])]
     if shortfall <= 0 or not candidates:
         return set()
     shortfall += host.disk_bounce  # reading from the disk needs its bounce buffer too
-    picked = choose_streamed([sizes.blocks[i][1] for i in candidates], shortfall)
+    picked = choose_streamed([stream[sizes.blocks[i][0]][0] for i in candidates], shortfall)
     return {candidates[j] for j in picked}
 
 
@@ -713,7 +795,7 @@ def _check_capacity(result: Plan, sizes: ModelSizes, inventory: MemoryInventory,
         needed[result.compute_device] = result.compute_bytes
     for block in result.blocks:
         if block.streamed and block.device != "cpu":
-            needed[block.device] = needed.get(block.device, 0) + block.nbytes
+            needed[block.device] = needed.get(block.device, 0) + block.stream_nbytes
     for device, nbytes in needed.items():
         room = _device_room(device, sizes, inventory, host)
         if nbytes > room:

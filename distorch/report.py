@@ -3,7 +3,9 @@
 Totals are net: "VRAM freed" is what leaves the compute device minus the streaming slots the moved
 blocks come back through, so a plan that streams too little shows that it costs VRAM. Every rendering
 says which weight format the sizes count: a file's header (the CLI) or the model as loaded (the node),
-which differ when the loader builds another dtype (fp8 from a bf16 file, fp32 on some CPUs).
+which differ when the loader builds another dtype (fp8 from a bf16 file, fp32 on some CPUs). With a stream
+format, streamed blocks are held (RAM, donor VRAM) and copied in their encoded size; what leaves the compute
+device is counted as stored, and the decode buffer is counted on the compute device beside the slots.
 """
 
 from dataclasses import asdict, dataclass
@@ -30,7 +32,7 @@ class TierRow:
     device: str
     role: str
     blocks: int
-    nbytes: int
+    nbytes: int  # what these blocks take on `device` (streamed blocks: as they stream, encoded in a stream format)
     moved_off: int  # bytes these blocks keep off the compute device (gross: the slots come off once, in the totals)
     tier: str = ""
 
@@ -40,38 +42,69 @@ class PlanTotals:
     """The plan in a few numbers (bytes), as the node's summary, the CLI and the UI show them."""
 
     model_bytes: int  # all weights: blocks and the rest
-    compute_bytes: int  # weights on the compute device: resident weights plus the streaming slots
+    compute_bytes: int  # weights on the compute device: resident weights, the streaming slots, the decode buffer
     slots_bytes: int
-    moved_off_bytes: int  # streamed blocks: kept off the compute device between their forwards
-    vram_freed_bytes: int  # net: moved off minus the slots (negative when streaming costs VRAM)
+    moved_off_bytes: int  # streamed blocks (as stored): kept off the compute device between their forwards
+    vram_freed_bytes: int  # net: moved off minus the slots and decode buffer (negative when streaming costs VRAM)
     ram_bytes: int  # system RAM holding streamed blocks (pinned + pageable)
     pinned_bytes: int
     pageable_bytes: int
     donor_bytes: int  # donor GPUs' VRAM holding streamed blocks
     disk_bytes: int  # streamed blocks read from the model file on demand
     per_pass_bytes: int  # copied to the compute device by each forward pass (one per step when CFG is batched)
+    decode_bytes: int = 0  # the stream format's decode buffer (and its scratch) on the compute device
+    saved_bytes: int = 0  # what the stream format saves in host RAM / donor VRAM, and on every pass's copies
 
 
 def plan_totals(plan) -> PlanTotals:
     by_tier = {tier: 0 for tier in TIER_ORDER}
     for block in plan.blocks:
-        by_tier[_tier(block)] = by_tier.get(_tier(block), 0) + block.nbytes
-    streamed = plan.streamed_bytes
+        by_tier[_tier(block)] = by_tier.get(_tier(block), 0) + _held(block)
+    streamed = _stored_streamed(plan)
     slots = plan.prefetch * plan.slot_bytes
+    decode = getattr(plan, "decode_bytes", 0)
     on_cpu = plan.compute_device == "cpu"
     return PlanTotals(
         model_bytes=plan.resident_bytes + streamed,
-        compute_bytes=plan.resident_bytes + slots,
+        compute_bytes=plan.resident_bytes + slots + decode,
         slots_bytes=slots,
         moved_off_bytes=streamed,
-        vram_freed_bytes=0 if on_cpu else streamed - slots,
+        vram_freed_bytes=0 if on_cpu else streamed - slots - decode,
         ram_bytes=by_tier["pinned_ram"] + by_tier["pageable_ram"],
         pinned_bytes=by_tier["pinned_ram"],
         pageable_bytes=by_tier["pageable_ram"],
         donor_bytes=by_tier["donor_gpu"],
         disk_bytes=by_tier["disk"],
-        per_pass_bytes=streamed,
+        per_pass_bytes=plan.streamed_bytes,
+        decode_bytes=decode,
+        saved_bytes=streamed - plan.streamed_bytes,
     )
+
+
+def _held(block) -> int:
+    """Bytes a block takes where it is stored: as it streams when streamed (a plan from an older pack: as stored)."""
+    return getattr(block, "stream_nbytes", block.nbytes) if block.streamed else block.nbytes
+
+
+def _stored_streamed(plan) -> int:
+    return sum(b.nbytes for b in plan.blocks if b.streamed)
+
+
+def stream_format_note(plan) -> str:
+    """One line on the stream format when it makes streamed blocks smaller ("" otherwise)."""
+    fmt = getattr(plan, "stream_format", "stored")
+    if fmt == "stored" or not plan.streamed:
+        return ""
+    decoding = [b for b in plan.blocks if getattr(b, "decodes", False)]
+    stored = sum(b.nbytes for b in decoding)
+    note = (f"stream format {fmt}: {len(decoding)} streamed blocks held and copied as "
+            f"{format_gb(sum(b.stream_nbytes for b in decoding))} instead of {format_gb(stored)} "
+            f"(saves {format_gb(stored - sum(b.stream_nbytes for b in decoding))}), decoded on {plan.compute_device} "
+            f"into a {format_gb(plan.decode_bytes)} buffer")
+    as_stored = sum(1 for b in plan.blocks if b.streamed and not getattr(b, "decodes", False))
+    if as_stored:
+        note += f"; {as_stored} streamed as stored (the disk tier, or nothing {fmt} encodes)"
+    return note
 
 
 def dtype_note(plan) -> str:
@@ -95,9 +128,9 @@ def tier_rows(plan) -> list[TierRow]:
         if block.streamed:
             groups.setdefault((block.device, _tier(block)), []).append(block)
     for (device, tier), blocks in sorted(groups.items(), key=lambda item: _tier_order(*item[0])):
-        nbytes = sum(b.nbytes for b in blocks)
-        rows.append(TierRow(device, _role(tier, compute), len(blocks), nbytes, nbytes if compute != "cpu" else 0,
-                            tier))
+        stored = sum(b.nbytes for b in blocks)
+        rows.append(TierRow(device, _role(tier, compute), len(blocks), sum(_held(b) for b in blocks),
+                            stored if compute != "cpu" else 0, tier))
     return rows
 
 
@@ -108,9 +141,9 @@ def format_report(plan) -> str:
         f"DisTorch plan for {plan.model_name}: {format_gb(totals.model_bytes)} "
         f"({len(plan.blocks)} blocks + {format_gb(plan.rest_bytes)} other weights), compute on {compute}",
     ]
-    note = dtype_note(plan)
-    if note:
-        lines.append(f"  {note}")
+    for note in (dtype_note(plan), stream_format_note(plan)):
+        if note:
+            lines.append(f"  {note}")
     lines.append(f"  {'device':<8} {'tier':<29} {'blocks':>6} {'weights':>10} {'moved off':>10}")
     for row in tier_rows(plan):
         moved = format_gb(row.moved_off) if row.moved_off else "-"
@@ -198,8 +231,9 @@ def _streaming_lines(plan, totals: PlanTotals) -> list[str]:
     lines = [f"  streaming slots on {compute}: {plan.prefetch} x {format_gb(plan.slot_bytes)}; weights on "
              f"{compute}: {format_gb(totals.compute_bytes)} of the model's {format_gb(totals.model_bytes)}"]
     if compute != "cpu":
+        decode = f" - {format_gb(totals.decode_bytes)} decode buffer" if totals.decode_bytes else ""
         lines.append(f"  VRAM freed: {_signed_gb(totals.vram_freed_bytes)} ({format_gb(totals.moved_off_bytes)} "
-                     f"moved off - {format_gb(totals.slots_bytes)} streaming slots)")
+                     f"moved off - {format_gb(totals.slots_bytes)} streaming slots{decode})")
     ram = "RAM" if compute == "cpu" else "pageable RAM"
     held = [f"{format_gb(n)} {what}" for n, what in ((totals.pinned_bytes, "pinned RAM"),
                                                    (totals.pageable_bytes, ram),
@@ -224,13 +258,18 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         "model": plan.model_name,
         "label": label or plan.model_name,
         "compute_device": plan.compute_device,
+        "stream_format": getattr(plan, "stream_format", "stored"),
+        "stream_note": stream_format_note(plan),
         "prefetch": plan.prefetch,
         "slot_bytes": plan.slot_bytes,
         "rest_bytes": plan.rest_bytes,
         "dtype": {"source": plan.dtype_source, "bytes": {str(k): int(v) for k, v in plan.dtype_bytes.items()},
                   "note": dtype_note(plan)},
+        # `bytes` as stored; `stream_bytes` as held and copied (smaller when `format` is not "stored").
         "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device,
-                    "reason": getattr(b, "reason", "")} for b in plan.blocks],
+                    "reason": getattr(b, "reason", ""), "stream_bytes": _held(b),
+                    "format": plan.stream_format if getattr(b, "decodes", False) else "stored"}
+                   for b in plan.blocks],
         "tiers": [{"tier": r.tier, "device": r.device, "role": r.role, "blocks": r.blocks, "bytes": r.nbytes}
                   for r in tier_rows(plan)],
         "totals": asdict(plan_totals(plan)),

@@ -11,14 +11,35 @@ the machine's device list and their widget's maximum). The rules, in one place:
 - without an expert string: a GPU cannot donate to itself when something is moved off it (or may be, in auto
   mode), and compute on the CPU streams from RAM only;
 - an expert string parses (ComfyUI-MultiGPU's grammar), names devices of this machine and needs a GPU compute
-  device; it replaces `virtual_vram_gb` and `donor_device`.
+  device; it replaces `virtual_vram_gb` and `donor_device`;
+- `stream_format` is one of `StreamFormat` (how streamed blocks travel: as stored, or smaller; stream_format.py).
 
 Pure Python (no torch), so the CLI plans from a file header without importing torch.
 """
 
 from dataclasses import dataclass
+from enum import Enum
 
 from .allocation import AllocationError, AllocationSpec, is_device_name, parse_allocation
+
+
+class StreamFormat(str, Enum):
+    """How a streamed block's weights travel between its host buffer and the compute device (stream_format.py)."""
+
+    STORED = "stored"
+    Q8_0 = "q8_0"
+    FP8_E4M3FN = "fp8_e4m3fn"
+
+    @classmethod
+    def parse(cls, value: "StreamFormat | str") -> "StreamFormat":
+        """The format named `value` ("q8_0", case-insensitive); ValueError naming the choices otherwise."""
+        if isinstance(value, StreamFormat):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(f.value for f in cls)
+            raise ValueError(f"stream format {str(value)[:40]!r} is not one of {choices}") from None
 
 
 class PlanError(ValueError):
@@ -37,6 +58,10 @@ class PlacementRequest:
     expert_mode_allocations: str = ""  # ComfyUI-MultiGPU grammar; when non-empty it replaces the two above
     prefetch: int = 2  # streaming slots on the compute device (blocks in flight)
     auto: bool = False  # the amount follows each run's budget; an expert string still places by itself
+    stream_format: StreamFormat = StreamFormat.STORED  # how streamed blocks travel (resident ones stay as loaded)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stream_format", StreamFormat.parse(self.stream_format))  # "q8_0" reads as the format
 
     @property
     def streams(self) -> bool:
@@ -52,7 +77,7 @@ class PlacementRequest:
     def validate(cls, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
                  expert_mode_allocations: str | None = "", available: tuple[str, ...] | None = None, *,
                  prefetch: int = 2, max_virtual_vram_gb: float | None = None,
-                 auto: bool = False) -> "PlacementRequest":
+                 auto: bool = False, stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest":
         """The request, or the problem: one alone raises as itself (a `PlanError`, or an `AllocationError` for the
         expert string), several together as one `PlanError` naming each.
 
@@ -61,6 +86,7 @@ class PlacementRequest:
             max_virtual_vram_gb: the largest `virtual_vram_gb` accepted (the node's widget maximum); None: no cap.
             auto: plan each run for its budget (the amount is then unused, but still checked: it is what a
                 workflow falls back to with auto off).
+            stream_format: how streamed blocks travel: "stored", "q8_0" or "fp8_e4m3fn".
 
         Example:
             >>> PlacementRequest.validate("CUDA:0", 6)
@@ -68,7 +94,8 @@ class PlacementRequest:
         """
         problems: list[ValueError] = []
         request = cls.collect(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations, available,
-                              problems, prefetch=prefetch, max_virtual_vram_gb=max_virtual_vram_gb, auto=auto)
+                              problems, prefetch=prefetch, max_virtual_vram_gb=max_virtual_vram_gb, auto=auto,
+                              stream_format=stream_format)
         if len(problems) == 1:
             raise problems[0]
         if problems:
@@ -79,7 +106,7 @@ class PlacementRequest:
     def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                 expert_mode_allocations: str | None, available: tuple[str, ...] | None, problems: list,
                 prefix: str = "", *, prefetch: int = 2, max_virtual_vram_gb: float | None = None,
-                auto: bool = False) -> "PlacementRequest | None":
+                auto: bool = False, stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest | None":
         """`validate` for one of several models of a node: appends its problems (inputs named `prefix` + name)."""
         before = len(problems)
         expert = (expert_mode_allocations or "").strip()
@@ -90,13 +117,14 @@ class PlacementRequest:
             problems.append(PlanError(f"prefetch must be at least 1, got {prefetch!r}"))
         if not isinstance(auto, bool):
             problems.append(PlanError(f"{prefix}auto_placement must be true or false, got {auto!r}"))
+        fmt = check_stream_format(stream_format, f"{prefix}stream_format", problems)
         if expert:
             _check_expert(expert, compute, available, problems, prefix)
         elif compute and donor:
             _check_donor(compute, donor, gb, problems, prefix, auto is True)
         if len(problems) > before:
             return None
-        return cls(compute, gb, donor, expert, prefetch, auto)
+        return cls(compute, gb, donor, expert, prefetch, auto, fmt)
 
 
 def canonical_device(name) -> str | None:
@@ -128,6 +156,16 @@ def _virtual_vram(value, what: str, maximum: float | None, problems: list) -> fl
     else:
         return float(value)
     return 0.0
+
+
+def check_stream_format(value, what: str, problems: list) -> StreamFormat:
+    """The format named `value`, or STORED with the problem appended (input `what`)."""
+    try:
+        return StreamFormat.parse(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in StreamFormat)
+        problems.append(PlanError(f"{what} {str(value)[:40]!r} is not one of {choices}"))
+        return StreamFormat.STORED
 
 
 def _check_donor(compute: str, donor: str, gb: float, problems: list, prefix: str, auto: bool) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from gguf import GGMLQuantizationType
@@ -37,30 +36,11 @@ from gguf import GGMLQuantizationType
 from .blocks import Block, TensorCluster, TensorView
 from .gguf_engine import gguf_module
 from .hostbuf import ALIGNMENT, align_up
+from .request import StreamFormat
 
 _q8_0 = gguf_module("quantize")
 dequantize_blocks = gguf_module("dequant").dequantize_blocks
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into = _q8_0.Q8_0_BLOCK, _q8_0.Q8_0_BLOCK_BYTES, _q8_0.quantize_q8_0_into
-
-
-class StreamFormat(str, Enum):
-    """How a streamed block's weights travel between the host buffer and the compute device."""
-
-    STORED = "stored"
-    Q8_0 = "q8_0"
-    FP8_E4M3FN = "fp8_e4m3fn"
-
-    @classmethod
-    def parse(cls, value: StreamFormat | str) -> StreamFormat:
-        """The format named `value` ("q8_0", case-insensitive); ValueError naming the choices otherwise."""
-        if isinstance(value, StreamFormat):
-            return value
-        try:
-            return cls(str(value).strip().lower())
-        except ValueError:
-            choices = ", ".join(f.value for f in cls)
-            raise ValueError(f"stream format {str(value)[:40]!r} is not one of {choices}") from None
-
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_HEADER_BYTES = 16  # the float32 scale, padded so that the codes start 16-byte aligned
@@ -249,15 +229,20 @@ class BlockCodec:
         _check_flat("host buffer", host_flat, self.encoded_nbytes)
         if len(sources) != len(self.codings):
             raise ValueError(f"{len(sources)} sources for {len(self.codings)} clusters")
-        for coding, source in zip(self.codings, sources):
-            if source.dtype != torch.uint8 or source.numel() != coding.stored_nbytes:
-                raise ValueError(f"source of {coding.name!r} must be {coding.stored_nbytes} uint8 bytes, got "
-                                 f"{source.numel()} {source.dtype}")
-            target = host_flat[coding.encoded_offset:coding.encoded_offset + coding.encoded_nbytes]
-            if coding.format == StreamFormat.STORED:
-                target.copy_(source)
-            else:
-                _ENCODERS[coding.format](coding, source.view(coding.dtype), target)
+        for index, source in enumerate(sources):
+            self.encode_cluster(index, host_flat, source)
+
+    def encode_cluster(self, index: int, host_flat: torch.Tensor, source: torch.Tensor) -> None:
+        """`encode_into` for cluster `index` alone (a staging that reads one cluster at a time from its file)."""
+        coding = self.codings[index]
+        if source.dtype != torch.uint8 or source.numel() != coding.stored_nbytes:
+            raise ValueError(f"source of {coding.name!r} must be {coding.stored_nbytes} uint8 bytes, got "
+                             f"{source.numel()} {source.dtype}")
+        target = host_flat[coding.encoded_offset:coding.encoded_offset + coding.encoded_nbytes]
+        if coding.format == StreamFormat.STORED:
+            target.copy_(source)
+        else:
+            _ENCODERS[coding.format](coding, source.view(coding.dtype), target)
 
     def decode_into(self, slot_flat: torch.Tensor, out_flat: torch.Tensor) -> None:
         """Writes the block as stored into `out_flat` from its encoded bytes in `slot_flat` (same device).

@@ -22,6 +22,21 @@ forward of the module that owns the block lists) and the next `prefetch` streame
 loaded or loading, wrapping around into the next pass. A block called twice, skipped or out of
 order is loaded synchronously on demand and counted; it is never computed on the wrong bytes.
 Passes that alternate (CFG with skip-layer guidance) are predicted from the period of recent passes.
+
+With a stream format (`StoragePlacement.format`, stream_format.py) a block is staged encoded: its host buffer, its
+slot and its copy hold the smaller encoded bytes. Its pre-hook waits for the slot's copy, decodes the block on the
+compute stream into the one decode buffer (the stored layout, every weight in its stored dtype), records the slot's
+`free` event right after the decode, so the slot refills while the block runs, and points the block's tensors into
+the decode buffer. What the decode buffer holds is tagged, set only once its decode is enqueued: a block called
+again before another decode runs on its bytes without decoding twice, and no block runs on another's.
+
+Between forwards an encoded weight has no stored bytes anywhere, so the model's tensor is a placeholder: its shape,
+dtype and device over one NaN element (zero strides; its own storage, so nothing aliases). Shapes, dtypes,
+`nbytes` and ComfyUI's size accounting are right, and moving the model to its own device is free; a value read
+outside the block's forward (a saved state_dict, a model merge) reads NaN, never plausible weights. While the
+streamer is closed and the block still staged (ComfyUI's unload, or a `close()` an interrupt cut short), a pair of
+hooks installed with the staging decodes the block on its buffer's device for each call instead, so the model
+still computes the same values. `close()` gives the stored weights back (`_StreamedBlock.unstage`).
 """
 
 import functools
@@ -36,12 +51,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import Block, TensorCluster, cluster_tensors, live_bytes
+from .blocks import Block, TensorCluster, TensorView, cluster_tensors, device_name, live_bytes
 from .engine import CpuCopyEngine, CudaCopyEngine
-from .files import FileRead, FileReader, FileSpan, ModelFileChanged, readable_span
+from .files import Backing, FileRead, FileReader, FileSpan, ModelFileChanged, ModelFileError, readable_span
 from .hostbuf import FlatBuffer, align_up
 from .ledger import Account
 from .pages import MappingTable, release_file_pages, trim_heap
+from .request import StreamFormat
+from .stream_format import BlockCodec
 from .units import GIB
 
 logger = logging.getLogger("distorch.streamer")
@@ -64,16 +81,19 @@ class StreamStats:
     bytes_copied: int = 0
     mispredicted: int = 0
     unscheduled: int = 0
+    decodes: int = 0  # encoded blocks decoded into the decode buffer (a block found there already is a hit)
 
 
 @dataclass(frozen=True)
 class StoragePlacement:
     """Where a streamed block's bytes live between forwards: a flat buffer on `device` (page-locked or not),
-    or, with `disk`, the model file's mapping they already lie in."""
+    or, with `disk`, the model file's mapping they already lie in; and in which stream format (a disk-tier block
+    streams as stored)."""
 
     device: str
     pinned: bool = False
     disk: bool = False
+    format: StreamFormat = StreamFormat.STORED
 
 
 @dataclass(eq=False)
@@ -89,6 +109,17 @@ class _Slot:
     @property
     def users(self) -> int:
         return len(self.readers)
+
+
+@dataclass(eq=False)
+class _DecodeBuffer:
+    """Where encoded blocks are decoded for their forwards, on the compute device: written and read only on the
+    compute stream, so the next decode is ordered after the kernels of the block before it without an event."""
+
+    buffer: torch.Tensor  # flat uint8, the largest encoded block as stored
+    block: int | None = None  # block whose decode into `buffer` is enqueued (None while one is written, or debug)
+    readers: list = field(default_factory=list)  # module-call frames of the forwards of `block` running on it
+    views: dict = field(default_factory=dict)  # block index -> its tensors as views of `buffer`
 
 
 @dataclass(eq=False)
@@ -108,9 +139,10 @@ class _Pass:
 class _StreamedBlock:
     """One streamed block: where its bytes live between forwards, and the views of its tensors on each buffer.
 
-    Owns its staging buffer (`buffer`): the block's tensors view it while staged; `unstage` hands the views
-    back to the model (CPU) or copies them to the weights' original device, and the buffer's memory is freed
-    when the last view of it goes.
+    Owns its staging buffer (`buffer`): the block's tensors view it while staged (an encoded weight views a
+    placeholder); `unstage` hands the weights back to the model (CPU weights as views of the unpinned buffer, others
+    copied to their original device; encoded weights re-read from their model file, or decoded), and the buffer's
+    memory is freed when the last view of it goes.
     """
 
     def __init__(self, index: int, block: Block, placement: StoragePlacement, module: nn.Module, files: FileReader):
@@ -121,12 +153,18 @@ class _StreamedBlock:
         self.files = files  # the streamer's descriptors of the model files (it owns them)
         self.clusters = block.clusters
         self.offsets = _cluster_offsets(block.clusters)
-        self.nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
+        # The stored layout: what a slot holds of a block streamed as stored, and the decode buffer of an encoded one.
+        self.stored_nbytes = align_up(self.offsets[-1] + block.clusters[-1].nbytes) if block.clusters else 0
+        self.codec = _codec(block, placement, self.offsets)  # None: it streams as stored
+        self.nbytes = self.codec.encoded_nbytes if self.codec is not None else self.stored_nbytes  # as it streams
         self.buffer: FlatBuffer | None = None  # the staging buffer (RAM or donor GPU), None on the disk tier
         self.homes: list[torch.Tensor] = []  # per cluster, its bytes between forwards (empty: not staged)
         self.spans: list[FileSpan] = []  # on the disk tier: per cluster, where its bytes lie in its model file
         self.tensors: list[list[torch.Tensor]] = []  # per cluster, the model's tensors of its views
-        self.host_views: list[torch.Tensor] = []
+        self.host_views: list[torch.Tensor] = []  # what the tensors view between forwards (placeholders if encoded)
+        # Taken over from a streamer that stored it encoded in another tier: `stage` moves the bytes into this tier.
+        self.misplaced = False
+        self.host_readers: list = []  # module-call frames of forwards running on it decoded on the host (closed)
 
     @property
     def host(self) -> torch.Tensor | None:
@@ -138,24 +176,23 @@ class _StreamedBlock:
         return bool(self.homes) or self.buffer is not None
 
     def stage(self, buffer: FlatBuffer, mappings: MappingTable) -> int:
-        """Copies the block into `buffer` and points its tensors there, releasing the originals. Bytes that lie in
-        their model file are read through its descriptor; a changed file raises `ModelFileChanged` before anything
-        points into the buffer (the block stays unstaged).
+        """Copies the block into `buffer` (encoding it in its stream format) and points its tensors there, releasing
+        the originals. Bytes that lie in their model file are read through its descriptor; a changed file raises
+        `ModelFileChanged` before anything points into the buffer (the block stays unstaged).
 
         Returns the bytes that came from ordinary RAM (now free for the heap to give back).
         """
+        if self.misplaced:
+            return self._move_encoded(buffer)
         self.tensors = self._resolve()
         flat, from_ram, file_ranges, read = buffer.tensor, 0, [], []
-        for cluster, tensors, offset in zip(self.clusters, self.tensors, self.offsets):
+        for index, (cluster, tensors) in enumerate(zip(self.clusters, self.tensors)):
             source = live_bytes(cluster, tensors)
-            destination = flat[offset:offset + cluster.nbytes]
             span = readable_span(cluster.source, source.data_ptr(), mappings, self.files) \
                 if source.device.type == "cpu" else None
-            if span is None:
-                destination.copy_(source)
-            else:
-                self.files.read(span, destination)
+            if span is not None:
                 read.append(span.file)
+            self._stage_cluster(index, flat, source, span)
             if source.device.type == "cpu":
                 mapping = mappings.file_mapping(source.data_ptr(), cluster.nbytes)
                 if mapping is None:
@@ -165,13 +202,40 @@ class _StreamedBlock:
             del source  # the last reference of ours to the original memory
         for file in dict.fromkeys(read):
             self.files.check(file)
-        homes = [flat[offset:offset + c.nbytes] for c, offset in zip(self.clusters, self.offsets)]
+        homes = [flat[start:start + nbytes] for start, nbytes in self._staged_ranges()]
         # One statement: an interrupt leaves the block unstaged (its tensors untouched) or staged with its views.
         self.buffer, self.homes, self.host_views = buffer, homes, self._views_on_homes(homes)
         self.point_to(self.host_views)  # the original storages lose the model's references here
         for address, nbytes, mapping in file_ranges:
             release_file_pages(address, nbytes, mapping)
         return from_ram
+
+    def _stage_cluster(self, index: int, flat: torch.Tensor, source: torch.Tensor, span: FileSpan | None) -> None:
+        """Writes cluster `index` into the staging buffer: as stored, or encoded (a file span read first, alone)."""
+        if self.codec is not None and self.codec.codings[index].format is not StreamFormat.STORED:
+            if span is not None:
+                source = torch.empty(span.nbytes, dtype=torch.uint8)  # one tensor's stored bytes, freed after
+                self.files.read(span, source)
+            self.codec.encode_cluster(index, flat, source)
+            return
+        start, nbytes = self._staged_ranges()[index]
+        destination = flat[start:start + nbytes]
+        if span is None:
+            destination.copy_(source)
+        else:
+            self.files.read(span, destination)
+
+    def _move_encoded(self, buffer: FlatBuffer) -> int:
+        """Moves the encoded bytes taken over from another tier's buffer into `buffer` (no decode: bit for bit)."""
+        old = self.buffer
+        buffer.tensor[:self.nbytes].copy_(old.tensor[:self.nbytes])
+        homes = [buffer.tensor[start:start + nbytes] for start, nbytes in self._staged_ranges()]
+        views = self._views_on_homes(homes)
+        # One statement: an interrupt leaves the block in the old buffer (still staged there) or in the new one.
+        self.buffer, self.homes, self.host_views, self.misplaced = buffer, homes, views, False
+        self.point_to(self.host_views)
+        old.release()
+        return 0
 
     def stay_on_disk(self, mappings: MappingTable) -> None:
         """Leaves the block where it is, in its model file; each load reads it from there through the file's
@@ -201,6 +265,7 @@ class _StreamedBlock:
         return [(slot[:self.nbytes], FileRead(self.files, tuple(zip(self.offsets, self.spans)), self.nbytes))]
 
     def views_on(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Its tensors as views of `buffer` holding the block as stored (a slot, or the decode buffer)."""
         return [
             view.rebuild_on(buffer, offset + view.offset)
             for cluster, offset in zip(self.clusters, self.offsets)
@@ -213,30 +278,67 @@ class _StreamedBlock:
 
     def unstage(self) -> None:
         """Gives the weights back to the model on the devices they came from: CPU weights keep their views of
-        the (unpinned) buffer, others are copied back; disk-tier weights never left their file."""
+        the (unpinned) buffer, others are copied back; disk-tier weights never left their file. Encoded weights come
+        back as stored: re-read from the model file they were read from (the weights as loaded), else decoded (the
+        stream format's values, in the stored dtype)."""
         if self.buffer is not None:
             self.buffer.release()
-            for cluster, tensors, home in zip(self.clusters, self.tensors, self.homes):
-                if torch.device(cluster.device) != home.device:
-                    restored = home.to(cluster.device)
+            homes = self._stored_homes() if self.codec is not None else self.homes
+            for cluster, tensors, home in zip(self.clusters, self.tensors, homes):
+                moved = torch.device(cluster.device) != home.device
+                if moved:
+                    home = home.to(cluster.device)
+                if moved or self.codec is not None:
                     for view, tensor in zip(cluster.views, tensors):
-                        tensor.data = view.rebuild_on(restored, view.offset)
-        self.buffer = None
-        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
+                        tensor.data = view.rebuild_on(home, view.offset)
+        # One statement: an interrupt leaves it staged (restored again by the next unstage) or unstaged, never a block
+        # without a buffer whose views a close() would point its tensors back to.
+        self.buffer, self.misplaced, self.homes, self.tensors, self.host_views, self.spans = None, False, [], [], [], []
 
     def take_over(self, other: "_StreamedBlock") -> None:
-        """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing."""
+        """Adopts `other`'s staged bytes as they lie (the same block, stored alike): no copy, `other` keeps nothing.
+        Encoded bytes of another tier are adopted too, `misplaced`: `stage` then moves them into this tier."""
+        self.misplaced = other.placement != self.placement
         self.buffer, self.homes, self.spans = other.buffer, other.homes, other.spans
         self.tensors, self.host_views = other.tensors, other.host_views
         other.buffer, other.homes, other.tensors, other.host_views, other.spans = None, [], [], [], []
 
     def let_go(self) -> None:
         """Forgets the staged bytes without moving them: the model's tensors keep viewing them (unpinned now, freed
-        with the last view), so whoever places the block next copies it from there."""
+        with the last view), so whoever places the block next copies it from there. Encoded weights are pointed at
+        their stored bytes first (as `unstage` gives them back, on the buffer's device)."""
+        if self.buffer is not None and self.codec is not None:
+            for cluster, tensors, home in zip(self.clusters, self.tensors, self._stored_homes()):
+                for view, tensor in zip(cluster.views, tensors):
+                    tensor.data = view.rebuild_on(home, view.offset)
         if self.buffer is not None:
             self.buffer.release()
-        self.buffer = None
-        self.homes, self.tensors, self.host_views, self.spans = [], [], [], []
+        # One statement: an interrupt leaves it staged (restored again by the next unstage) or unstaged, never a block
+        # without a buffer whose views a close() would point its tensors back to.
+        self.buffer, self.misplaced, self.homes, self.tensors, self.host_views, self.spans = None, False, [], [], [], []
+
+    def enter_on_host(self, frame) -> None:
+        """A forward while the streamer is closed: the staged encoded block decoded on its buffer's device for it
+        (the first forward of a nesting; readers whose frames are gone, cut by an interrupt, no longer count)."""
+        if self.codec is None or self.buffer is None:
+            return
+        live = _stack_frame_ids()
+        self.host_readers = [r for r in self.host_readers if _is_live(r, live)]
+        if not self.host_readers:
+            self.point_to(self.views_on(self._decoded_on_host()))
+        self.host_readers.append(frame)
+
+    def exit_on_host(self) -> None:
+        if not self.host_readers:
+            return
+        self.host_readers.pop()
+        if not self.host_readers and self.buffer is not None:
+            self.point_to(self.host_views)  # the decoded bytes go with their last view
+
+    def _decoded_on_host(self) -> torch.Tensor:
+        stored = FlatBuffer(self.stored_nbytes, self.buffer.tensor.device).tensor
+        self.codec.decode_into(self.buffer.tensor[:self.nbytes], stored)
+        return stored
 
     def _resolve(self) -> list[list[torch.Tensor]]:
         module = self.module()
@@ -244,9 +346,37 @@ class _StreamedBlock:
             raise RuntimeError(f"distorch: block {self.name!r} is gone; the model was freed")
         return [cluster_tensors(module, cluster, prefix=f"{self.name}.") for cluster in self.clusters]
 
+    def _staged_ranges(self) -> list[tuple[int, int]]:
+        """(start, nbytes) of each cluster in the staging buffer: the stored layout, or the encoded one."""
+        if self.codec is None:
+            return [(offset, cluster.nbytes) for cluster, offset in zip(self.clusters, self.offsets)]
+        return [(coding.encoded_offset, coding.encoded_nbytes) for coding in self.codec.codings]
+
     def _views_on_homes(self, homes: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [view.rebuild_on(home, view.offset) for cluster, home in zip(self.clusters, homes)
-                for view in cluster.views]
+        encoded = [self.codec is not None and c.format is not StreamFormat.STORED
+                   for c in (self.codec.codings if self.codec is not None else self.clusters)]
+        return [_placeholder(view, home.device) if is_encoded else view.rebuild_on(home, view.offset)
+                for cluster, home, is_encoded in zip(self.clusters, homes, encoded) for view in cluster.views]
+
+    def _stored_homes(self) -> list[torch.Tensor]:
+        """Per cluster, its bytes as stored in a new buffer on the staging buffer's device: decoded from the encoded
+        bytes, and those the model read from a file read from it again. A file changed since keeps the decoded
+        values (with a warning): the stored bytes are gone, and giving the weights back must not fail."""
+        encoded = self.buffer.tensor
+        stored = FlatBuffer(self.stored_nbytes, encoded.device).tensor
+        self.codec.decode_into(encoded[:self.nbytes], stored)
+        rereads = [(c, coding) for c, coding in zip(self.clusters, self.codec.codings)
+                   if coding.format is not StreamFormat.STORED and c.backing is Backing.FILE and c.source is not None]
+        try:
+            for cluster, coding in rereads:
+                start = coding.stored_offset
+                self.files.read(cluster.source, stored[start:start + coding.stored_nbytes])
+            for file in dict.fromkeys(cluster.source.file for cluster, _ in rereads):
+                self.files.check(file)
+        except ModelFileError as error:
+            logger.warning("%s; block %r gets its %s values back instead", error, self.name, self.codec.format.value)
+            self.codec.decode_into(encoded[:self.nbytes], stored)
+        return [stored[c.stored_offset:c.stored_offset + c.stored_nbytes] for c in self.codec.codings]
 
 
 class BlockStreamer:
@@ -281,17 +411,28 @@ class BlockStreamer:
         self._pass_of = {i: p for p in self._passes for i in p.schedule}
         self._account = account  # the model's ledger entry, or None
         self._slots: list[_Slot] = []  # the one record of which block each slot holds (`_slot_holding`)
+        self._decode: _DecodeBuffer | None = None  # while open, when a block streams encoded
         self._current: _Pass | None = None  # pass whose schedule predicts the next calls
         self._hooks: list = []
+        # Per block staged encoded, from its staging until it is unstaged: the hooks that decode it on the host while
+        # the streamer is closed (`_StreamedBlock.enter_on_host`).
+        self._host_hooks: dict[int, list] = {}
         # Hooks hold only a weakref to the streamer; if it is dropped while attached, its hooks go with it.
         weakref.finalize(self, _remove_hooks, self._hooks)
+        weakref.finalize(self, _remove_host_hooks, self._host_hooks)
         self._tick = 0
         self._stats = StreamStats()
         self._open = False  # True only between a complete open() and the start of close(); hooks act only then
 
     @property
     def slot_bytes(self) -> int:
+        """The largest streamed block as it streams (encoded in its stream format)."""
         return max((b.nbytes for b in self._blocks), default=0)
+
+    @property
+    def decode_bytes(self) -> int:
+        """The decode buffer: the largest encoded block as stored (0 when none streams encoded)."""
+        return max((b.stored_nbytes for b in self._blocks if b.codec is not None), default=0)
 
     def stats(self) -> StreamStats:
         return StreamStats(**vars(self._stats))
@@ -323,10 +464,13 @@ class BlockStreamer:
                       self.engine.new_event(), self.engine.new_event())
                 for _ in range(self.prefetch if self._blocks else 0)
             ]
+            if self.decode_bytes:
+                self._decode = _DecodeBuffer(torch.empty(self.decode_bytes, dtype=torch.uint8, device=self.device))
             self._install_hooks()
-            logger.info("distorch: streaming %d blocks (%.2f GB) through %d x %.2f GB slots on %s",
-                        len(self._blocks), sum(b.nbytes for b in self._blocks) / GIB, len(self._slots),
-                        self.slot_bytes / GIB, self.device)
+            logger.info("distorch: streaming %d blocks (%.2f GB%s) through %d x %.2f GB slots on %s%s",
+                        len(self._blocks), sum(b.nbytes for b in self._blocks) / GIB, self._format_note(),
+                        len(self._slots), self.slot_bytes / GIB, self.device,
+                        f", decoded into {self.decode_bytes / GIB:.2f} GB" if self._decode is not None else "")
             self._open = True
             return self  # inside the try: an interrupt at any statement of open() rolls it back
         except BaseException:
@@ -349,9 +493,23 @@ class BlockStreamer:
             for block in self._blocks:
                 if block.is_staged:
                     block.unstage()
+                self._remove_host_hooks(block)  # after: until the weights are back, a forward decodes on the host
             self._files.close()
             if self._account is not None:
                 self._account.update(staged=False)
+
+    def _format_note(self) -> str:
+        encoded = [b for b in self._blocks if b.codec is not None]
+        if not encoded:
+            return ""
+        stored = sum(b.stored_nbytes for b in encoded)
+        return (f"; {len(encoded)} as {encoded[0].codec.format.value}, {sum(b.nbytes for b in encoded) / GIB:.2f} GB "
+                f"of their {stored / GIB:.2f} GB as stored")
+
+    def staged_encoded(self) -> dict[str, tuple[str, int]]:
+        """Blocks staged encoded (their tensors view placeholders): name -> (device, bytes its buffer holds)."""
+        return {b.name: (device_name(b.buffer.tensor.device), b.nbytes) for b in self._blocks
+                if b.codec is not None and b.buffer is not None}
 
     def stage(self, progress: StagingProgress | None = None) -> None:
         """Stages the blocks not staged yet without starting to stream (`open()` does both)."""
@@ -369,10 +527,14 @@ class BlockStreamer:
         staged = {block.name: block for block in self._blocks if block.is_staged}
         for block in successor._blocks:
             mine = staged.get(block.name)
-            if mine is not None and mine.placement == block.placement:
+            if mine is not None and (mine.placement == block.placement or _moves_encoded(mine, block)):
+                if block.codec is not None:
+                    successor._install_host_hooks(block)  # before: it views placeholders from the take-over on
                 block.take_over(staged.pop(block.name))
         for block in staged.values():
             block.let_go()
+        for block in self._blocks:
+            self._remove_host_hooks(block)
         successor._files.adopt(self._files)  # its disk-tier blocks keep reading the files they were planned on
         if successor._account is not None and any(b.is_staged for b in successor._blocks):
             successor._account.update(staged=True, **successor._held())
@@ -388,7 +550,8 @@ class BlockStreamer:
         for block in self._blocks:
             if block.is_staged:
                 block.point_to(block.host_views)
-        self._slots = []
+            block.host_readers = []
+        self._slots, self._decode = [], None
         for streaming_pass in self._passes:
             streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
 
@@ -406,7 +569,8 @@ class BlockStreamer:
         the model plus one block). Blocks bound for a donor GPU go first: their RAM frees room for the rest.
         Host buffers are page-locked after they are filled, never before (pinning faults in every page).
         """
-        pending = sorted((b for b in self._blocks if not b.is_staged), key=lambda b: b.placement.device == "cpu")
+        pending = sorted((b for b in self._blocks if not b.is_staged or b.misplaced),
+                         key=lambda b: b.placement.device == "cpu")
         mappings = MappingTable.read() if pending else None
         total = sum(b.nbytes for b in pending)
         done = 0
@@ -420,6 +584,8 @@ class BlockStreamer:
                     if block.placement.disk:
                         block.stay_on_disk(mappings)
                     else:
+                        if block.codec is not None:
+                            self._install_host_hooks(block)  # before its tensors view placeholders
                         buffer = FlatBuffer(block.nbytes, block.placement.device)
                         if block.stage(buffer, mappings):
                             trim_heap()  # the freed sources go back to the OS now, not at the end
@@ -478,6 +644,26 @@ class BlockStreamer:
             self._hooks.append(module.register_forward_pre_hook(self._make_pass_begin(streaming_pass)))
             self._hooks.append(module.register_forward_hook(self._make_pass_end(streaming_pass), always_call=True))
 
+    def _install_host_hooks(self, block: _StreamedBlock) -> None:
+        """Hooks that run a staged encoded block decoded on the host while the streamer is closed (idempotent)."""
+        if block.index in self._host_hooks:
+            return
+        module = block.module()
+        if module is None:
+            raise RuntimeError(f"distorch: block {block.name!r} is gone; the model was freed")
+        handles = self._host_hooks.setdefault(block.index, [])
+        # Each handle kept in the statement that registers it: an interrupt cannot lose one.
+        handles.append(module.register_forward_pre_hook(functools.partial(_host_pre_hook, weakref.ref(self),
+                                                                          block.index)))
+        handles.append(module.register_forward_hook(functools.partial(_host_post_hook, weakref.ref(self), block.index),
+                                                    always_call=True))
+
+    def _remove_host_hooks(self, block: _StreamedBlock) -> None:
+        handles = self._host_hooks.get(block.index)
+        if handles is not None:
+            _remove_hooks(handles)
+            del self._host_hooks[block.index]
+
     # Hooks live in the model's modules and reach the streamer through a weakref: a strong one would make
     # module -> hook -> streamer -> module a cycle that only the garbage collector frees (with the pinned RAM).
 
@@ -496,7 +682,7 @@ class BlockStreamer:
     # -- passes and schedule -------------------------------------------------------------------------
 
     def _begin_pass(self, streaming_pass: _Pass, frame) -> None:
-        if streaming_pass.depth or any(slot.readers for slot in self._slots):
+        if streaming_pass.depth or any(slot.readers for slot in self._slots) or self._decode_readers():
             self._end_interrupted()
         if streaming_pass.depth:  # the pass module called again inside its own running forward
             streaming_pass.depth += 1
@@ -539,6 +725,8 @@ class BlockStreamer:
         for slot_index, slot in enumerate(self._slots):
             for reader in [r for r in slot.readers if not _is_live(r, live)]:
                 self._end_read(slot_index, reader)
+        for reader in [r for r in self._decode_readers() if not _is_live(r, live)]:
+            self._end_decoded_read(reader)
         for streaming_pass in self._passes:
             if streaming_pass.depth and not _is_live(streaming_pass.frame, live):
                 streaming_pass.depth, streaming_pass.frame, streaming_pass.cursor = 0, None, 0
@@ -571,6 +759,8 @@ class BlockStreamer:
         return upcoming
 
     def _is_running(self, index: int) -> bool:
+        if self._decode is not None and self._decode.block == index and self._decode.readers:
+            return True
         slot = self._slot_holding(index)
         return slot is not None and self._slots[slot].users > 0
 
@@ -586,19 +776,10 @@ class BlockStreamer:
 
     def _acquire(self, index: int, frame) -> None:
         self._track_call(index)
-        slot_index = self._slot_holding(index)
-        if slot_index is None:
-            slot_index = self._victim(protected=set())
-            if slot_index is None:
-                self._end_interrupted()
-                slot_index = self._victim(protected=set())
-            if slot_index is None:
-                raise RuntimeError(f"distorch: block {self._blocks[index].name!r} needs a slot but all "
-                                   f"{len(self._slots)} are running blocks; raise prefetch")
-            self._load(index, slot_index)
-            self._stats.sync_loads += 1
-        else:
-            self._stats.hits += 1
+        if self._blocks[index].codec is not None:
+            self._acquire_decoded(index, frame)
+            return
+        slot_index = self._loaded_slot(index)
         slot = self._slots[slot_index]
         # The reader first: from here an interrupt leaves a forward whose frame is gone, which the recovery ends.
         slot.readers.append(frame)
@@ -608,8 +789,87 @@ class BlockStreamer:
         self._blocks[index].point_to(self._slot_views(index, slot))
         self._refill()
 
+    def _loaded_slot(self, index: int) -> int:
+        """The slot holding block `index`, loaded now (the forward waits for it) when none does."""
+        slot_index = self._slot_holding(index)
+        if slot_index is not None:
+            self._stats.hits += 1
+            return slot_index
+        slot_index = self._victim(protected=set())
+        if slot_index is None:
+            self._end_interrupted()
+            slot_index = self._victim(protected=set())
+        if slot_index is None:
+            raise RuntimeError(f"distorch: block {self._blocks[index].name!r} needs a slot but all "
+                               f"{len(self._slots)} are running blocks; raise prefetch")
+        self._load(index, slot_index)
+        self._stats.sync_loads += 1
+        return slot_index
+
+    def _acquire_decoded(self, index: int, frame) -> None:
+        """The pre-hook of an encoded block: decoded into the decode buffer unless it holds the block already (called
+        again, or re-entered), its slot free again right after the decode, its tensors pointed at the decoded bytes."""
+        decode = self._decode
+        if decode.block != index:
+            if decode.readers:
+                self._end_interrupted()
+            if decode.readers:
+                raise RuntimeError(f"distorch: block {self._blocks[index].name!r} runs inside the forward of block "
+                                   f"{self._blocks[decode.block].name!r}; blocks streamed in a stream format share one "
+                                   "decode buffer and must run one after another: stream this model as stored")
+            self._decode_into_buffer(index, self._loaded_slot(index), frame)
+        else:
+            self._stats.hits += 1
+        # The reader before the views: from here an interrupt leaves a forward whose frame is gone (recovery ends it).
+        decode.readers.append(frame)
+        self._blocks[index].point_to(self._decoded_views(index))
+        self._refill()
+
+    def _decode_into_buffer(self, index: int, slot_index: int, frame) -> None:
+        slot, decode, block = self._slots[slot_index], self._decode, self._blocks[index]
+        slot.readers.append(frame)  # the decode reads the slot: it stays off the victims until the free event
+        # The decode must not read the slot before its copy has landed.
+        self.engine.compute_wait(slot.ready)
+        self.engine.mark_reading(slot.buffer, +1)
+        decode.block = None  # emptied before its bytes change: interrupted mid-decode, it holds nothing
+        block.codec.decode_into(slot.buffer[:block.nbytes], decode.buffer[:block.stored_nbytes])
+        # Only now: the decode is enqueued (on the compute stream, after the block before it and its own copy).
+        decode.block = index
+        self._stats.decodes += 1
+        # The slot's free event after the decode, not after the block: its next copy may start while the block runs.
+        self._end_read(slot_index, frame)
+
+    def _decoded_views(self, index: int) -> list[torch.Tensor]:
+        views = self._decode.views.get(index)
+        if views is None:
+            views = self._decode.views[index] = self._blocks[index].views_on(self._decode.buffer)
+        return views
+
+    def _decode_readers(self) -> list:
+        return self._decode.readers if self._decode is not None else []
+
+    def _end_decoded_read(self, reader) -> None:
+        """Ends one forward on the decode buffer; as `_end_read` for a slot, the reader goes last."""
+        decode = self._decode
+        if len(decode.readers) == 1:
+            if decode.block is not None:
+                block = self._blocks[decode.block]
+                block.point_to(block.host_views)
+            if self.debug:
+                decode.block = None  # before the poison: it never says it holds bytes it no longer has
+                self.engine.poison(decode.buffer)
+        decode.readers.remove(reader)
+
     def _release(self, index: int) -> None:
         """The post-hook: ends the innermost forward of block `index` and refills once its slot is idle."""
+        if self._blocks[index].codec is not None:
+            decode = self._decode
+            if decode is None or decode.block != index or not decode.readers:
+                return  # the pre-hook failed before its forward began; nothing to undo
+            self._end_decoded_read(decode.readers[-1])
+            if not decode.readers:
+                self._refill()
+            return
         slot_index = self._slot_holding(index)
         if slot_index is None or not self._slots[slot_index].readers:
             return  # the pre-hook failed before acquiring; nothing to undo
@@ -641,6 +901,8 @@ class BlockStreamer:
         for slot_index, slot in enumerate(self._slots):
             while slot.readers:
                 self._end_read(slot_index, slot.readers[-1])
+        while self._decode_readers():
+            self._end_decoded_read(self._decode.readers[-1])
 
     def _refill(self) -> None:
         upcoming = self._upcoming()
@@ -669,7 +931,7 @@ class BlockStreamer:
         # or an interrupt mid-copy leaves the slot empty.
         slot.block = index
         self._stats.copies += 1
-        self._stats.bytes_copied += self._blocks[index].nbytes
+        self._stats.bytes_copied += self._blocks[index].nbytes  # as streamed: encoded in its stream format
 
     def _slot_views(self, index: int, slot: _Slot) -> list[torch.Tensor]:
         views = slot.views.get(index)
@@ -709,6 +971,30 @@ def _pass_end(streamer: weakref.ref, streaming_pass: _Pass, module, args, output
     owner = streamer()
     if owner is not None and owner._open:
         owner._end_pass(streaming_pass, completed=output is not None)
+
+
+@torch.compiler.disable
+def _host_pre_hook(streamer: weakref.ref, index: int, module, args) -> None:
+    owner = streamer()
+    if owner is not None and not owner._open:
+        owner._blocks[index].enter_on_host(_module_call_frame())
+
+
+@torch.compiler.disable
+def _host_post_hook(streamer: weakref.ref, index: int, module, args, output) -> None:
+    owner = streamer()
+    if owner is not None and not owner._open:
+        owner._blocks[index].exit_on_host()
+
+
+def _remove_host_hooks(handles: dict[int, list]) -> None:
+    for index in list(handles):
+        _remove_hooks(handles.pop(index))
+
+
+def _moves_encoded(mine: _StreamedBlock, successor: _StreamedBlock) -> bool:
+    """`successor` stores the block encoded alike in another tier: it takes the encoded bytes over and moves them."""
+    return mine.buffer is not None and mine.codec is not None and mine.codec == successor.codec
 
 
 def _remove_hooks(handles: list) -> None:
@@ -777,6 +1063,20 @@ def _make_passes(model: nn.Module, blocks: Sequence[Block]) -> list[_Pass]:
         # Until a pass has been observed, predict registration order: most models run their blocks so.
         passes[block.root].schedule.append(index)
     return list(passes.values())
+
+
+def _codec(block: Block, placement: StoragePlacement, offsets: list[int]) -> BlockCodec | None:
+    """The block's codec in its stream format, or None when it streams as stored (the format, the disk tier, or no
+    tensor of it that the format encodes)."""
+    if placement.format is StreamFormat.STORED or placement.disk or not block.clusters:
+        return None
+    codec = BlockCodec.build(block.clusters, placement.format, offsets)
+    return codec if codec.encoded else None
+
+
+def _placeholder(view: TensorView, device: torch.device) -> torch.Tensor:
+    """What an encoded weight views between forwards: its dtype and size, every element one NaN of its own storage."""
+    return torch.full((), float("nan"), dtype=view.dtype, device=device).expand(view.size)
 
 
 def _cluster_offsets(clusters: Sequence[TensorCluster]) -> list[int]:

@@ -59,8 +59,11 @@ class ToyDiT(nn.Module):
         self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * torch.arange(128) / 128))
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        angles = t[:, None].float() * self.frequencies[None]
-        return self.time_in(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        angles = t[:, None].float() * self.frequencies[None].float()
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        # In the weights' dtype (a bf16 model); quantized GGUF weights take float32 features.
+        weight = self.patch_in.weight
+        return self.time_in(features.to(weight.dtype) if weight.is_floating_point() else features)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_emb = self.embed_time(t).to(x.dtype)

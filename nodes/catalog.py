@@ -4,6 +4,7 @@ from ..distorch.catalog import (  # noqa: F401
     CHECKPOINT_INPUTS,
     DISTORCH_INPUTS,
     FILE_INPUTS,
+    LATER_INPUTS,
     NODE_TITLES,
     OUTPUT_TYPES,
     output_type,

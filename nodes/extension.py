@@ -14,7 +14,7 @@ from .checkpoint import load_checkpoint
 from .convert_route import register_convert_route
 from .devices import compute_devices
 from .folders import register_gguf_folders, text_encoder_files, unet_files, vae_files
-from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices, distorch_inputs
+from .inputs import CHECKPOINT_LOADER, LoaderNode, core_choices, distorch_inputs, stream_format_input
 from .loading import UNET_WEIGHT_DTYPES, load_clip, load_unet, load_vae
 from .progress import executing_node_id
 from .stand_ins import stand_in_nodes
@@ -43,16 +43,17 @@ class DisTorchUNetLoader(LoaderNode):
                                tooltip="As in Load Diffusion Model: store safetensors weights as fp8 to halve them. "
                                        "Ignored for .gguf files, which keep their own quantization."),
                 *distorch_inputs("unet"),
+                stream_format_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, unet_name, weight_dtype, compute_device, virtual_vram_gb, donor_device,
-                expert_mode_allocations="", auto_placement=False) -> io.NodeOutput:
+                expert_mode_allocations="", auto_placement=False, stream_format="stored") -> io.NodeOutput:
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                      donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                     auto_placement=auto_placement))
+                                     auto_placement=auto_placement, stream_format=stream_format))
         model, plan_ui = load_unet(unet_name, weight_dtype, settings, executing_node_id())
         return io.NodeOutput(model, ui=plan_ui)
 
@@ -77,15 +78,16 @@ def _clip_node(node_id: str, type_node: str | None, description: str, more_types
                 inputs.append(io.Combo.Input("type", options=types, default=types[0],
                                              tooltip="Model family, as in the core loader."))
             return io.Schema(node_id=node_id, display_name=NODE_TITLES[node_id], category=CATEGORY,
-                             description=description, inputs=[*inputs, *distorch_inputs("clip")],
+                             description=description,
+                             inputs=[*inputs, *distorch_inputs("clip"), stream_format_input()],
                              outputs=[io.Clip.Output()])
 
         @classmethod
         def execute(cls, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="", type=None,
-                    auto_placement=False, **files) -> io.NodeOutput:
+                    auto_placement=False, stream_format="stored", **files) -> io.NodeOutput:
             settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                          donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                         auto_placement=auto_placement))
+                                         auto_placement=auto_placement, stream_format=stream_format))
             ordered = [files[k] for k in sorted(files)]
             clip, plan_ui = load_clip(ordered, type or "stable_diffusion", settings, executing_node_id())
             return io.NodeOutput(clip, ui=plan_ui)
@@ -122,16 +124,16 @@ class DisTorchVAELoader(LoaderNode):
             category=CATEGORY,
             description="Loads a VAE on the chosen device; large video VAEs can stream part of their blocks.",
             inputs=[io.Combo.Input("vae_name", options=vae_files(), tooltip="VAE from models/vae."),
-                    *distorch_inputs("vae")],
+                    *distorch_inputs("vae"), stream_format_input()],
             outputs=[io.Vae.Output()],
         )
 
     @classmethod
     def execute(cls, vae_name, compute_device, virtual_vram_gb, donor_device, expert_mode_allocations="",
-                auto_placement=False):
+                auto_placement=False, stream_format="stored"):
         settings = cls.settings(dict(compute_device=compute_device, virtual_vram_gb=virtual_vram_gb,
                                      donor_device=donor_device, expert_mode_allocations=expert_mode_allocations,
-                                     auto_placement=auto_placement))
+                                     auto_placement=auto_placement, stream_format=stream_format))
         vae, plan_ui = load_vae(vae_name, settings, executing_node_id())
         return io.NodeOutput(vae, ui=plan_ui)
 
@@ -156,6 +158,7 @@ class DisTorchCheckpointLoader(LoaderNode):
                 io.Combo.Input("vae_device", options=list(devices), default=devices[0],
                                tooltip="Device the VAE decodes and encodes on."),
                 unet[3], clip[3], unet[4], clip[4],
+                stream_format_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
         )

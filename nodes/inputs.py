@@ -13,13 +13,14 @@ from comfy_api.latest import io
 import nodes as core_nodes
 
 from .devices import compute_devices, donor_devices
-from .settings import CheckpointSettings, ChoiceSpec, DisTorchSettings, NumberSpec, ToggleSpec, distorch_specs
+from .settings import (CheckpointSettings, ChoiceSpec, DisTorchSettings, NumberSpec, ToggleSpec, distorch_specs,
+                       stream_format_spec)
 
 CHECKPOINT_LOADER = "DisTorchCheckpointLoader"
 _ABSENT = object()  # a validate_inputs parameter the node does not have (None means: driven by a link)
 # Every input that carries DisTorch settings, under DisTorch's names and under the stand-ins' original names.
 SETTINGS_INPUTS = ("compute_device", "device", "virtual_vram_gb", "donor_device", "expert_mode_allocations",
-                   "use_other_vram", "unet_device", "clip_device", "vae_device", "unet_compute_device",
+                   "stream_format", "use_other_vram", "unet_device", "clip_device", "vae_device", "unet_compute_device",
                    "unet_virtual_vram_gb", "unet_donor_device", "clip_compute_device", "clip_virtual_vram_gb",
                    "clip_donor_device", "unet_expert_mode_allocations", "clip_expert_mode_allocations",
                    "auto_placement", "unet_auto_placement", "clip_auto_placement")
@@ -46,6 +47,13 @@ def distorch_inputs(kind: str, prefix: str = "") -> list:
     return widgets
 
 
+def stream_format_input():
+    """The stream-format combo, optional (an API prompt without it loads as stored), appended last by each loader."""
+    spec = stream_format_spec()
+    return io.Combo.Input(spec.name, options=list(spec.options), default=spec.default, optional=True,
+                          tooltip=spec.tooltip)
+
+
 def core_choices(node_id: str, input_name: str, fallback: list[str]) -> list[str]:
     """A core loader's combo options (CLIP types), so new model families appear with the core that knows them."""
     node = core_nodes.NODE_CLASS_MAPPINGS.get(node_id)
@@ -62,7 +70,8 @@ def settings_for(target: str, native: Mapping) -> DisTorchSettings | CheckpointS
         return CheckpointSettings.validate(native, available)
     return DisTorchSettings.validate(native.get("compute_device"), native.get("virtual_vram_gb"),
                                      native.get("donor_device"), native.get("expert_mode_allocations"), available,
-                                     native.get("auto_placement", False))
+                                     auto_placement=native.get("auto_placement", False),
+                                     stream_format=native.get("stream_format") or "stored")
 
 
 class LoaderNode(io.ComfyNode):
@@ -86,7 +95,8 @@ class LoaderNode(io.ComfyNode):
                         unet_virtual_vram_gb=_ABSENT, unet_donor_device=_ABSENT, clip_compute_device=_ABSENT,
                         clip_virtual_vram_gb=_ABSENT, clip_donor_device=_ABSENT,
                         unet_expert_mode_allocations=_ABSENT, clip_expert_mode_allocations=_ABSENT,
-                        auto_placement=_ABSENT, unet_auto_placement=_ABSENT, clip_auto_placement=_ABSENT):
+                        auto_placement=_ABSENT, unet_auto_placement=_ABSENT, clip_auto_placement=_ABSENT,
+                        stream_format=_ABSENT):
         # Core passes the inputs named here that the node has (and checks the others, e.g. file lists, itself).
         given = {k: v for k, v in locals().items() if k in SETTINGS_INPUTS and v is not _ABSENT}
         if any(v is None for v in given.values()):

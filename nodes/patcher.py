@@ -102,8 +102,9 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
         return self._lora_routing(DisTorchState.of(self.model)).nbytes
 
     def get_ram_usage(self) -> int:
-        """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included."""
-        return comfy.model_management.module_size(self.model)
+        """RAM the model holds (ComfyUI 0.8's RAM cache asks): all of it, streamed blocks included (as encoded)."""
+        state = DisTorchState.of(self.model)
+        return comfy.model_management.module_size(self.model) - (state.encoded_saving() if state is not None else 0)
 
     def _weights_size(self) -> int:
         """The model's weights, as core's own `model_size()` counts them, cached. Not core's `self.size`: from
@@ -152,6 +153,8 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             weights = min(self.model.model_loaded_weight_memory, self._weights_size())
             self.model.model_loaded_weight_memory = weights + lora.install(self, self._lora_routing(state, device_to))
             return
+        if force_patch_weights:  # how core's checkpoint save before ComfyUI 0.33 loads the model it reads
+            _refuse_saving(state)
         state = _planned_for(self.model, state, torch.device(device_to or self.load_device))
         budget = self._run_budget(state, lowvram_model_memory)
         try:
@@ -183,6 +186,11 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
             self._detach_quantized_patches()
             lora.remove(self.model)
         return super().unpatch_model(device_to, unpatch_weights)
+
+    def model_state_dict_for_saving(self, *args, **kwargs):
+        """ComfyUI 0.33+'s checkpoint save reads the weights here."""
+        _refuse_saving(DisTorchState.of(self.model))
+        return super().model_state_dict_for_saving(*args, **kwargs)
 
     def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
         """Core wants `memory_to_free` bytes of the compute device back (`free_memory` for another model or this
@@ -309,6 +317,14 @@ class DisTorchModelPatcher(comfy.model_patcher.ModelPatcher):
     def _log_load(self, state: DisTorchState) -> None:
         logger.info("distorch: loaded %s on %s\n%s", type(self.model).__name__, state.plan.compute_device,
                     state.plan.report())
+
+
+def _refuse_saving(state: DisTorchState | None) -> None:
+    """A model streamed in a stream format holds no stored bytes of its encoded weights (placeholders read NaN):
+    saving it must fail clearly, never write NaN."""
+    if state is not None and state.stream_format != "stored":
+        raise RuntimeError(f"DisTorch: this model streams its blocks as {state.stream_format}, so their stored weights "
+                           "are not in memory and it cannot be saved; load it with stream_format 'stored' to save it")
 
 
 def _without_dynamic_vram(patcher):

@@ -157,4 +157,4 @@ def show_plan(state: DisTorchState) -> None:
                                  f"DisTorch plan for {label} ({plan.model_name})", 1)
     server.send_sync(PLAN_EVENT, {"node": state.ui_node, "plan": plan_to_dict(plan, label), "text": text,
                                   "auto": state.settings.auto,
-                                  "virtual_vram_gb": round(plan.streamed_bytes / GIB, 2)})
+                                  "virtual_vram_gb": round(plan.streamed_stored_bytes / GIB, 2)})

@@ -81,8 +81,22 @@ class DisTorchState:
 
     @property
     def slot_bytes(self) -> int:
-        """Compute-device bytes the streaming slots take while the model is loaded."""
-        return self.plan.prefetch * self.plan.slot_bytes if self.streams else 0
+        """Compute-device bytes the streaming slots (and, with a stream format, the decode buffer) take while the model
+        is loaded."""
+        return self.plan.prefetch * self.plan.slot_bytes + self.plan.decode_bytes if self.streams else 0
+
+    @property
+    def stream_format(self) -> str:
+        """The stream format its streamed blocks are held and copied in ("stored" when none is smaller)."""
+        return self.plan.stream_format if any(b.decodes for b in self.plan.blocks) else "stored"
+
+    def encoded_saving(self) -> int:
+        """RAM its staged encoded blocks save now: core's `module_size` counts their placeholders as stored."""
+        streamer = self.placement.streamer
+        if streamer is None:
+            return 0
+        stored = {b.name: b.nbytes for b in self.plan.blocks}
+        return sum(stored[name] - held for name, (_, held) in streamer.staged_encoded().items())
 
     def is_streamed(self, module_name: str) -> bool:
         names, prefixes = self._streamed_names()

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distorch.catalog import NODE_TITLES, output_types, widget_inputs  # noqa: E402
+from distorch.catalog import LATER_INPUTS, NODE_TITLES, output_types, widget_inputs  # noqa: E402
 
 CORE = json.loads((ROOT / "tests" / "data" / "core_nodes.json").read_text())
 # Room for the plan view the web extension adds to every DisTorch loader (nodes/web/js/distorch.js WIDGET_HEIGHT),
@@ -40,7 +40,8 @@ def signature(class_type: str) -> dict:
         names = widget_inputs(class_type)
         inputs = [{"name": n, "type": next((t for suffix, t in _DISTORCH_TYPES.items() if n.endswith(suffix)), "COMBO"),
                    "widget": True, "control_after_generate": False,
-                   "optional": n.endswith(("expert_mode_allocations", "auto_placement"))} for n in names]
+                   "optional": n.endswith(("expert_mode_allocations", "auto_placement")) or n in LATER_INPUTS}
+                  for n in names]
         return {"inputs": inputs, "outputs": list(output_types(class_type))}
     return CORE[class_type]
 
@@ -52,7 +53,7 @@ def distorch(gb: float, compute: str = "cuda:0", donor: str = "cpu", expert: str
     """A DisTorch loader's inputs. The examples run in auto mode (each run places the model for its own budget);
     `gb` is what the loader falls back to with auto_placement switched off."""
     return {"compute_device": compute, "virtual_vram_gb": gb, "donor_device": donor, "expert_mode_allocations": expert,
-            "auto_placement": auto}
+            "auto_placement": auto, **LATER_INPUTS}
 
 
 def api_format(graph: list) -> dict:

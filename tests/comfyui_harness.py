@@ -235,7 +235,11 @@ def core_unet(name: str) -> dict:
 
 
 def distorch_unet(name: str, virtual_vram_gb: float, expert: str = "", donor: str = "cpu",
-                  compute: str = "cpu") -> dict:
-    return {"class_type": "DisTorchUNetLoader", "inputs": {
+                  compute: str = "cpu", stream_format: str | None = None) -> dict:
+    """The DisTorch UNet loader's node; without `stream_format` the prompt leaves it out (it loads as stored)."""
+    loader = {"class_type": "DisTorchUNetLoader", "inputs": {
         "unet_name": name, "weight_dtype": "default", "compute_device": compute, "virtual_vram_gb": virtual_vram_gb,
         "donor_device": donor, "expert_mode_allocations": expert}}
+    if stream_format is not None:
+        loader["inputs"]["stream_format"] = stream_format
+    return loader

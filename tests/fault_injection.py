@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 
 import torch
 from dit_models import make_quirky
+from stream_reference import with_format_values
 
 import distorch
-from distorch import CpuCopyEngine, engine, streamer
+from distorch import CpuCopyEngine, engine, stream_format, streamer
 from distorch.ledger import Ledger
+from distorch.request import StreamFormat
 from distorch.units import GIB
 
-INSTRUMENTED = (streamer.__file__, engine.__file__)
+INSTRUMENTED = (streamer.__file__, engine.__file__, stream_format.__file__)
 SHARE = 0.5  # of the block bytes on the compute device: half the blocks streamed, half resident
 ROOMY = {"cpu": 64 * GIB, "cuda:0": 64 * GIB, "pinned": 32 * GIB}
 FORWARD_PHASES = ("cold", "warm")  # interrupt the first forward after open(), or the second (schedule learned)
@@ -55,12 +57,15 @@ class Injected(KeyboardInterrupt):
 class Config:
     prefetch: int
     deferred: bool  # CpuCopyEngine(deferred=True): a copy lands only when something waits for it
+    stream_format: str = "stored"  # "q8_0": blocks staged encoded and decoded before they run (the decode path)
 
     def __str__(self) -> str:
-        return f"prefetch {self.prefetch}, {'deferred' if self.deferred else 'eager'} engine"
+        fmt = "" if self.stream_format == "stored" else f", {self.stream_format}"
+        return f"prefetch {self.prefetch}, {'deferred' if self.deferred else 'eager'} engine{fmt}"
 
 
-CONFIGS = tuple(Config(prefetch, deferred) for prefetch in (1, 2) for deferred in (False, True))
+CONFIGS = tuple(Config(prefetch, deferred, fmt) for fmt in ("stored", "q8_0") for prefetch in (1, 2)
+                for deferred in (False, True))
 
 
 @dataclass(frozen=True)
@@ -150,18 +155,28 @@ def one_thread():
 
 
 class _Subject:
-    """The model's inputs, the resident model's outputs and the plan, made once per process."""
+    """The model's inputs, the resident model's outputs and the plan, made once per process and stream format.
 
-    def __init__(self):
+    In a stream format the reference is the resident model with the format's values (each encoded weight replaced
+    by decode(encode(w)), tests/stream_reference.py): streaming must add nothing to what the format changed. The model
+    is built in memory, so close() gives those values back, and a float32 model encoded again keeps them.
+    """
+
+    def __init__(self, stream_format: str = "stored"):
         generator = torch.Generator().manual_seed(3)
         self.calls = [(torch.randn(2, 16, 8, generator=generator), torch.tensor([900.0 - 200 * i, 50.0 + i]),
                        i % 2 == 1) for i in range(4)]  # odd calls skip block 4 (a streamed block)
+        self.stream_format = stream_format
         resident = make_quirky()
+        self.plan = distorch.plan(resident, compute_device="cpu", memory=ROOMY, ledger=Ledger(),
+                                  virtual_vram_gb=SHARE * distorch.discover(resident).block_bytes / GIB,
+                                  stream_format=stream_format)
+        assert 0 < len(self.plan.streamed) < len(self.plan.blocks), "the sweep needs streamed and resident blocks"
+        if stream_format != "stored":
+            assert any(b.decodes for b in self.plan.blocks), "the sweep needs encoded blocks"
+            with_format_values(resident, self.plan.streamed, stream_format)
         self.expected = [resident(x, t, skip=skip) for x, t, skip in self.calls]
         self.weights = {name: t.detach().clone() for name, t in _tensors(resident)}
-        self.plan = distorch.plan(resident, compute_device="cpu", memory=ROOMY, ledger=Ledger(),
-                                  virtual_vram_gb=SHARE * distorch.discover(resident).block_bytes / GIB)
-        assert 0 < len(self.plan.streamed) < len(self.plan.blocks), "the sweep needs streamed and resident blocks"
         self.spare: list = [resident]  # models a trial closed and checked restored: the next trials reuse them
 
     def model(self):
@@ -172,14 +187,14 @@ class _Subject:
             self.spare.append(model)
 
 
-_SUBJECT: _Subject | None = None
+_SUBJECTS: dict[str, _Subject] = {}
+_FORMAT = "stored"  # the stream format of the sweep running now (run_sweep sets it from its Config)
 
 
 def subject() -> _Subject:
-    global _SUBJECT
-    if _SUBJECT is None:
-        _SUBJECT = _Subject()
-    return _SUBJECT
+    if _FORMAT not in _SUBJECTS:
+        _SUBJECTS[_FORMAT] = _Subject(_FORMAT)
+    return _SUBJECTS[_FORMAT]
 
 
 def forward_trial(config: Config, phase: str, target: int, every: str = "line") -> Outcome | None:
@@ -238,8 +253,9 @@ def open_trial(config: Config, way: str, target: int, every: str = "line") -> Ou
             _closer(streamer_, ledger, model)()
         s.done_with(model, None)
         return None
-    if _hooks_left(model):
-        return Outcome("leftover", site, f"hooks left on {_hooks_left(model)[:3]} after the failed open")
+    if _hooks_left(model, host_too=False):
+        return Outcome("leftover", site, f"hooks left on {_hooks_left(model, host_too=False)[:3]} after the failed "
+                                         "open")
     try:
         if way == "stream":
             handle = distorch.stream(model, s.plan, prefetch=config.prefetch,
@@ -291,7 +307,9 @@ def close_trial(config: Config, mode: str, target: int, every: str = "line") -> 
 def _streamer(model, ledger: Ledger, config: Config, engine_) -> streamer.BlockStreamer:
     s = subject()
     blocks = [b for b in distorch.discover(model).blocks if b.name in s.plan.streamed]
-    storage = {b.name: streamer.StoragePlacement(b.device, b.pinned, b.disk) for b in s.plan.blocks if b.streamed}
+    fmt = StreamFormat.parse(s.plan.stream_format)
+    storage = {b.name: streamer.StoragePlacement(b.device, b.pinned, b.disk, fmt if b.decodes else StreamFormat.STORED)
+               for b in s.plan.blocks if b.streamed}
     account = ledger.reserve(model, s.plan.holding())
     return streamer.BlockStreamer(model, blocks, storage, "cpu", prefetch=config.prefetch, engine=engine_,
                                   account=account)
@@ -361,15 +379,24 @@ def _tensors(model) -> list[tuple[str, torch.Tensor]]:
     return list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
 
 
-def _hooks_left(model) -> list[str]:
+def _hooks_left(model, host_too: bool = True) -> list[str]:
+    """Modules with a hook; with `host_too=False` not counting the hooks of a staged encoded block that decode it on the
+    host while the streamer is closed (they stay from staging until the block is unstaged, by design)."""
     return [name or "<model>" for name, module in model.named_modules()
-            if module._forward_pre_hooks or module._forward_hooks]
+            if any(host_too or not _is_host_hook(hook)
+                   for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))]
+
+
+def _is_host_hook(hook) -> bool:
+    return getattr(hook, "func", None) in (streamer._host_pre_hook, streamer._host_post_hook)
 
 
 def run_sweep(trial, config: Config, mode: str, every: str, until_failure: bool = False) -> Sweep:
     """Every injection point in turn, `trial(config, mode, target, every)` each (with `until_failure`, up to the
     first outcome that is not "ok")."""
+    global _FORMAT
     sweep = Sweep(f"{mode} {every}s, {config}")
+    _FORMAT = config.stream_format
     with one_thread(), warnings.catch_warnings():
         # torch's note that an always_call hook raised while another error unwound: the outcome says it all
         warnings.filterwarnings("ignore", message="module forward hook with ``always_call=True`` raised")

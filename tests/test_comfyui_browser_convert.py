@@ -81,7 +81,8 @@ def test_canvas_menu_converts_multigpu_loaders_and_the_result_runs(comfy_page, s
     assert unet["compute_device"] == "cpu" and unet["virtual_vram_gb"] == 0.0 and "eject_models" not in unet
     assert clip["compute_device"] == "cpu" and clip["type"] == "sd3" and clip["virtual_vram_gb"] == 3.9
     assert vae == {"vae_name": "tiny_taesd3.safetensors", "compute_device": "cpu", "virtual_vram_gb": 0.0,
-                   "donor_device": "cpu", "expert_mode_allocations": "", "auto_placement": False}
+                   "donor_device": "cpu", "expert_mode_allocations": "", "auto_placement": False,
+                   "stream_format": "stored"}
     assert unet["auto_placement"] is False and clip["auto_placement"] is False, "converted nodes keep their numbers"
     assert not comfy_page.pack_problems(), comfy_page.pack_problems()
 

@@ -72,15 +72,24 @@ def test_a_workflow_saved_before_auto_placement_loads_in_fixed_mode_and_a_new_no
     old = json.loads(path.read_text())
     loaders = [n for n in old["nodes"] if n["type"].startswith("DisTorch")]
     for node in loaders:
-        assert node["widgets_values"][-1] is True
-        node["widgets_values"] = node["widgets_values"][:-1]  # as saved before the switch existed
+        assert node["widgets_values"][-2:] == [True, "stored"]
+        node["widgets_values"] = node["widgets_values"][:-2]  # as saved before the switch (and stream_format) existed
     load_ui_workflow(page, old, f"old_{server.install.version}.json")
     values = page.page.evaluate(_AUTO_VALUES)
     assert values == {str(n["id"]): {"auto_placement": False} for n in loaders}
     sent = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
     assert all(sent[str(n["id"])]["inputs"]["auto_placement"] is False for n in loaders)
+    assert all(sent[str(n["id"])]["inputs"]["stream_format"] == "stored" for n in loaders)
     assert all(sent[str(n["id"])]["inputs"]["virtual_vram_gb"] ==
                n["widgets_values"][widget_inputs(n["type"]).index("virtual_vram_gb")] for n in loaders)
+    before_formats = json.loads(path.read_text())
+    for node in before_formats["nodes"]:
+        if node["type"].startswith("DisTorch"):
+            node["widgets_values"] = node["widgets_values"][:-1]  # saved with the switch, before stream_format
+    load_ui_workflow(page, before_formats, f"before_formats_{server.install.version}.json")
+    assert page.page.evaluate(_AUTO_VALUES) == {str(n["id"]): {"auto_placement": True} for n in loaders}
+    sent = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert all(sent[str(n["id"])]["inputs"]["stream_format"] == "stored" for n in loaders)
     load_ui_workflow(page, current, f"current_{server.install.version}.json")
     assert page.page.evaluate(_AUTO_VALUES) == {str(n["id"]): {"auto_placement": True} for n in loaders}
     created = page.page.evaluate("""() => {

@@ -155,8 +155,10 @@ MACHINE = Machine("cuda:0", ("cuda:0", "cuda:1", "cuda:2"))
     ],
 )
 def test_values_map_onto_the_distorch_node(node_id, values, expected):
-    """Every converted node places by the original's numbers: auto placement is off."""
-    assert LEGACY_LOADERS[node_id].to_native(values, MACHINE) == expected
+    """Every converted node places by the original's numbers (auto placement off); inputs the originals never had
+    (the stream format) get their defaults, as the last widgets."""
+    native = LEGACY_LOADERS[node_id].to_native(values, MACHINE)
+    assert native == {**expected, "stream_format": "stored"} and list(native)[-1] == "stream_format"
 
 
 def test_use_other_vram_without_another_gpu_keeps_ram_as_donor():
@@ -246,10 +248,10 @@ def test_ui_conversion_keeps_ids_links_titles_positions_and_values():
     by_id = {n["id"]: n for n in converted["nodes"]}
     assert by_id[78]["type"] == "DisTorchUNetLoader" and by_id[78]["title"] == "Big UNet"
     assert by_id[78]["widgets_values"] == ["qwen_image_fp8_e4m3fn.safetensors", "default", "cuda:0", 14, "cpu", "",
-                                           False]
+                                           False, "stored"]
     assert by_id[79]["widgets_values"] == ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "cuda:1", 3.9,
-                                           "cpu", "", False]
-    assert by_id[70]["widgets_values"] == ["qwen_image_vae.safetensors", "cuda:1", 0.0, "cpu", "", False]
+                                           "cpu", "", False, "stored"]
+    assert by_id[70]["widgets_values"] == ["qwen_image_vae.safetensors", "cuda:1", 0.0, "cpu", "", False, "stored"]
     assert by_id[70]["pos"] == [-30, 400] and "title" not in by_id[70]
     assert by_id[78]["properties"] == {"Node name for S&R": "DisTorchUNetLoader"}
     assert by_id[80] == workflow["nodes"][3] and by_id[81] == workflow["nodes"][4]
@@ -307,7 +309,7 @@ def test_ui_conversion_fills_widgets_an_older_version_did_not_save():
     node = convert_workflow(ui_workflow(nodes), MACHINE).workflow["nodes"][0]
     assert node["type"] == "DisTorchCheckpointLoader"
     assert node["widgets_values"] == ["mochi.safetensors", "cuda:0", 5, "cpu", "cuda:1", 2, "cpu", "cuda:1", "", "",
-                                      False, False], "converted nodes place by their numbers: auto placement off"
+                                      False, False, "stored"], "converted nodes place by their numbers: auto off"
 
 
 def test_ui_node_with_more_widgets_than_known_is_left_alone():
@@ -324,7 +326,7 @@ def test_subgraph_nodes_are_converted_too():
     converted = convert_workflow(workflow, MACHINE).workflow
     inner = converted["definitions"]["subgraphs"][0]["nodes"][0]
     assert inner["type"] == "DisTorchUNetLoader"
-    assert inner["widgets_values"] == ["f.gguf", "default", "cuda:0", 0.0, "cpu", "", False]
+    assert inner["widgets_values"] == ["f.gguf", "default", "cuda:0", 0.0, "cpu", "", False, "stored"]
 
 
 def test_core_loaders_are_converted_unless_kept_and_builtin_vaes_stay():
@@ -335,7 +337,7 @@ def test_core_loaders_are_converted_unless_kept_and_builtin_vaes_stay():
     types = [n["type"] for n in result.workflow["nodes"]]
     assert types == ["DisTorchUNetLoader", "VAELoader", "DisTorchCheckpointLoader"]
     assert result.workflow["nodes"][0]["widgets_values"] == ["u.safetensors", "fp8_e4m3fn", "cpu", 0.0, "cpu", "",
-                                                                False]
+                                                                 False, "stored"]
     assert "built-in VAEs" in result.report()
     kept = convert_workflow(ui_workflow(nodes), include_core=False)
     assert [n["type"] for n in kept.workflow["nodes"]] == ["UNETLoader", "VAELoader", "CheckpointLoaderSimple"]
@@ -356,7 +358,7 @@ def test_api_conversion_keeps_links_and_renames_linked_device():
     converted = result.workflow
     assert converted["78"] == {"class_type": "DisTorchUNetLoader", "_meta": {"title": "Big UNet"}, "inputs": {
         "unet_name": "q.safetensors", "weight_dtype": "default", "compute_device": "cuda:0", "virtual_vram_gb": 14,
-        "donor_device": "cpu", "expert_mode_allocations": "", "auto_placement": False}}
+        "donor_device": "cpu", "expert_mode_allocations": "", "auto_placement": False, "stream_format": "stored"}}
     assert converted["79"]["inputs"]["compute_device"] == ["90", 0] and "device" not in converted["79"]["inputs"]
     assert converted["80"] == prompt["80"]
 

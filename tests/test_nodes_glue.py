@@ -16,6 +16,7 @@ from distorch_pack.nodes.settings import (
     device_choices,
     distorch_specs,
     donor_choices,
+    stream_format_spec,
 )
 from distorch_pack.nodes.state import DisTorchState
 
@@ -38,7 +39,17 @@ def test_distorch_inputs_match_multigpu_names_and_defaults(kind, default):
     assert isinstance(donor, ChoiceSpec) and donor.options == ("cpu", "cuda:0", "cuda:1") and donor.default == "cpu"
     assert isinstance(expert, TextSpec) and expert.optional and expert.default == ""
     assert isinstance(auto, ToggleSpec) and auto.default is True, "new nodes start in auto mode"
-    assert all(s.tooltip for s in specs) and set(TOOLTIPS) == {s.name for s in specs}
+    assert all(s.tooltip for s in specs) and set(TOOLTIPS) == {s.name for s in specs} | {"stream_format"}
+
+
+def test_the_stream_format_input_offers_the_formats_and_says_what_each_costs():
+    spec = stream_format_spec()
+    assert spec.name == "stream_format" and spec.options == ("stored", "q8_0", "fp8_e4m3fn")
+    assert spec.default == "stored"
+    assert all(cost in spec.tooltip for cost in ("exact", "0.53 x", "near-lossless", "2.5 %"))
+    assert DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, stream_format="q8_0").stream_format == "q8_0"
+    with pytest.raises(ValueError, match="^DisTorch: stream_format 'q4' is not one of stored, q8_0, fp8_e4m3fn$"):
+        DisTorchSettings.validate("cuda:0", 6, "cpu", "", DEVICES, stream_format="q4")
 
 
 def test_devices_without_gpu_or_in_cpu_mode():

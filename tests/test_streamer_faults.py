@@ -16,14 +16,17 @@ import pytest
 import torch
 from dit_models import make_quirky
 from fault_injection import CLOSE_MODES, Config, close_trial, forward_trial, one_thread, open_trial, run_sweep
+from stream_reference import with_format_values
 
 import distorch
 from distorch import CpuCopyEngine
 from distorch.ledger import Ledger
 from distorch.streamer import BlockStreamer
 
-# Each engine mode and each prefetch once per phase; the bench runs all four configurations of both phases.
-FORWARD_SWEEPS = [("warm", Config(prefetch=1, deferred=True)), ("cold", Config(prefetch=2, deferred=False))]
+# Each engine mode and each prefetch once per phase, and the decode path (blocks streamed as q8_0) once; the bench
+# runs all eight configurations of both phases.
+FORWARD_SWEEPS = [("warm", Config(prefetch=1, deferred=True)), ("cold", Config(prefetch=2, deferred=False)),
+                  ("warm", Config(prefetch=1, deferred=True, stream_format="q8_0"))]
 
 
 @pytest.fixture(autouse=True)
@@ -46,19 +49,22 @@ def test_an_interrupt_at_any_site_of_a_forward_leaves_the_next_forwards_exact(ph
     assert_all_ok(run_sweep(forward_trial, config, phase, "site"), at_least=200)
 
 
-def test_an_interrupt_at_any_site_of_open_takes_back_what_it_installed():
+@pytest.mark.parametrize("stream_format", ["stored", "q8_0"])
+def test_an_interrupt_at_any_site_of_open_takes_back_what_it_installed(stream_format):
     """Also from the progress callback; the exception is kept alive meanwhile (a REPL's sys.last_value): no hook
-    may survive it, and a second open() streams bit-exact."""
-    config = Config(prefetch=2, deferred=True)
+    may survive it, and a second open() streams bit-exact. In q8_0 the cut may land inside a block's encoding."""
+    config = Config(prefetch=2, deferred=True, stream_format=stream_format)
     assert_all_ok(run_sweep(open_trial, config, "open", "site"), at_least=60)
     assert_all_ok(run_sweep(open_trial, config, "open", "progress"), at_least=3)
 
 
-@pytest.mark.parametrize("mode", CLOSE_MODES)
-def test_an_interrupt_at_any_site_of_close_leaves_a_usable_model_and_close_works_again(mode):
+@pytest.mark.parametrize(("mode", "stream_format"), [*((m, "stored") for m in CLOSE_MODES), ("close", "q8_0")])
+def test_an_interrupt_at_any_site_of_close_leaves_a_usable_model_and_close_works_again(mode, stream_format):
     """close(unstage=True) as distorch.stream's handle calls it, close(unstage=False) as ComfyUI unloads: after the
-    interrupt a forward is still right, close() and a new open() work, and the model is restored after all."""
-    assert_all_ok(run_sweep(close_trial, Config(prefetch=2, deferred=True), mode, "site"), at_least=20)
+    interrupt a forward is still right, close() and a new open() work, and the model is restored after all. In q8_0
+    a block still staged computes decoded on the host, and one cut inside its unstaging is restored again."""
+    config = Config(prefetch=2, deferred=True, stream_format=stream_format)
+    assert_all_ok(run_sweep(close_trial, config, mode, "site"), at_least=20)
 
 
 def _raise_keyboard_interrupt(*args):
@@ -145,6 +151,23 @@ def test_a_hook_whose_handle_was_lost_does_nothing_once_closed():
         assert torch.equal(model(x, t), expected)
     finally:
         lost.remove()
+
+
+def test_a_decode_cut_midway_leaves_the_decode_buffer_holding_nothing():
+    """Interrupted inside block 3's decode (its first weight decoded over block 1's bytes, the second half done), the
+    decode buffer must not still say it holds block 1: block 1, called next, would run on block 3's bytes."""
+    model = make_quirky()
+    plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=distorch.discover(model).block_bytes / 2**30,
+                         memory={"cpu": 2**36}, ledger=Ledger(), stream_format="q8_0")
+    reference = make_quirky()
+    with_format_values(reference, plan.streamed, "q8_0")
+    h, t_emb = torch.randn(2, 16, 64), reference.embed_time(torch.tensor([300.0, 20.0]))
+    with distorch.stream(model, plan, ledger=Ledger()) as handle:
+        assert torch.equal(model.blocks[1](h, t_emb), reference.blocks[1](h, t_emb))
+        with InterruptInside("_decode_q8_0", "decode_into", line=8), pytest.raises(KeyboardInterrupt):
+            model.blocks[3](h, t_emb)
+        assert handle.streamer._decode.block is None
+        assert torch.equal(model.blocks[1](h, t_emb), reference.blocks[1](h, t_emb))
 
 
 def _load_marking_first(self, index, slot_index):

@@ -162,7 +162,9 @@ class PlanView {
             cell.style.background = tier.color;
             cell.dataset.tier = block.tier;
             const where = block.tier === "resident" ? "" : ` on ${block.device}`;
-            cell.title = `${index + 1}. ${block.name}: ${formatGB(block.bytes)}, ${tier.label}${where}`;
+            const encoded = block.format && block.format !== "stored"
+                ? ` (held and copied as ${block.format}: ${formatGB(block.stream_bytes)})` : "";
+            cell.title = `${index + 1}. ${block.name}: ${formatGB(block.bytes)}${encoded}, ${tier.label}${where}`;
             cell.addEventListener("mouseenter", () => { this.hover.textContent = cell.title; });
             cell.addEventListener("mouseleave", () => { this.hover.textContent = this.restingHover(); });
             this.map.append(cell);
@@ -198,14 +200,16 @@ class PlanView {
             .filter(([, bytes]) => bytes > 0).map(([what, bytes]) => ` \u00b7 ${what}: ${formatGB(bytes)}`);
         held.textContent = `RAM used: ${formatGB(t.ram_bytes)}${elsewhere.join("")}`;
         held.title = `pinned ${formatGB(t.pinned_bytes)}, pageable ${formatGB(t.pageable_bytes)}`;
-        perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}`;
+        const saved = t.saved_bytes > 0 ? ` (${this.plan.stream_format}, ${formatGB(t.saved_bytes)} less)` : "";
+        perStep.textContent = `per step: ${formatGB(t.per_pass_bytes)} copied to ${device}${saved}`;
         const schedule = this.plan.schedule;
         const predicted = schedule && t.per_pass_bytes > 0
             ? `; predicted ${(schedule.copy_s * 1000).toFixed(0)} ms of copies per pass`
               + (schedule.pass_s != null ? `, ${(schedule.pass_s * 1000).toFixed(0)} ms per pass with compute` : "")
             : "";
         perStep.title = "Bytes copied by each forward pass: one per step when ComfyUI batches cond and uncond, "
-            + `two when it runs them separately${predicted}`;
+            + `two when it runs them separately${predicted}`
+            + (this.plan.stream_note ? `. ${this.plan.stream_note}` : "");
     }
 
     toggleTable() {
@@ -259,7 +263,7 @@ function isDisTorchLoader(nodeData) {
 
 // A workflow saved before the auto_placement switch existed has no value for it, and the frontend leaves such a
 // widget at its default (on): it is switched off here, so the workflow places its models by the amounts it was
-// saved with. Widget values are matched by position; the switch is the last saved widget (nodes/settings.py).
+// saved with. Widget values are matched by position; only later inputs (stream_format) follow the switch.
 function keepSavedAmounts(node, info) {
     const saved = info?.widgets_values;
     if (!saved || typeof saved !== "object") return;
