@@ -427,9 +427,15 @@ def _block_footprint(option: _Option) -> int:
 
 
 def _decode_footprint(placements) -> int:
-    """The decode buffer (largest encoded block as stored) plus the largest decode scratch; 0 without encoded blocks."""
-    decoding = [b for b in placements if b.decodes]
-    return max(b.nbytes for b in decoding) + max(b.decode_scratch for b in decoding) if decoding else 0
+    """The decode buffer and scratch the encoded streamed blocks of `placements` need on the compute device."""
+    return _decode_need((b.nbytes, b.decode_scratch) for b in placements if b.decodes)
+
+
+def _decode_need(encoded) -> int:
+    """The compute device's decode buffer for encoded blocks given as (bytes as stored, decode scratch): the largest
+    block as stored plus the largest scratch; 0 without encoded blocks."""
+    encoded = list(encoded)
+    return max(n for n, _ in encoded) + max(s for _, s in encoded) if encoded else 0
 
 
 def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requested: int,
@@ -452,8 +458,7 @@ def streamed_within(block_bytes: list[int], rest_bytes: int, room: int, requeste
     as_streamed = as_streamed or [(n, 0) for n in block_bytes]
 
     def decode(chosen) -> int:
-        encoded = [i for i in chosen if as_streamed[i][0] != block_bytes[i]]
-        return max(block_bytes[i] for i in encoded) + max(as_streamed[i][1] for i in encoded) if encoded else 0
+        return _decode_need((block_bytes[i], as_streamed[i][1]) for i in chosen if as_streamed[i][0] != block_bytes[i])
 
     def choose(sizes: list[int], target: int) -> list[int]:
         if current is None:
@@ -669,8 +674,7 @@ class _HostRoom:
 
 def _decode_bytes(blocks, stream: Mapping[str, tuple[int, int]]) -> int:
     """The decode buffer and scratch the encoded ones of `blocks` (name, stored bytes) need on the compute device."""
-    decoding = [(nbytes, stream[name][1]) for name, nbytes in blocks if stream[name][0] != nbytes]
-    return max(n for n, _ in decoding) + max(s for _, s in decoding) if decoding else 0
+    return _decode_need((nbytes, stream[name][1]) for name, nbytes in blocks if stream[name][0] != nbytes)
 
 
 def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom, stream: Mapping[str, tuple[int, int]],
