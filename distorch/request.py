@@ -106,7 +106,8 @@ class PlacementRequest:
     def collect(cls, compute_device: str, virtual_vram_gb: float, donor_device: str,
                 expert_mode_allocations: str | None, available: tuple[str, ...] | None, problems: list,
                 prefix: str = "", *, prefetch: int = 2, max_virtual_vram_gb: float | None = None,
-                auto: bool = False, stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest | None":
+                auto: bool = False,
+                stream_format: StreamFormat | str = StreamFormat.STORED) -> "PlacementRequest | None":
         """`validate` for one of several models of a node: appends its problems (inputs named `prefix` + name)."""
         before = len(problems)
         expert = (expert_mode_allocations or "").strip()

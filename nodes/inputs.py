@@ -13,8 +13,15 @@ from comfy_api.latest import io
 import nodes as core_nodes
 
 from .devices import compute_devices, donor_devices
-from .settings import (CheckpointSettings, ChoiceSpec, DisTorchSettings, NumberSpec, ToggleSpec, distorch_specs,
-                       stream_format_spec)
+from .settings import (
+    CheckpointSettings,
+    ChoiceSpec,
+    DisTorchSettings,
+    NumberSpec,
+    ToggleSpec,
+    distorch_specs,
+    stream_format_spec,
+)
 
 CHECKPOINT_LOADER = "DisTorchCheckpointLoader"
 _ABSENT = object()  # a validate_inputs parameter the node does not have (None means: driven by a link)
