@@ -36,10 +36,10 @@ def load_checkpoint(ckpt_name: str, settings: CheckpointSettings, node_id: str |
     patcher, clip = loaded[0], loaded[1]
     vae = _vae(state_dict, patcher.model.model_config, settings.vae_device, metadata)
     model = DisTorchModelPatcher.adopt(patcher, torch.device(settings.unet.compute_device))
-    parts = [plan_model(model.model, settings.unet, f"{ckpt_name} diffusion model", node_id)]
+    parts = [plan_model(model.model, settings.unet, f"{ckpt_name} diffusion model", node_id, "unet_")]
     if clip is not None:
         clip.patcher = DisTorchModelPatcher.adopt(clip.patcher, torch.device(settings.clip.compute_device))
-        parts.append(plan_model(clip.patcher.model, settings.clip, f"{ckpt_name} text encoders", node_id))
+        parts.append(plan_model(clip.patcher.model, settings.clip, f"{ckpt_name} text encoders", node_id, "clip_"))
     return (model, clip, vae), combined_ui(parts, f"VAE on {settings.vae_device}")
 
 

@@ -117,15 +117,18 @@ def _not_dynamic(loader) -> dict:
     return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
 
 
-def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str, node_id: str | None = None) -> dict:
+def plan_model(model: torch.nn.Module, settings: DisTorchSettings, label: str, node_id: str | None = None,
+               widget_prefix: str = "") -> dict:
     """Plans `model` once and stores the plan on it; returns the node's UI output.
 
     `text` is the plan table; `distorch_plan` the same plan as data (distorch.report.plan_to_dict) for the
     block map nodes/web/js/distorch.js draws. `node_id` is the loader node: staging reports to its bar.
+    `widget_prefix` names the part of a node that loads several ("unet_", "clip_"): its amount widget.
     """
     state = DisTorchState.attach(model, settings, loader_inventory(settings))
     state.ui_node = node_id
     state.label = label
+    state.amount_widget = f"{widget_prefix}virtual_vram_gb"
     # The log gets the table when the model is loaded (patcher.py); the node shows it now.
     text = state.plan.report().replace(f"DisTorch plan for {state.plan.model_name}",
                                        f"DisTorch plan for {label} ({state.plan.model_name})", 1)

@@ -148,7 +148,8 @@ def record_workload(executor, model, noise_shape, conds, *args, **kwargs):
 
 def show_plan(state: DisTorchState) -> None:
     """Sends the plan a run chose to the loader node in the browser (its plan view, and in auto mode the amount in
-    its virtual_vram_gb widget). Only when ComfyUI's server runs (never in a script that imports ComfyUI)."""
+    the part's virtual_vram_gb widget: `unet_`/`clip_` on the checkpoint loader). Only when ComfyUI's server runs
+    (never in a script that imports ComfyUI)."""
     server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
     if server is None or not in_running_prompt(state.ui_node):
         return  # a model from the cache of another workflow: its loader's id may now be another node
@@ -156,5 +157,5 @@ def show_plan(state: DisTorchState) -> None:
     text = plan.report().replace(f"DisTorch plan for {plan.model_name}",
                                  f"DisTorch plan for {label} ({plan.model_name})", 1)
     server.send_sync(PLAN_EVENT, {"node": state.ui_node, "plan": plan_to_dict(plan, label), "text": text,
-                                  "auto": state.settings.auto,
+                                  "auto": state.settings.auto, "amount_widget": state.amount_widget,
                                   "virtual_vram_gb": round(plan.streamed_stored_bytes / GIB, 2)})

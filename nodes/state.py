@@ -42,6 +42,7 @@ class DisTorchState:
         self.placement = placement  # the model's plan, ledger entry and streamer
         self.ui_node: str | None = None  # id of the loader node that planned it: its progress bar shows staging
         self.label: str = ""  # the file name(s) the loader node shows
+        self.amount_widget = "virtual_vram_gb"  # the loader's widget that shows the amount an auto run chose
         self.workload: SamplerWorkload | None = None  # the sampler run about to load the model, until it loads
         self.timer: RunTimer | None = None  # times the current run's first passes (auto mode)
         self.timings: Timings | None = None  # what the last timed run measured: the cost model's input

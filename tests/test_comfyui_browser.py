@@ -297,6 +297,40 @@ def test_an_auto_loader_shows_the_plan_its_run_chose(comfy_page, server):
     assert not comfy_page.pack_problems(), comfy_page.pack_problems()
 
 
+def test_an_auto_checkpoint_loader_shows_the_chosen_amount_in_that_parts_widget(comfy_page, server):
+    """The checkpoint loader has an amount per part: the plan a run chose for the diffusion model (auto) lands in
+    `unet_virtual_vram_gb`; the text encoders' fixed amount stays as typed. Simulated card too small for any block
+    to stay: every block of the diffusion model streams."""
+    loader = {"class_type": "DisTorchCheckpointLoader", "inputs": {
+        "ckpt_name": "tiny_sd3_checkpoint.safetensors", "unet_compute_device": "cpu", "unet_virtual_vram_gb": 5.0,
+        "unet_donor_device": "cpu", "clip_compute_device": "cpu", "clip_virtual_vram_gb": 3.0,
+        "clip_donor_device": "cpu", "vae_device": "cpu", "unet_expert_mode_allocations": "",
+        "clip_expert_mode_allocations": "", "unet_auto_placement": True, "clip_auto_placement": False,
+        "stream_format": "stored"}}
+    prompt = {
+        "1": loader,
+        "6": {"class_type": "DisTorchTestSimulatedGpu", "inputs": {"model": ["1", 0], "vram_gb": 1.0,
+                                                                   "bytes_per_cell": 1.0}},
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a lighthouse"}},
+        "12": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "13": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "positive": ["10", 0], "negative": ["10", 0], "latent_image": ["12", 0], "seed": 11,
+            "steps": 1, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "15": {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "browser_ckpt"}},
+    }
+    comfy_page.load_api_workflow(prompt)
+    entry = comfy_page.queue_and_wait()
+    assert entry.get("status", {}).get("status_str") == "success", str(entry)[:3000]
+    plans = [m["data"] for m in comfy_page.messages if m.get("type") == "distorch.plan" and m["data"]["node"] == "1"]
+    unet = [p for p in plans if p["amount_widget"] == "unet_virtual_vram_gb"]
+    assert unet and unet[-1]["auto"] and unet[-1]["plan"]["totals"]["moved_off_bytes"] > 0, plans
+    assert all(not p["auto"] for p in plans if p["amount_widget"] == "clip_virtual_vram_gb"), plans
+    amounts = comfy_page.page.evaluate("""() => Object.fromEntries(window.app.graph.getNodeById(1).widgets
+        .filter((w) => w.name.endsWith("virtual_vram_gb")).map((w) => [w.name, w.value]))""")
+    assert amounts == {"unet_virtual_vram_gb": unet[-1]["virtual_vram_gb"], "clip_virtual_vram_gb": 3.0}, amounts
+    assert not comfy_page.pack_problems(), comfy_page.pack_problems()
+
+
 def test_a_bad_allocation_is_comfyuis_error_on_that_node(run):  # last: it replaces the workflow
     page = run.page
     page.load_api_workflow(three_loader_workflow(unet_vram=0.1, clip_vram=0.1, expert="cuda:0,1.5t;cpu,*"))

@@ -281,7 +281,8 @@ function showRunPlan(detail) {
     const view = node?.widgets?.find((w) => w.name === WIDGET)?.distorchView;
     if (!view) return;
     view.show(detail.plan, detail.text);
-    const amount = node.widgets.find((w) => w.name === "virtual_vram_gb");
+    // The part's amount: `unet_virtual_vram_gb` / `clip_virtual_vram_gb` on the checkpoint loader.
+    const amount = node.widgets.find((w) => w.name === (detail.amount_widget ?? "virtual_vram_gb"));
     if (detail.auto && amount) amount.value = detail.virtual_vram_gb;
     node.setDirtyCanvas?.(true, true);
 }
