@@ -225,6 +225,14 @@ class Plan:
     def disk_bytes(self) -> int:
         return sum(b.nbytes for b in self.blocks if b.tier is Tier.DISK)
 
+    @property
+    def bounce_bytes(self) -> int:
+        """The page-locked host buffer a GPU reads disk-tier blocks into (a block's size as stored; none on the CPU
+        or without a disk tier): pinned RAM beside the blocks' own, counted in `ram_added` and in the ledger."""
+        if self.compute_device == "cpu" or not self.disk_bytes:
+            return 0
+        return max(b.nbytes for b in self.blocks if b.streamed)
+
     def holding(self, staged: bool = False) -> Holding:
         """This placement as a ledger entry."""
         donors: dict[str, int] = {}
@@ -232,8 +240,8 @@ class Plan:
             if block.tier is Tier.DONOR:
                 donors[block.device] = donors.get(block.device, 0) + block.stream_nbytes
         pageable = sum(b.stream_nbytes for b in self.blocks if b.tier is Tier.PAGEABLE)
-        return Holding(self.model_name, self.pinned_bytes, pageable, self.disk_bytes, tuple(sorted(donors.items())),
-                       self.ram_added, staged)
+        return Holding(self.model_name, self.pinned_bytes + self.bounce_bytes, pageable, self.disk_bytes,
+                       tuple(sorted(donors.items())), self.ram_added, staged)
 
     def report(self) -> str:
         return format_report(self)
@@ -700,7 +708,8 @@ def _assign_storage(sizes, compute, streamed, tiers, inventory, host: _HostRoom,
         assigned[devices[index]] += nbytes
         done += nbytes
     on_disk = _disk_blocks(sizes, devices, host, stream)
-    placements, pinned_left = [], host.pinned_left
+    # A GPU reading a disk tier pins its bounce buffer out of the same budget.
+    placements, pinned_left = [], max(0, host.pinned_left - (host.disk_bounce if on_disk else 0))
     for index, (name, nbytes) in enumerate(sizes.blocks):
         if index not in devices:
             placements.append(BlockPlacement(name, nbytes, compute, streamed=False, reason=resident_reason))

@@ -627,6 +627,9 @@ class BlockStreamer:
                 held["pinned" if block.buffer.pinned else "pageable"] += block.nbytes
             else:
                 donors[block.placement.device] = donors.get(block.placement.device, 0) + block.nbytes
+        if self.device.type == "cuda" and held["disk"]:
+            # The engine's page-locked bounce buffer for disk reads, a slot's size (allocated at the first read).
+            held["pinned"] += self.slot_bytes
         return {**held, "donor": tuple(sorted(donors.items()))}
 
     def _install_hooks(self) -> None:

@@ -319,6 +319,12 @@ def test_the_plan_counts_the_bounce_buffer_a_gpu_reads_the_disk_tier_through():
     staged = sum(b.nbytes for b in gpu.blocks if b.tier in (Tier.PINNED, Tier.PAGEABLE))
     assert gpu.disk_bytes == 5 * block and staged == 5 * block, "one block more on the disk for the bounce buffer"
     assert gpu.ram_added == staged + block
+    # The bounce buffer is page-locked: it takes its share of the pinned budget and the ledger counts it.
+    budget = MemoryInventory(memory.devices, pinned_budget=3 * block)
+    pinned = distorch.plan_sizes(sizes, compute_device="cuda:0", virtual_vram_gb=10 * block / GIB, memory=budget,
+                                 others=())
+    assert pinned.pinned_bytes == 2 * block and pinned.bounce_bytes == block
+    assert pinned.holding().pinned == 3 * block
 
 
 def test_a_weight_written_in_memory_is_streamed_as_written(tmp_path):
