@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from .units import format_gb
 
+NO_LIMIT = 1 << 62  # the weight budget of a run the host set no limit for: no model reaches it
+
 
 @dataclass(frozen=True)
 class ComputeBudget:
@@ -25,6 +27,11 @@ class ComputeBudget:
     extra_bytes: int = 0
     activation_bytes: int | None = None
     source: str = ""
+
+    @property
+    def limited(self) -> bool:
+        """Whether the host set a limit for this run (`NO_LIMIT` is none)."""
+        return self.weight_bytes < NO_LIMIT
 
     @property
     def room(self) -> int:

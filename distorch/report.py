@@ -163,8 +163,12 @@ def _decision_lines(plan) -> list[str]:
     budget = getattr(plan, "budget", None)
     if budget is None:
         return []
-    mode = "automatic, fitted to" if getattr(plan, "mode", "fixed") == "auto" else "fixed amount, checked against"
-    text = f"  placement: {mode} the run's budget of {format_gb(budget.weight_bytes)} on {plan.compute_device}"
+    auto = getattr(plan, "mode", "fixed") == "auto"
+    if budget.limited:
+        mode = "automatic, fitted to" if auto else "fixed amount, checked against"
+        text = f"  placement: {mode} the run's budget of {format_gb(budget.weight_bytes)} on {plan.compute_device}"
+    else:
+        text = f"  placement: {'automatic' if auto else 'fixed amount'}, no limit on {plan.compute_device} for this run"
     if budget.source:
         text += f" ({budget.source})"
     lines = [text]

@@ -31,7 +31,7 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.utils
 
-from ..distorch.budget import ComputeBudget, replacement_reason
+from ..distorch.budget import NO_LIMIT, ComputeBudget, replacement_reason
 from ..distorch.report import plan_to_dict
 from ..distorch.units import GIB
 from . import lora
@@ -42,7 +42,6 @@ from .state import DisTorchState, SamplerWorkload
 logger = logging.getLogger("distorch.nodes")
 
 UNLIMITED = 1e31  # core's "no limit": model_load turns a budget of 0 into 1e32
-NO_LIMIT = 1 << 62  # a budget no model reaches
 PLAN_EVENT = "distorch.plan"  # the message nodes/web/js/distorch.js listens for
 
 

@@ -4,7 +4,7 @@
 import pytest
 
 from distorch import ModelSizes, PlacementRequest
-from distorch.budget import ComputeBudget, replacement_reason
+from distorch.budget import NO_LIMIT, ComputeBudget, replacement_reason
 from distorch.costmodel import Timings, choose_prefetch, estimate_pass
 from distorch.planner import adjust_streamed, plan_request, streamed_within
 from distorch.report import plan_to_dict
@@ -104,6 +104,9 @@ def test_report_and_dict_say_how_the_plan_was_decided():
     assert data["budget"]["activation_bytes"] == 6 * GIB and data["schedule"]["copy_s"] > 0
     fixed = plan_to_dict(plan_request(wan_like(), PlacementRequest.validate("cuda:0", 20.0), memory=MEMORY))
     assert fixed["mode"] == "fixed" and fixed["budget"] is None
+    unlimited = plan_request(wan_like(), PlacementRequest.validate("cuda:0", 20.0), memory=MEMORY,
+                             budget=ComputeBudget(NO_LIMIT, source="no limit from ComfyUI"))
+    assert "placement: fixed amount, no limit on cuda:0 for this run (no limit from ComfyUI)" in unlimited.report()
 
 
 # -- the cost model -----------------------------------------------------------------------------------------------
