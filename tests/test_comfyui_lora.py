@@ -51,3 +51,28 @@ def test_two_stacked_loras_match_cores_loader_within_one_percent(server, file, v
                                                                    "dt_l2"))))
     assert relative_difference(core, core_plain) > 0.05, "the LoRAs must change the latent"
     assert relative_difference(ours, core) <= 0.01
+
+
+def test_torch_compile_of_a_streamed_model_with_loras_matches_eager_and_settles(server):
+    """ComfyUI's own TorchCompileModel (inductor, on the CPU) over a UNet with half its blocks streamed and two
+    LoRAs on the side path: the latent equals the eager run's to float32 rounding, and a second queue run with
+    another seed captures no new graph (nothing of ours changes identity between steps or runs). Cores without
+    the node skip."""
+    if "TorchCompileModel" not in server.get("/object_info"):
+        pytest.skip(f"ComfyUI {server.install.version} has no TorchCompileModel node")
+
+    def compiled(seed: int, prefix: str) -> dict:
+        prompt = with_loras(sampling_prompt(distorch_unet("tiny_wan21.safetensors", HALF), "wan", prefix, seed))
+        prompt["7"] = {"class_type": "TorchCompileModel", "inputs": {"model": prompt["5"]["inputs"]["model"],
+                                                                     "backend": "inductor"}}
+        prompt["5"]["inputs"]["model"] = ["7", 0]
+        prompt["8"] = {"class_type": "DisTorchTestDynamoGraphs", "inputs": {"samples": ["5", 0]}}
+        return prompt
+
+    first = run_ok(server, compiled(5, "compiled_a"))
+    second = run_ok(server, compiled(6, "compiled_b"))
+    graphs = [r.body["outputs"]["8"]["graphs"][0] for r in (first, second)]
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+    eager = server.latent(run_ok(server, with_loras(sampling_prompt(distorch_unet("tiny_wan21.safetensors", HALF),
+                                                                    "wan", "eager_b", 6))))
+    assert relative_difference(server.latent(second), eager) <= 1e-4

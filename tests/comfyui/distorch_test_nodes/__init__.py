@@ -98,6 +98,29 @@ class DisTorchTestProcessRSS:
         return {"ui": {"rss": [psutil.Process().memory_info().rss]}}
 
 
+class DisTorchTestDynamoGraphs:
+    """Reports how many graphs torch.compile has captured in this server so far (Dynamo's `unique_graphs`), once
+    `samples` exist: a compiled model that recompiles per step or per layer shows new graphs on a later run."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "count"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def IS_CHANGED(cls, samples):
+        return float("nan")
+
+    def count(self, samples):
+        from torch._dynamo.utils import counters
+
+        return {"ui": {"graphs": [int(counters["stats"]["unique_graphs"])]}}
+
+
 class DisTorchTestCLIPWithConfig:
     """Text encoders through core's loader or DisTorch's, with extra core model options: `<encoder>_model_config`
     (a core option) builds ComfyUI's real encoder classes at a few MB, keeping what model detection reads."""
@@ -244,6 +267,7 @@ NODE_CLASS_MAPPINGS = {"DisTorchTestZeroConditioning": DisTorchTestZeroCondition
                        "DisTorchTestSaveImageTensor": DisTorchTestSaveImageTensor,
                        "DisTorchTestSaveConditioning": DisTorchTestSaveConditioning,
                        "DisTorchTestProcessRSS": DisTorchTestProcessRSS,
+                       "DisTorchTestDynamoGraphs": DisTorchTestDynamoGraphs,
                        "DisTorchTestCLIPWithConfig": DisTorchTestCLIPWithConfig,
                        "DisTorchTestEncodeWithImage": DisTorchTestEncodeWithImage,
                        "DisTorchTestConsumeModel": DisTorchTestConsumeModel,
