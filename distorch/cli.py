@@ -24,7 +24,7 @@ from .legacy_loaders import Machine
 from .memory import DeviceMemory, MemoryInventory, safe_pinned_bytes
 from .planner import Plan, PlanError, plan_request, plan_sizes
 from .report import dtype_note, plan_totals, tier_rows
-from .request import PlacementRequest
+from .request import PlacementRequest, StreamFormat
 from .units import GIB, format_gb
 from .workload import (
     CORE_INFERENCE_MIN,
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--activation-reserve-gb", type=_non_negative, default=DEFAULT_ACTIVATION_RESERVE_GB,
                       help=f"VRAM kept for activations (default {DEFAULT_ACTIVATION_RESERVE_GB})")
     plan.add_argument("--prefetch", type=int, default=2, help="streaming slots on the GPU (default 2)")
+    plan.add_argument("--stream-format", default="stored", type=str.lower, choices=[f.value for f in StreamFormat],
+                      help="how streamed blocks are held in RAM and copied: as stored (default), or q8_0 / "
+                           "fp8_e4m3fn (the loaders' stream_format; a .gguf file's quantized blocks stay as stored)")
     plan.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     workload = plan.add_argument_group("workload", "plan one sampler run as a DisTorch loader in auto mode does: "
                                                    "ComfyUI's activation estimate for the model's family and this "
@@ -153,7 +156,7 @@ def run_plan(args) -> int:
         virtual_vram, proposed = propose_virtual_vram(sizes, args, inventory), True
     result = plan_sizes(sizes, compute_device=args.compute_device, virtual_vram_gb=virtual_vram or 0.0,
                         donor_device=args.donor, expert_mode_allocations=args.expert, memory=inventory,
-                        prefetch=args.prefetch)
+                        prefetch=args.prefetch, stream_format=args.stream_format)
     summary = summarize(args.model_file, result, inventory, virtual_vram, proposed, args.activation_reserve_gb)
     print(json.dumps(summary, indent=2) if args.json else format_summary(result, summary))
     return 0
@@ -175,7 +178,7 @@ def run_workload_plan(args, workload: Workload, entries, sizes, inventory: Memor
                            activation_bytes=activation.minimum_bytes, source=source)
     auto = args.virtual_vram_gb is None and not args.expert
     request = PlacementRequest.validate(args.compute_device, args.virtual_vram_gb or 0.0, args.donor, args.expert,
-                                        prefetch=args.prefetch, auto=auto)
+                                        prefetch=args.prefetch, auto=auto, stream_format=args.stream_format)
     result = plan_request(sizes, request, memory=inventory, others=LEDGER.holdings(), budget=budget)
     summary = summarize(args.model_file, result, inventory, _gb(result.streamed_stored_bytes) if auto else
                         args.virtual_vram_gb, False, None)
@@ -291,7 +294,7 @@ def propose_virtual_vram(sizes, args, inventory) -> float:
         candidate = round(index * step, 4)
         try:
             plan_sizes(sizes, compute_device=args.compute_device, virtual_vram_gb=candidate, donor_device=args.donor,
-                       memory=inventory, prefetch=args.prefetch)
+                       memory=inventory, prefetch=args.prefetch, stream_format=args.stream_format)
             return candidate
         except PlanError as error:
             last_error = error
@@ -327,7 +330,10 @@ def summarize(path: str, plan: Plan, inventory: MemoryInventory, virtual_vram, p
             for r in tier_rows(plan)
         ],
         "vram_gb": {"weights": _gb(plan.resident_bytes), "slots": _gb(totals.slots_bytes),
-                    "total": _gb(totals.compute_bytes), "usable": _gb(compute.usable)},
+                    "decode": _gb(totals.decode_bytes), "total": _gb(totals.compute_bytes),
+                    "usable": _gb(compute.usable)},
+        "stream_format": plan.stream_format,
+        "saved_gb": _gb(totals.saved_bytes),
         "moved_off_gb": _gb(totals.moved_off_bytes),
         "vram_freed_gb": _gb(totals.vram_freed_bytes),
         "pinned_ram_gb": _gb(totals.pinned_bytes),

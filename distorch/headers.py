@@ -7,6 +7,7 @@ live discovery uses too: lone_blocks.py). Lists nested inside a block belong to 
 """
 
 import json
+import math
 import os
 import re
 import struct
@@ -17,6 +18,14 @@ from .echo import echo
 from .gguf_engine import gguf_module
 from .lone_blocks import accepted_lone_blocks
 from .planner import ModelSizes
+from .request import StreamFormat
+from .stream_rules import (
+    decode_scratch_bytes,
+    encoded_tensor_nbytes,
+    packed_offsets,
+    packed_total,
+    tensor_keep_reason,
+)
 from .units import dtype_label
 
 MAX_TENSORS = gguf_module("bounds").MAX_TENSORS
@@ -105,7 +114,31 @@ def sizes_from_entries(name: str, entries: list[TensorEntry]) -> ModelSizes:
     # The loaders map the file (gguf_loader.read_gguf, safetensors' mmap), so a block may stay in it: the disk tier
     # takes what RAM cannot hold, as it does for the loaded model (in the file's format).
     return ModelSizes(name, tuple(ordered), rest, in_file=dict(ordered), dtype_bytes=dict(dtypes),
-                      dtype_source="file")
+                      dtype_source="file", encoded=_encoded_blocks(entries, lists))
+
+
+def _encoded_blocks(entries: list[TensorEntry], lists: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per stream format, the blocks it makes smaller: block -> (bytes as streamed, decode scratch on a GPU), by the
+    rules a loaded model's blocks follow (stream_rules.py) applied to each tensor's header, in the file's dtypes."""
+    members: dict[str, list[TensorEntry]] = defaultdict(list)
+    for entry in entries:
+        block = _block_of(entry.name, lists)
+        if block is not None:
+            members[block].append(entry)
+    encoded: dict[str, dict[str, tuple[int, int]]] = {}
+    for fmt in StreamFormat:
+        if fmt is StreamFormat.STORED:
+            continue
+        per_block = {}
+        for block, tensors in members.items():
+            chosen = [not tensor_keep_reason(e.name, e.dtype, e.shape, fmt) for e in tensors]
+            if not any(chosen):
+                continue
+            sizes = [encoded_tensor_nbytes(math.prod(e.shape), fmt) if c else e.nbytes for e, c in zip(tensors, chosen)]
+            numels = [math.prod(e.shape) for e, c in zip(tensors, chosen) if c]
+            per_block[block] = (packed_total(packed_offsets(sizes), sizes), decode_scratch_bytes(numels))
+        encoded[fmt.value] = per_block
+    return encoded
 
 
 def _block_lists(entries: list[TensorEntry]) -> list[str]:

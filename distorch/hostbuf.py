@@ -16,14 +16,7 @@ import torch
 
 logger = logging.getLogger("distorch.hostbuf")
 
-# Every cluster starts on this boundary: vectorised kernels and DMA engines want aligned bases,
-# and it matches the alignment a tensor would get from its own CUDA allocation closely enough.
-ALIGNMENT = 256
 _CUDA_HOST_REGISTER_PORTABLE = 1
-
-
-def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
-    return (offset + alignment - 1) // alignment * alignment
 
 
 class FlatBuffer:

@@ -249,7 +249,7 @@ class Plan:
 
 def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float = 0.0, donor_device: str = "cpu",
                expert_mode_allocations: str = "", memory: Mapping[str, int] | MemoryInventory | None = None,
-               prefetch: int = 2, others: tuple[Holding, ...] | None = None) -> Plan:
+               prefetch: int = 2, others: tuple[Holding, ...] | None = None, stream_format: str = "stored") -> Plan:
     """Plans which blocks stay on `compute_device` and which are streamed from where, on block sizes alone (from a
     live model or from a file header); reserves nothing (`distorch.plan` plans a live model and reserves it).
 
@@ -263,13 +263,15 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
         memory: free bytes per device (plus an optional "pinned" budget), or an inventory; probed when None.
         prefetch: streaming slots (blocks in flight) the plan reserves on the compute device.
         others: the memory other models hold or reserved (default: every entry of the process-wide ledger).
+        stream_format: how streamed blocks are held and copied ("stored", "q8_0", "fp8_e4m3fn"); sizes without
+            encoded sizes for it (`ModelSizes.encoded`) stream as stored.
 
     Raises:
         PlanError: when the placement does not fit the free memory, or the devices are unusable.
         AllocationError: when the expert string is malformed.
     """
     request = PlacementRequest.validate(compute_device, virtual_vram_gb, donor_device, expert_mode_allocations,
-                                        prefetch=prefetch)
+                                        prefetch=prefetch, stream_format=stream_format)
     return plan_request(sizes, request, memory=memory, others=LEDGER.holdings() if others is None else others)
 
 

@@ -14,7 +14,8 @@ Formats:
     fp8_e4m3fn  one float32 scale per tensor (amax / 448) and float8_e4m3fn values (x / scale, clamped to
                 +-448, rounded by torch's cast); decoded as float32(code) * scale, then rounded to the stored dtype.
 
-Which tensors are encoded (everything else travels as stored, bit for bit), from metadata alone:
+Which tensors are encoded (everything else travels as stored, bit for bit), from metadata alone (the rules on
+name, dtype and shape are stream_rules.py's, which plans from a file header use too):
     - a cluster of exactly one view (tied or aliased tensors share bytes: they stay stored);
     - the view is dense: offset 0, contiguous strides, covering its cluster exactly;
     - float32, float16 or bfloat16 (1-byte dtypes, GGUF blocks, integers and float64 stay);
@@ -35,20 +36,25 @@ from gguf import GGMLQuantizationType
 
 from .blocks import Block, TensorCluster, TensorView
 from .gguf_engine import gguf_module
-from .hostbuf import ALIGNMENT, align_up
 from .request import StreamFormat
+from .stream_rules import (
+    DECODE_CHUNK_ELEMENTS,
+    FP8_HEADER_BYTES,
+    decode_scratch_bytes,
+    encoded_tensor_nbytes,
+    packed_offsets,
+    packed_total,
+    tensor_keep_reason,
+)
+from .units import ALIGNMENT
 
 _q8_0 = gguf_module("quantize")
 dequantize_blocks = gguf_module("dequant").dequantize_blocks
 Q8_0_BLOCK, Q8_0_BLOCK_BYTES, quantize_q8_0_into = _q8_0.Q8_0_BLOCK, _q8_0.Q8_0_BLOCK_BYTES, _q8_0.quantize_q8_0_into
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_HEADER_BYTES = 16  # the float32 scale, padded so that the codes start 16-byte aligned
-MIN_ENCODED_ELEMENTS = 1025  # ComfyUI-GGUF's threshold: 1024 elements and fewer stay as stored
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Elements per step: bounds the float32 temporaries of encode (host) and decode (device) whatever a tensor's size.
 ENCODE_CHUNK_ELEMENTS = 1 << 20
-DECODE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "device": 1 << 24}  # 64 MiB of float32 scratch on an accelerator
 
 
 @dataclass(frozen=True)
@@ -81,18 +87,7 @@ def keep_reason(cluster: TensorCluster, fmt: StreamFormat) -> str:
     numel = math.prod(view.size)
     if view.offset or not _is_dense(view) or cluster.nbytes != numel * view.dtype.itemsize:
         return f"not a dense tensor (strides {view.stride} for size {tuple(view.size)})"
-    if view.dtype not in _FLOATS:
-        return f"{str(view.dtype).removeprefix('torch.')} stays as stored"
-    if len(view.size) < 2:
-        return "1-D"
-    if numel < MIN_ENCODED_ELEMENTS:
-        return f"{numel} elements"
-    name_reason = _name_reason(view.names[0])
-    if name_reason:
-        return name_reason
-    if fmt == StreamFormat.Q8_0 and view.size[-1] % Q8_0_BLOCK:
-        return f"last dim {view.size[-1]} not a multiple of {Q8_0_BLOCK}"
-    return ""
+    return tensor_keep_reason(view.names[0], str(view.dtype).removeprefix("torch."), tuple(view.size), fmt)
 
 
 def _is_dense(view: TensorView) -> bool:
@@ -104,45 +99,18 @@ def _is_dense(view: TensorView) -> bool:
     return True
 
 
-def _name_reason(name: str) -> str:
-    parts = name.lower().split(".")
-    if parts[-1] != "weight":
-        return f"not a weight ({parts[-1]})"
-    if any("norm" in part for part in parts[:-1]):
-        return "a norm"
-    if any("embed" in part for part in parts[:-1]):
-        return "an embedding"
-    return ""
-
-
 def encoded_size(cluster: TensorCluster, fmt: StreamFormat) -> int:
     """Bytes of `cluster` in `fmt` (its stored bytes when it stays stored)."""
     fmt = StreamFormat.parse(fmt)
     if keep_reason(cluster, fmt):
         return cluster.nbytes
-    numel = math.prod(cluster.views[0].size)
-    if fmt == StreamFormat.Q8_0:
-        return numel // Q8_0_BLOCK * Q8_0_BLOCK_BYTES
-    return FP8_HEADER_BYTES + numel
+    return encoded_tensor_nbytes(math.prod(cluster.views[0].size), fmt)
 
 
 def stored_offsets(clusters: Sequence[TensorCluster]) -> list[int]:
     """Where each cluster starts in a block's stored layout: one after another, each on the host buffers'
     alignment (the layout of today's slots; the decode buffer keeps it so TensorView.rebuild_on works there)."""
-    return _packed([c.nbytes for c in clusters])
-
-
-def _packed(sizes: Sequence[int]) -> list[int]:
-    offsets, cursor = [], 0
-    for nbytes in sizes:
-        offset = align_up(cursor)
-        offsets.append(offset)
-        cursor = offset + nbytes
-    return offsets
-
-
-def _total(offsets: Sequence[int], sizes: Sequence[int]) -> int:
-    return align_up(offsets[-1] + sizes[-1]) if offsets else 0
+    return packed_offsets([c.nbytes for c in clusters])
 
 
 def encoded_nbytes(items: Block | Iterable[TensorCluster | TensorView], fmt: StreamFormat | str) -> int:
@@ -157,7 +125,7 @@ def encoded_nbytes(items: Block | Iterable[TensorCluster | TensorView], fmt: Str
     """
     clusters = _as_clusters(items)
     sizes = [encoded_size(c, fmt) for c in clusters]
-    return _total(_packed(sizes), sizes)
+    return packed_total(packed_offsets(sizes), sizes)
 
 
 def _as_clusters(items) -> list[TensorCluster]:
@@ -200,10 +168,10 @@ class BlockCodec:
         if len(stored) != len(clusters) or any(o % ALIGNMENT for o in stored):
             raise ValueError(f"stored offsets {stored[:4]}... must be one per cluster, each a multiple of {ALIGNMENT}")
         sizes = [encoded_size(c, fmt) for c in clusters]
-        encoded = _packed(sizes)
+        encoded = packed_offsets(sizes)
         codings = tuple(_coding(c, fmt, so, eo, n) for c, so, eo, n in zip(clusters, stored, encoded, sizes))
-        stored_total = _total(stored, [c.nbytes for c in clusters])
-        return cls(fmt, codings, stored_total, _total(encoded, sizes))
+        stored_total = packed_total(stored, [c.nbytes for c in clusters])
+        return cls(fmt, codings, stored_total, packed_total(encoded, sizes))
 
     @property
     def encoded(self) -> tuple[TensorCoding, ...]:
@@ -211,8 +179,7 @@ class BlockCodec:
 
     def decode_scratch_bytes(self, device_type: str = "cuda") -> int:
         """float32 temporaries one decode allocates at most on a device of `device_type` (beside the decode buffer)."""
-        chunk = DECODE_CHUNK_ELEMENTS["cpu" if device_type == "cpu" else "device"]
-        return 4 * max((min(chunk, c.numel) for c in self.encoded), default=0)
+        return decode_scratch_bytes([c.numel for c in self.encoded], device_type)
 
     def encode_into(self, host_flat: torch.Tensor, sources: Sequence[torch.Tensor]) -> None:
         """Writes the encoded block into `host_flat` (uint8, at least `encoded_nbytes`).

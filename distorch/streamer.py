@@ -54,12 +54,12 @@ from tqdm.auto import tqdm
 from .blocks import Block, TensorCluster, TensorView, cluster_tensors, device_name, live_bytes
 from .engine import CpuCopyEngine, CudaCopyEngine
 from .files import Backing, FileRead, FileReader, FileSpan, ModelFileChanged, ModelFileError, readable_span
-from .hostbuf import FlatBuffer, align_up
+from .hostbuf import FlatBuffer
 from .ledger import Account
 from .pages import MappingTable, release_file_pages, trim_heap
 from .request import StreamFormat
 from .stream_format import BlockCodec
-from .units import GIB
+from .units import GIB, align_up
 
 logger = logging.getLogger("distorch.streamer")
 

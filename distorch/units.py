@@ -6,6 +6,11 @@ expert string that users carry over from there keeps its meaning.
 
 GIB = 1024**3
 MIB = 1024**2
+ALIGNMENT = 256  # where each cluster of a block starts in host buffers and slots
+
+
+def align_up(offset: int, alignment: int = ALIGNMENT) -> int:
+    return (offset + alignment - 1) // alignment * alignment
 
 # Accepted unit suffixes of the expert grammar; both spellings of each unit on purpose.
 UNIT_BYTES = {"b": 1, "k": 1024, "kb": 1024, "m": MIB, "mb": MIB, "g": GIB, "gb": GIB}

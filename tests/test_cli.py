@@ -222,7 +222,8 @@ def test_plan_never_imports_torch(tmp_path, kind):
     else:
         path = write_dit(tmp_path / "m.safetensors")
     code = ("import sys; from distorch.cli import main; "
-            f"rc = main(['plan', {str(path)!r}, '--vram-gb', '8', '--ram-gb', '8', '--json']); "
+            f"rc = main(['plan', {str(path)!r}, '--vram-gb', '8', '--ram-gb', '8', '--stream-format', 'q8_0', "
+            "'--json']); "
             "sys.exit(3 if 'torch' in sys.modules else rc)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr)
@@ -497,3 +498,48 @@ def test_workload_plan_never_imports_torch(wan14b):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr)
     assert json.loads(result.stdout)["mode"] == "automatic"
+
+
+# -- stream formats (issue #20): a header plan counts the blocks as the loader will stage them --------------------
+
+def test_a_header_counts_the_stream_formats_as_the_loaded_model_does(tmp_path):
+    """The sizes a stream format gives a file's blocks, read from its header, equal the loaded model's (one set of
+    rules, distorch/stream_rules.py): what `plan --stream-format` counts is what the loader stages."""
+    from distorch.placement import model_sizes
+    from distorch.toy import make_toy_dit
+
+    model = make_toy_dit(dim=96, depth=3, heads=2, dtype=torch.bfloat16)
+    path = tmp_path / "toy.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(path))
+    header, live = read_model_sizes(str(path)), model_sizes(model)
+    assert header.blocks == live.blocks and set(header.encoded) == {"q8_0", "fp8_e4m3fn"}
+    assert header.encoded == live.encoded and all(len(blocks) == 3 for blocks in header.encoded.values())
+
+
+def test_a_stream_format_plan_holds_and_copies_the_smaller_blocks(wan14b, capsys):
+    """Wan 14B bf16 at 480p on 16 GB: as many blocks leave the GPU in every format; Q8_0 holds and copies 0.53 x
+    their bytes, fp8 0.50 x, and the decode buffer is counted within the run's budget."""
+    stored = workload_plan(capsys, wan14b, 16, 832, 480)
+    formats = {fmt: workload_plan(capsys, wan14b, 16, 832, 480, 81, "--stream-format", fmt)
+               for fmt in ("q8_0", "fp8_e4m3fn")}
+    assert stored["stream_format"] == "stored" and stored["saved_gb"] == 0 and stored["vram_gb"]["decode"] == 0
+    moved = stored["transfer"]["per_forward_gb"]
+    for fmt, ratio in (("q8_0", 0.532), ("fp8_e4m3fn", 0.501)):
+        data = formats[fmt]
+        assert data["stream_format"] == fmt and data["streamed_gb"] == stored["streamed_gb"]
+        assert data["transfer"]["per_forward_gb"] == pytest.approx(ratio * moved, rel=0.002)
+        assert data["saved_gb"] == pytest.approx(moved - data["transfer"]["per_forward_gb"], abs=0.002)
+        assert data["pinned_ram_gb"] + data["pageable_ram_gb"] == pytest.approx(data["transfer"]["per_forward_gb"],
+                                                                                abs=0.002)
+        assert 0 < data["vram_gb"]["decode"] and data["vram_gb"]["total"] <= data["budget_gb"]
+
+
+def test_a_gguf_files_quantized_blocks_stream_as_stored_in_any_format(tmp_path, capsys):
+    from gguf_loader import quantize_q8_0, write_gguf
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, {f"blocks.{i}.attn.weight": quantize_q8_0(torch.randn(64, 64)) for i in range(4)})
+    assert read_model_sizes(str(path)).encoded == {"q8_0": {}, "fp8_e4m3fn": {}}
+    code, out, err = run(capsys, "plan", str(path), "--vram-gb", "8", "--ram-gb", "8", "--virtual-vram-gb", "1",
+                         "--stream-format", "fp8_e4m3fn", "--json")
+    assert code == 0 and json.loads(out)["saved_gb"] == 0, err

@@ -194,3 +194,11 @@ def test_all_zero_tensor_in_fp8():
     block = discover(model).blocks[0]
     codec, out = round_trip(model, block, "fp8_e4m3fn")
     assert torch.equal(decoded(codec, block, out)["blocks.0.proj.weight"], model.blocks[0].proj.weight)
+
+
+def test_the_header_rules_use_the_q8_0_layout_of_the_quantizer():
+    """stream_rules.py sizes Q8_0 without torch (for plans from a file header): its block layout is gguf's."""
+    from distorch import stream_rules
+    from gguf_loader import quantize
+
+    assert (stream_rules.Q8_0_BLOCK, stream_rules.Q8_0_BLOCK_BYTES) == (quantize.Q8_0_BLOCK, quantize.Q8_0_BLOCK_BYTES)
