@@ -9,6 +9,7 @@ ComfyUI's per-layer cast-on-use path (distorch.planner `streamed_within`). Pure 
 
 from dataclasses import dataclass
 
+from .costmodel import MOVE_GAIN
 from .units import format_gb
 
 NO_LIMIT = 1 << 62  # the weight budget of a run the host set no limit for: no model reaches it
@@ -47,10 +48,11 @@ class ComputeBudget:
 def replacement_reason(current, target, budget: ComputeBudget | None, staged: bool) -> str | None:
     """Why the model should move from plan `current` to `target` for this run, or None to keep `current`.
 
-    The hysteresis rule: a staged model moves only when its placement does not fit the run's budget, or when the
+    The hysteresis rule: a staged model moves only when its placement does not fit the run's budget, when the
     target keeps more than one block's worth more on the compute device (so a budget that wobbles by less than a
-    block, as activations do between similar runs, moves nothing). Until the model is staged nothing has moved,
-    so it always takes the target.
+    block, as activations do between similar runs, moves nothing), or when the cost model predicts the target's pass
+    at least `MOVE_GAIN` faster than the current placement's with the same measurements. Until the model is staged
+    nothing has moved, so it always takes the target.
     """
     if current.streamed == target.streamed and current.prefetch == target.prefetch:
         return None
@@ -64,4 +66,9 @@ def replacement_reason(current, target, budget: ComputeBudget | None, staged: bo
     gained = target.compute_bytes - current.compute_bytes
     if gained > block:
         return f"this run's budget keeps {format_gb(gained)} more on {current.compute_device} (more than one block)"
+    now, then = target.current_schedule, target.schedule
+    if now is not None and then is not None and now.pass_s and then.pass_s is not None:
+        if then.pass_s <= now.pass_s * (1 - MOVE_GAIN):
+            return (f"the cost model predicts a pass of {then.pass_s * 1000:.0f} ms instead of "
+                    f"{now.pass_s * 1000:.0f} ms with the current placement")
     return None

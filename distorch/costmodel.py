@@ -12,11 +12,13 @@ the CUDA streams, or injected in tests); before any run only the copies can be p
 Pure Python: the CLI and the planner use it without torch.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 MAX_PREFETCH = 4  # more slots than this has not paid off in published measurements (SGLang #31538)
 NEAR_TIE = 0.02  # a deeper prefetch must predict a pass at least 2 % faster to be worth its VRAM
+MAX_SWAPS = 8  # rounds of the cost model's block choice (each tries every waiting block against every resident one)
+MOVE_GAIN = 0.05  # a placed model re-places for a predicted pass at least 5 % faster (re-staging costs copies)
 
 # Host-to-device bytes/s per tier before a run measures them (research/prefetch.md §3.2: PCIe 4.0 x16 pinned copies
 # reach ~24 GB/s, pageable ones about a third of that; a donor GPU without NVLink copies over the same bus).
@@ -97,6 +99,33 @@ def estimate_pass(compute_s: Sequence[float] | None, copy_s: Mapping[int, float]
             first_pass_end = now
     waiting = tuple(i for i in streamed if waits.get(i, 0.0) > 1e-9)
     return PassEstimate(prefetch, total_copy, sum(compute_s), now - first_pass_end, waiting, sum(waits.values()))
+
+
+def hide_copies(compute_s: Sequence[float], copy_s: Mapping[int, float], prefetch: int,
+                swappable: Callable[[int, int], bool]) -> tuple[dict[int, float], PassEstimate]:
+    """Which blocks to stream, chosen by the pass they predict: while a streamed block's forward waits for its copy,
+    it is swapped for the resident block (`swappable(streamed, resident)`: the same bytes as stored and as streamed,
+    so what leaves the compute device, the slots and the fit stay as they are) that predicts the fastest pass, if
+    faster. Greedy, at most `MAX_SWAPS` swaps; with equal forwards everywhere the even spread is kept. Returns the
+    streamed blocks' copy times and their predicted pass."""
+    copy_s = dict(copy_s)
+    best = estimate_pass(compute_s, copy_s, prefetch)
+    for _ in range(MAX_SWAPS):
+        if not best.waiting or best.pass_s is None:
+            break
+        found = None
+        for i in best.waiting:
+            for j in range(len(compute_s)):
+                if j in copy_s or not swappable(i, j):
+                    continue
+                trial = {k: v for k, v in copy_s.items() if k != i} | {j: copy_s[i]}
+                estimate = estimate_pass(compute_s, trial, prefetch)
+                if estimate.pass_s < (found[1] if found else best).pass_s * (1 - 1e-6):
+                    found = (trial, estimate)
+        if found is None:
+            break
+        copy_s, best = found
+    return copy_s, best
 
 
 def choose_prefetch(estimates: Sequence[PassEstimate], default: int) -> tuple[int, str]:

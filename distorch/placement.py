@@ -253,10 +253,10 @@ class Placement:
         if request is None:
             raise ValueError("distorch: this placement was given a plan, not a request; pass the request to plan")
         model = self._live_model()
-        keep = self.plan.streamed if budget is not None and self.is_staged else None
+        current = self.plan if budget is not None and self.is_staged else None
         sizes = model_sizes(model, self._layout_now(model), self._held_encoded())
         return plan_request(sizes, request, memory=memory, others=self._ledger.others(model),
-                            budget=budget, timings=timings, keep=keep)
+                            budget=budget, timings=timings, current=current)
 
     def move_to(self, new_plan: Plan, *, request: PlacementRequest | None = None,
                 progress: StagingProgress | None = None, pin: bool = True) -> None:

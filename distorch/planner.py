@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .allocation import AllocationMode, AllocationSpec
 from .budget import ComputeBudget
-from .costmodel import MAX_PREFETCH, PassEstimate, Timings, choose_prefetch, copy_times, estimate_pass
+from .costmodel import MAX_PREFETCH, PassEstimate, Timings, choose_prefetch, copy_times, estimate_pass, hide_copies
 from .ledger import LEDGER, Holding
 from .memory import MemoryInventory
 from .report import format_report
@@ -164,6 +164,9 @@ class Plan:
     budget: ComputeBudget | None = field(default=None, compare=False)
     schedule: PassEstimate | None = field(default=None, compare=False)
     prefetch_reason: str = field(default="", compare=False)
+    streamed_reason: str = field(default="", compare=False)  # when the cost model chose which blocks stream
+    # The pass the placement this plan would replace predicts with the same timings (a re-plan of a placed model).
+    current_schedule: PassEstimate | None = field(default=None, compare=False)
 
     @property
     def placement(self) -> dict[str, str]:
@@ -278,7 +281,7 @@ def plan_sizes(sizes: ModelSizes, *, compute_device: str, virtual_vram_gb: float
 def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
                  memory: Mapping[str, int] | MemoryInventory | None = None, others: tuple[Holding, ...] = (),
                  budget: ComputeBudget | None = None, timings: Timings | None = None,
-                 keep: frozenset[str] | None = None) -> Plan:
+                 current: "Plan | None" = None) -> Plan:
     """The plan for a validated request: `plan_sizes` without the checks, and `others` given, never looked up.
 
     Args:
@@ -288,8 +291,9 @@ def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
             yet) and a fixed amount is checked against that memory as before.
         timings: what a run measured (per-block forward times, copy rates); auto mode picks the prefetch depth
             that predicts the fastest pass with them (distorch.costmodel).
-        keep: the blocks streamed now (a staged model): a budget plan grows or shrinks this set rather than
-            spreading anew, so re-placing moves only the blocks the budget needs moved.
+        current: the placement now (a staged model): a budget plan grows or shrinks its streamed set rather than
+            spreading anew, so re-placing moves only the blocks the budget needs moved; with timings the plan also
+            predicts the current placement's pass (`Plan.current_schedule`), to weigh a move by time.
     """
     compute_device = request.compute_device
     inventory = _inventory(memory)
@@ -305,7 +309,7 @@ def plan_request(sizes: ModelSizes, request: PlacementRequest, *,
         budget = ComputeBudget(device.usable, source=f"{compute_device}'s usable memory (no run seen yet)")
     if budget is None:
         return _fixed_plan(sizes, request, inventory, others, tiers, requested)
-    return _budget_plan(sizes, request, inventory, others, tiers, requested, budget, timings, keep)
+    return _budget_plan(sizes, request, inventory, others, tiers, requested, budget, timings, current)
 
 
 def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
@@ -322,12 +326,15 @@ def _fixed_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryI
 
 def _budget_plan(sizes: ModelSizes, request: PlacementRequest, inventory: MemoryInventory, others: tuple,
                  tiers: list, requested: int, budget: ComputeBudget, timings: Timings | None,
-                 keep: frozenset[str] | None) -> Plan:
+                 current_plan: "Plan | None") -> Plan:
     block_bytes = [n for _, n in sizes.blocks]
     stream = _stream_nbytes(sizes, request.stream_format)
     as_streamed = [stream[name] for name, _ in sizes.blocks]
+    copied = [n for n, _ in as_streamed]  # a copy moves the bytes as they stream
+    keep = None if current_plan is None else current_plan.streamed
     current = None if keep is None else [i for i, (name, _) in enumerate(sizes.blocks) if name in keep]
     compute_s = _compute_times(timings, budget, len(block_bytes))
+    resident_reason = _resident_reason(request, budget)
     depths = range(1, MAX_PREFETCH + 1) if request.auto and compute_s else (request.prefetch,)
     options: list[_Option] = []
     for depth in depths:
@@ -335,20 +342,26 @@ def _budget_plan(sizes: ModelSizes, request: PlacementRequest, inventory: Memory
                                          as_streamed)
         try:
             option = _Option.of(sizes, request.compute_device, streamed, depth, tiers, inventory, others, stream, fits,
-                                resident_reason=_resident_reason(request, budget))
+                                resident_reason=resident_reason)
         except PlanError:
             if options:
                 break  # a deeper prefetch streams blocks the storage tiers have no room for
             raise
-        copied = [n for n, _ in as_streamed]  # a copy moves the bytes as they stream
-        options.append(replace(option, estimate=estimate_pass(compute_s, copy_times(copied, option.tiers, timings),
-                                                              depth)))
+        option = replace(option, estimate=estimate_pass(compute_s, copy_times(copied, option.tiers, timings), depth))
+        if request.auto and compute_s:
+            option = _hiding_copies(option, compute_s, copied, timings, block_bytes,
+                                    lambda chosen, o=option: _Option.of(sizes, request.compute_device, chosen,
+                                                                        o.prefetch, tiers, inventory, others, stream,
+                                                                        o.fits, resident_reason=resident_reason))
+        options.append(option)
     prefetch, why = (choose_prefetch([o.estimate for o in options], request.prefetch) if request.auto else
                      (request.prefetch, f"{request.prefetch} slots, as requested"))
     chosen = next(o for o in options if o.prefetch == prefetch)
     warnings = _offload_warnings(sizes, requested) + _budget_warnings(sizes, request, budget, chosen, requested)
     result = _make_plan(sizes, request, inventory, chosen, requested, tuple(warnings),
-                        budget=budget, schedule=chosen.estimate, prefetch_reason=why)
+                        budget=budget, schedule=chosen.estimate, prefetch_reason=why,
+                        streamed_reason=_streamed_reason(chosen),
+                        current_schedule=_current_schedule(current_plan, sizes, compute_s, copied, timings))
     _check_capacity(result, sizes, inventory, chosen.host, compute_checked=False)
     return result
 
@@ -362,6 +375,7 @@ class _Option:
     host: "_HostRoom"
     fits: bool = True  # the compute-device part fits the run's budget
     estimate: PassEstimate | None = None
+    spread: PassEstimate | None = None  # the even spread's pass, when the cost model chose other blocks
 
     @classmethod
     def of(cls, sizes, compute, streamed, prefetch, tiers, inventory, others, stream, fits=True,
@@ -392,6 +406,43 @@ def _stream_nbytes(sizes: ModelSizes, stream_format) -> dict[str, tuple[int, int
     """
     encoded = sizes.encoded.get(str(getattr(stream_format, "value", stream_format)), {})
     return {name: encoded.get(name, (nbytes, 0)) for name, nbytes in sizes.blocks}
+
+
+def _hiding_copies(option: _Option, compute_s, copied: list[int], timings: Timings | None, block_bytes: list[int],
+                   rebuild) -> _Option:
+    """`option` with the streamed blocks the cost model prefers (costmodel.hide_copies: blocks of the same size
+    swapped to where their copies hide), when its storage allows them and they predict a faster pass."""
+    def swappable(streamed: int, resident: int) -> bool:
+        return block_bytes[streamed] == block_bytes[resident] and copied[streamed] == copied[resident]
+
+    chosen, _ = hide_copies(compute_s, copy_times(copied, option.tiers, timings), option.prefetch, swappable)
+    if set(chosen) == set(option.tiers):
+        return option
+    try:
+        moved = rebuild(sorted(chosen))
+    except PlanError:
+        return option
+    estimate = estimate_pass(compute_s, copy_times(copied, moved.tiers, timings), option.prefetch)
+    if estimate.pass_s >= option.estimate.pass_s:
+        return option
+    return replace(moved, estimate=estimate, spread=option.estimate)
+
+
+def _streamed_reason(option: _Option) -> str:
+    if option.spread is None:
+        return ""
+    return (f"placed where their copies hide behind the forwards before them (cost model): predicted pass "
+            f"{option.estimate.pass_s * 1000:.0f} ms, {option.spread.pass_s * 1000:.0f} ms spread evenly")
+
+
+def _current_schedule(current: "Plan | None", sizes: ModelSizes, compute_s, copied: list[int],
+                      timings: Timings | None) -> PassEstimate | None:
+    """The pass the current placement predicts with these timings (None without a placement or measurements)."""
+    if current is None or not compute_s:
+        return None
+    index = {name: i for i, (name, _) in enumerate(sizes.blocks)}
+    tiers = {index[b.name]: b.tier.value for b in current.blocks if b.streamed and b.name in index}
+    return estimate_pass(compute_s, copy_times(copied, tiers, timings), current.prefetch)
 
 
 def _compute_times(timings: Timings | None, budget: ComputeBudget, blocks: int) -> tuple[float, ...]:

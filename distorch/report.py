@@ -181,6 +181,8 @@ def _decision_lines(plan) -> list[str]:
         lines.append(f"    {'; '.join(details)}")
     if plan.streamed and getattr(plan, "prefetch_reason", ""):
         lines.append(f"  prefetch: {plan.prefetch_reason}")
+    if plan.streamed and getattr(plan, "streamed_reason", ""):
+        lines.append(f"  streamed blocks: {plan.streamed_reason}")
     return lines
 
 
@@ -283,6 +285,7 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         "budget": plan.budget.as_dict() if getattr(plan, "budget", None) is not None else None,
         "schedule": plan.schedule.as_dict() if getattr(plan, "schedule", None) is not None else None,
         "prefetch_reason": getattr(plan, "prefetch_reason", ""),
+        "streamed_reason": getattr(plan, "streamed_reason", ""),
         # The ledger's view when the plan was made: what the other DisTorch models hold, what core pinned.
         "ledger": {"others": [_holding_text(h) for h in getattr(plan, "others", ())],
                    "pinned_elsewhere": int(getattr(plan, "pinned_elsewhere", 0)),

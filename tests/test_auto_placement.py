@@ -5,8 +5,8 @@ import pytest
 
 from distorch import ModelSizes, PlacementRequest
 from distorch.budget import NO_LIMIT, ComputeBudget, replacement_reason
-from distorch.costmodel import Timings, choose_prefetch, estimate_pass
-from distorch.planner import adjust_streamed, plan_request, streamed_within
+from distorch.costmodel import Timings, choose_prefetch, estimate_pass, hide_copies
+from distorch.planner import adjust_streamed, choose_streamed, plan_request, streamed_within
 from distorch.report import plan_to_dict
 from distorch.units import GIB, MIB
 from distorch.workload import Family, Workload, WorkloadError, core_weight_budget, detect_family, estimate
@@ -158,6 +158,46 @@ def test_bursty_placements_make_the_cost_model_pay_for_depth():
     assert plan.prefetch >= 2, plan.prefetch_reason
 
 
+MIXED = tuple(0.03 if i % 7 < 3 else 0.004 for i in range(40))  # forwards: three heavy blocks, four light, ...
+
+
+def test_the_cost_model_moves_streamed_blocks_where_their_copies_hide():
+    """Blocks of one size whose forwards differ: spread evenly, streamed blocks among light ones wait for their
+    copies; swapping them with resident blocks nearer the heavy ones hides more. As many blocks stream, so the bytes
+    that leave, the slots and the fit are unchanged."""
+    even = {i: 0.02 for i in choose_streamed([1] * 40, 28)}
+    before = estimate_pass(MIXED, even, 2)
+    chosen, after = hide_copies(MIXED, even, 2, lambda i, j: True)
+    assert before.waiting and after.pass_s < 0.95 * before.pass_s and len(chosen) == len(even)
+    assert after == estimate_pass(MIXED, chosen, 2)
+    assert hide_copies(MIXED, even, 2, lambda i, j: False)[0] == even, "only swappable blocks move"
+    assert hide_copies((0.01,) * 40, even, 2, lambda i, j: True)[0] == even, "equal forwards: the even spread stays"
+
+
+def test_an_auto_plan_with_measurements_streams_the_blocks_whose_copies_hide():
+    """Once a run was measured the planner takes the cost model's blocks in auto mode and says so; a placed model
+    moves to them only for a pass predicted at least 5 % faster than its own with the same measurements."""
+    timings = Timings(compute_s=MIXED, rates={"pinned_ram": BLOCK / 0.02}, activation_bytes=GIB)
+    budget = ComputeBudget(20 * BLOCK + REST, source="test")
+    plain = plan_request(wan_like(), AUTO, memory=MEMORY, budget=budget)
+    timed = plan_request(wan_like(), AUTO, memory=MEMORY, budget=budget, timings=timings)
+    spread = {i: 0.02 for i in choose_streamed([BLOCK] * 40, BLOCK * len(timed.streamed))}
+    assert timed.schedule.pass_s < estimate_pass(MIXED, spread, timed.prefetch).pass_s
+    assert timed.streamed_reason.startswith("placed where their copies hide") and timed.compute_bytes <= budget.room
+    assert "streamed blocks: placed where their copies hide" in timed.report()
+    assert plan_to_dict(timed)["streamed_reason"] == timed.streamed_reason and not plain.streamed_reason
+    staged = plan_request(wan_like(), AUTO, memory=MEMORY, budget=budget, timings=timings, current=plain)
+    assert staged.schedule.pass_s <= 0.95 * staged.current_schedule.pass_s
+    assert "the cost model predicts a pass of" in replacement_reason(plain, staged, budget, staged=True)
+    settled = plan_request(wan_like(), AUTO, memory=MEMORY, budget=budget, timings=timings, current=staged)
+    assert replacement_reason(staged, settled, budget, staged=True) is None, "once there, it stays"
+    close = ComputeBudget(26 * BLOCK + REST, source="test")  # here the choice gains under 5 %: no move for it
+    placed = plan_request(wan_like(), AUTO, memory=MEMORY, budget=close)
+    replanned = plan_request(wan_like(), AUTO, memory=MEMORY, budget=close, timings=timings, current=placed)
+    assert replanned.schedule.pass_s < replanned.current_schedule.pass_s
+    assert replacement_reason(placed, replanned, close, staged=True) is None
+
+
 def test_timings_scale_with_the_activation_estimate():
     timings = Timings(compute_s=(0.01, 0.02), activation_bytes=2 * GIB)
     assert timings.compute_for(4 * GIB) == pytest.approx((0.02, 0.04))
@@ -238,8 +278,8 @@ def test_a_staged_plan_grows_and_shrinks_its_streamed_set():
     """Re-planning a staged model for another budget keeps the blocks that stay streamed: only the difference moves."""
     sizes = wan_like()
     current = auto_plan(14 * GIB)
-    tighter = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(10 * GIB), keep=current.streamed)
-    looser = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(18 * GIB), keep=current.streamed)
+    tighter = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(10 * GIB), current=current)
+    looser = plan_request(sizes, AUTO, memory=MEMORY, budget=ComputeBudget(18 * GIB), current=current)
     assert tighter.streamed > current.streamed and looser.streamed < current.streamed
     assert len(tighter.streamed) == len(auto_plan(10 * GIB).streamed), "as few blocks as a fresh plan"
     assert len(looser.streamed) == len(auto_plan(18 * GIB).streamed)
