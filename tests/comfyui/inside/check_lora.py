@@ -250,20 +250,6 @@ def loaded_forward(patcher) -> torch.Tensor:
     return wan_forward(patcher.model.diffusion_model)
 
 
-@pytest.fixture
-def merge_calls(monkeypatch):
-    """Keys core's calculate_weight merges (LowVramPatch and patch_weight_to_device both call it)."""
-    calls = []
-    real = comfy.lora.calculate_weight
-
-    def counting(patches, weight, key, *args, **kwargs):
-        calls.append(key)
-        return real(patches, weight, key, *args, **kwargs)
-
-    monkeypatch.setattr(comfy.lora, "calculate_weight", counting)
-    return calls
-
-
 CORE_REFERENCE = {"tiny_wan21.safetensors": "tiny_wan21.safetensors",
                   "tiny_wan21_Q8_0.gguf": "tiny_wan21_Q8_0_dequant.safetensors"}
 

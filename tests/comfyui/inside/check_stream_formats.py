@@ -8,7 +8,6 @@ forward; both equal core's merge into the dequantized weights. A model that hold
 weights refuses to be saved, and tells core the RAM it really holds.
 """
 
-import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
@@ -63,19 +62,6 @@ def loaded_forward(patcher) -> torch.Tensor:
 
 def lora_tensors(name: str) -> dict:
     return comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
-
-
-@pytest.fixture
-def merge_calls(monkeypatch):
-    calls = []
-    real = comfy.lora.calculate_weight
-
-    def counting(patches, weight, key, *args, **kwargs):
-        calls.append(key)
-        return real(patches, weight, key, *args, **kwargs)
-
-    monkeypatch.setattr(comfy.lora, "calculate_weight", counting)
-    return calls
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "fp8_e4m3fn"])

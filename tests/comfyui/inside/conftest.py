@@ -24,6 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parents[2]))  # tests: ggml_samples
 import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True  # what `--cpu` sets, before model_management reads it at import
+import comfy.lora  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import folder_paths  # noqa: E402
@@ -126,6 +127,20 @@ def dynamic_core(monkeypatch):
     monkeypatch.setattr(comfy_aimdo.host_buffer, "HostBuffer", EmptyHostBuffer)
     monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", FakeDynamicPatcher)
     return FakeDynamicPatcher
+
+
+@pytest.fixture
+def merge_calls(monkeypatch):
+    """Keys core's calculate_weight merges (LowVramPatch and patch_weight_to_device both call it)."""
+    calls = []
+    real = comfy.lora.calculate_weight
+
+    def counting(patches, weight, key, *args, **kwargs):
+        calls.append(key)
+        return real(patches, weight, key, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.lora, "calculate_weight", counting)
+    return calls
 
 
 @pytest.fixture
