@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .files import Backing, FileIdentity, FileSpan, MappedFiles
 from .lone_blocks import accepted_lone_blocks
@@ -106,6 +107,10 @@ class ModelLayout:
 
     blocks: tuple[Block, ...]
     rest: tuple[TensorCluster, ...]
+    # Weights held by tensor subclasses without storage of their own (ComfyUI 0.8+'s QuantizedTensor: fp8-scaled and
+    # mixed-precision files): their bytes, and the blocks left out for holding one (the host places those).
+    opaque_bytes: int = 0
+    opaque_blocks: tuple[str, ...] = ()
 
     @property
     def block_bytes(self) -> int:
@@ -113,7 +118,8 @@ class ModelLayout:
 
     @property
     def rest_bytes(self) -> int:
-        return sum(c.nbytes for c in self.rest)
+        """Weights outside the streamable blocks: clusters and opaque tensors alike."""
+        return sum(c.nbytes for c in self.rest) + self.opaque_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -191,20 +197,23 @@ def discover(model: nn.Module, planned_files: Iterable[FileIdentity] = ()) -> Mo
     """
     block_modules = find_block_modules(model)
     roots = _outermost({parent for _, parent in block_modules.values()})
-    clusters = _clusters(model, list(block_modules), planned_files)
+    clusters, opaque = _clusters(model, list(block_modules), planned_files)
+    opaque_blocks = {owner for _, owners in opaque for owner in owners if owner is not None}
     by_owner = defaultdict(list)
     rest = []
     for cluster in clusters:
-        if len(cluster.owners) == 1 and None not in cluster.owners:
-            by_owner[next(iter(cluster.owners))].append(cluster)
+        owner = next(iter(cluster.owners)) if len(cluster.owners) == 1 else None
+        if owner is not None and owner not in opaque_blocks:
+            by_owner[owner].append(cluster)
         else:
             rest.append(cluster)
     blocks = tuple(
         Block(name, order, sum(c.nbytes for c in by_owner[name]), tuple(by_owner[name]),
               _root_of(parent, roots))
-        for order, (name, (_, parent)) in enumerate(block_modules.items())
+        for order, (name, (_, parent)) in enumerate(block_modules.items()) if name not in opaque_blocks
     )
-    return ModelLayout(blocks, tuple(rest))
+    return ModelLayout(blocks, tuple(rest), sum(nbytes for nbytes, _ in opaque),
+                       tuple(name for name in block_modules if name in opaque_blocks))
 
 
 def find_block_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -311,8 +320,10 @@ def _named_tensors(model: nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _clusters(model: nn.Module, block_names: list[str], planned_files: Iterable[FileIdentity]) -> list[TensorCluster]:
-    """Groups every parameter and buffer by overlapping byte ranges of the same storage."""
+def _clusters(model: nn.Module, block_names: list[str], planned_files: Iterable[FileIdentity]
+              ) -> tuple[list[TensorCluster], list[tuple[int, set]]]:
+    """Groups every parameter and buffer by overlapping byte ranges of the same storage; tensors without a storage
+    of their own (wrapper subclasses) come back apart, as (bytes, owners): nothing can view or copy them as bytes."""
     blocks = set(block_names)
     tensors: dict[int, tuple[torch.Tensor, list[str], set]] = {}
     for name, tensor in _named_tensors(model):
@@ -322,9 +333,12 @@ def _clusters(model: nn.Module, block_names: list[str], planned_files: Iterable[
         entry[1].append(name)
         entry[2].add(_owner(name, blocks))
     by_storage = defaultdict(list)
-    clusters = []
+    clusters, opaque = [], []
     mappings = MappedFiles(MappingTable.read(), planned_files)
     for tensor, names, owners in tensors.values():
+        if is_traceable_wrapper_subclass(tensor):
+            opaque.append((_wrapped_nbytes(tensor), owners))
+            continue
         span = _Span(*_span(tensor), tensor, tuple(names), owners)
         if span.start == span.end:
             # Empty tensors have no bytes to stream; they stay with the resident rest.
@@ -334,7 +348,14 @@ def _clusters(model: nn.Module, block_names: list[str], planned_files: Iterable[
     for (_, address), spans in by_storage.items():
         for group in _overlapping_groups(spans):
             clusters.append(_make_cluster(group, address, mappings))
-    return clusters
+    return clusters, opaque
+
+
+def _wrapped_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of the plain tensors a wrapper subclass holds (ComfyUI's QuantizedTensor: its data and scales)."""
+    names, _ = tensor.__tensor_flatten__()
+    inner = [getattr(tensor, name) for name in names]
+    return sum(_wrapped_nbytes(t) if is_traceable_wrapper_subclass(t) else t.nbytes for t in inner)
 
 
 @dataclass(frozen=True)

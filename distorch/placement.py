@@ -335,8 +335,8 @@ class Placement:
         staged = self.streamer.staged_encoded() if self.streamer is not None else {}
         if not staged:
             return layout
-        return ModelLayout(tuple(_lying_in(block, self._layout.block(block.name), staged[block.name][0])
-                                 if block.name in staged else block for block in layout.blocks), layout.rest)
+        return replace(layout, blocks=tuple(_lying_in(block, self._layout.block(block.name), staged[block.name][0])
+                                            if block.name in staged else block for block in layout.blocks))
 
     def _held_encoded(self) -> dict[str, tuple[str, int]]:
         return self.streamer.staged_encoded() if self.streamer is not None else {}

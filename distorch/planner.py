@@ -66,6 +66,8 @@ class ModelSizes:
     # Per stream format, the blocks it makes smaller: block name -> (bytes as streamed, decode scratch bytes on a
     # GPU). Blocks a format leaves as stored are absent; sizes from a file header have none (everything as stored).
     encoded: Mapping[str, Mapping[str, tuple[int, int]]] = field(default_factory=dict)
+    # Blocks left out because they hold weights without storage of their own (blocks.ModelLayout.opaque_blocks).
+    opaque_blocks: tuple[str, ...] = ()
 
     @property
     def block_bytes(self) -> int:
@@ -83,7 +85,7 @@ class ModelSizes:
                    {b.name: b.ram_bytes for b in layout.blocks if b.ram_bytes},
                    {b.name: b.file_bytes for b in layout.blocks if b.file_bytes},
                    {b.name: b.shared_ram_bytes for b in layout.blocks if b.shared_ram_bytes},
-                   layout.files)
+                   layout.files, opaque_blocks=layout.opaque_blocks)
 
     def file_backed(self, name: str, nbytes: int) -> bool:
         return nbytes > 0 and self.in_file.get(name, 0) == nbytes
@@ -671,15 +673,19 @@ def _quota(spec: AllocationSpec, amount, device: str, inventory: MemoryInventory
 
 
 def _offload_warnings(sizes: ModelSizes, offload: int) -> list[str]:
+    opaque = ([f"{len(sizes.opaque_blocks)} blocks of {sizes.name} hold weights DisTorch cannot stream yet (tensors "
+               "without storage of their own: ComfyUI 0.8+ loads fp8-scaled and mixed-precision files so): those "
+               "blocks are left to ComfyUI, which places them itself"] if sizes.opaque_blocks else [])
     if offload <= 0:
-        return []
+        return opaque
     if not sizes.blocks:
-        return [f"no repeated blocks found in {sizes.name}: nothing can be streamed, the whole model stays "
-                "on the compute device"]
+        return opaque or [f"no repeated blocks found in {sizes.name}: nothing can be streamed, the whole model stays "
+                          "on the compute device"]
     if offload > sizes.block_bytes:
-        return [f"asked to move {format_gb(offload)} but the blocks hold {format_gb(sizes.block_bytes)}: all blocks "
-                f"are streamed and {format_gb(sizes.rest_bytes)} of other weights stay on the compute device"]
-    return []
+        return opaque + [f"asked to move {format_gb(offload)} but the blocks hold {format_gb(sizes.block_bytes)}: all "
+                         f"blocks are streamed and {format_gb(sizes.rest_bytes)} of other weights stay on the compute "
+                         "device"]
+    return opaque
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,25 @@ def test_layouts_hold_names_and_find_the_bytes_where_the_tensors_are():
     block.qkv_view = block.qkv_view.clone()  # the view now lives apart from the weight it shared memory with
     with pytest.raises(RuntimeError, match="'blocks.0.qkv_view' was moved apart"):
         live_bytes(cluster, cluster_tensors(model, cluster))
+
+
+def test_a_block_holding_a_tensor_without_storage_is_left_to_the_host():
+    """A weight that is a wrapper tensor subclass (ComfyUI 0.8+'s QuantizedTensor holds fp8-scaled layers so) has no
+    bytes to view or copy: its block is left out of the streamable blocks, its bytes count with the rest, and the
+    plan says why; the other blocks stream as before (it raised deep inside torch before)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    import distorch
+
+    model = make_toy_dit(dim=64, depth=4, heads=2, dtype=torch.float32)
+    before = discover(model)
+    weight = model.blocks[1].qkv.weight
+    model.blocks[1].qkv.weight = nn.Parameter(TwoTensor(weight.data, weight.data.clone()), requires_grad=False)
+    layout = discover(model)
+    assert [b.name for b in layout.blocks] == ["blocks.0", "blocks.2", "blocks.3"]
+    assert layout.opaque_blocks == ("blocks.1",) and layout.opaque_bytes == 2 * weight.nbytes
+    assert layout.total_bytes == before.total_bytes + weight.nbytes, "the block's other weights join the rest"
+    plan = distorch.plan(model, compute_device="cpu", virtual_vram_gb=1.0, memory={"cpu": 64 << 30},
+                         ledger=distorch.ledger.Ledger())
+    assert plan.streamed == {"blocks.0", "blocks.2", "blocks.3"}
+    assert any(w.startswith("1 blocks of ToyDiT hold weights DisTorch cannot stream") for w in plan.warnings)
