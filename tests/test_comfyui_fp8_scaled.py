@@ -57,3 +57,33 @@ def test_an_fp8_scaled_model_gives_cores_latent(server, fp8_scaled, lora):
         assert len(streamed) == 4, plan["blocks"]
     quantized_tensors = tuple(int(p) for p in server.install.version.split(".")[:2]) >= (0, 8)
     assert bool(left) == quantized_tensors, (server.install.version, plan["warnings"])
+
+
+def test_an_fp8_scaled_text_encoder_encodes_as_cores(server):
+    """The example Wan workflows load `umt5_xxl_fp8_e4m3fn_scaled` into the DisTorch CLIP loader: an fp8-scaled
+    text encoder (here CLIP-L's layers) encodes as core's `CLIPLoader` does on every core."""
+    folder = server.base / "models" / "text_encoders"
+    tensors = {}
+    for name, tensor in load_file(str(folder / "random_clip_l.safetensors")).items():
+        if ".layers." in name and name.endswith(".weight") and tensor.ndim == 2:
+            scale = tensor.float().abs().max() / 448.0
+            tensors[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+            tensors[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            tensors[name] = tensor
+    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(tensors, str(folder / "clip_l_fp8_scaled.safetensors"))
+
+    def encode(loader: dict, name: str) -> dict:
+        run_ok(server, {"1": loader,
+                        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 0], "text": "a red fox"}},
+                        "9": {"class_type": "DisTorchTestSaveConditioning",
+                              "inputs": {"conditioning": ["2", 0], "filename": name}}})
+        return load_file(str(server.base / "output" / f"{name}.safetensors"))
+
+    core = encode({"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l_fp8_scaled.safetensors",
+                                                          "type": "stable_diffusion"}}, "fp8s_clip_core")
+    ours = encode({"class_type": "DisTorchCLIPLoader", "inputs": {
+        "clip_name": "clip_l_fp8_scaled.safetensors", "type": "stable_diffusion", "compute_device": "cpu",
+        "virtual_vram_gb": 0.1, "donor_device": "cpu", "expert_mode_allocations": ""}}, "fp8s_clip_ours")
+    assert set(core) == set(ours) and all(torch.equal(core[k], ours[k]) for k in core)
