@@ -12,8 +12,6 @@ same card with smaller activations leaves room for more weights). Prints a markd
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from steady_state import build, passes  # noqa: E402
+from steady_state import Check, build, check_table, passes  # noqa: E402
 
 import distorch  # noqa: E402
 from distorch.budget import ComputeBudget  # noqa: E402
@@ -31,14 +29,6 @@ from distorch.units import GIB  # noqa: E402
 
 TOLERANCE = 0.05
 WAN_TOKENS = {"480p": 21 * 30 * 52, "720p": 21 * 45 * 80}  # latent 21 x 60 x 104 and 21 x 90 x 160, patches 1x2x2
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    measured: str
-    expected: str
-    ok: bool | None  # None: not measurable on this device
 
 
 def activations(model, tokens: int, args, device) -> int:
@@ -110,12 +100,8 @@ def run(args) -> list[Check]:
 
 
 def table(checks: list[Check], args) -> str:
-    head = (f"# auto placement: {args.device}, dim {args.dim}, depth {args.depth}, {args.resident} blocks "
-            f"resident on each card, {time.strftime('%Y-%m-%d')}\n\n"
-            "| check | measured | expected | result |\n|---|---|---|---|")
-    rows = [f"| {c.name} | {c.measured} | {c.expected} | {'n/a' if c.ok is None else 'PASS' if c.ok else 'FAIL'} |"
-            for c in checks]
-    return "\n".join([head, *rows])
+    return check_table(f"auto placement: {args.device}, dim {args.dim}, depth {args.depth}, {args.resident} blocks "
+                       "resident on each card", checks)
 
 
 def parse_args(argv=None):

@@ -158,8 +158,13 @@ def cuda_checks(model, x, t, args, plan, placed: int, activations: int, base: in
 
 
 def table(checks: list[Check], args) -> str:
-    head = (f"# steady state: {args.device}, dim {args.dim}, depth {args.depth}, tokens {args.tokens}, "
-            f"{args.share:.0%} streamed, prefetch {args.prefetch}, {time.strftime('%Y-%m-%d')}\n\n"
+    return check_table(f"steady state: {args.device}, dim {args.dim}, depth {args.depth}, tokens {args.tokens}, "
+                       f"{args.share:.0%} streamed, prefetch {args.prefetch}", checks)
+
+
+def check_table(title: str, checks: list[Check]) -> str:
+    """`checks` as the markdown table gpu_check.sh collects, under `# {title}, {date}`."""
+    head = (f"# {title}, {time.strftime('%Y-%m-%d')}\n\n"
             "| check | measured | expected | result |\n|---|---|---|---|")
     rows = [f"| {c.name} | {c.measured} | {c.expected} | {'n/a' if c.ok is None else 'PASS' if c.ok else 'FAIL'} |"
             for c in checks]
