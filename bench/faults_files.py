@@ -64,6 +64,18 @@ def truncation_trials(pack: Path, tier: str, trials: int, seed: int) -> Counter:
             return Counter(pool.map(run, jobs))
 
 
+def _model_and_other(directory: Path, index: int):
+    """A model file (GGUF or safetensors by turn) loaded, its resident output, and another file of the same shapes."""
+    import file_faults
+    from memory_models import forward
+
+    kind = file_faults.KINDS[index % 2]
+    path = file_faults.write_aged(kind, directory / f"model-{index}")
+    other = file_faults.write_aged(kind, directory / f"other-{index}", seed=1 + index)
+    model = file_faults.load(kind, path)
+    return path, other, model, forward(model)
+
+
 def rewrite_trials(trials: int, seed: int) -> Counter:
     import file_faults
     import torch
@@ -76,11 +88,7 @@ def rewrite_trials(trials: int, seed: int) -> Counter:
     outcomes = Counter()
     with tempfile.TemporaryDirectory() as directory:
         for index in range(trials):
-            kind = file_faults.KINDS[index % 2]
-            path = file_faults.write_aged(kind, Path(directory) / f"model-{index}")
-            other = file_faults.write_aged(kind, Path(directory) / f"other-{index}", seed=1 + index)
-            model = file_faults.load(kind, path)
-            expected = forward(model)
+            path, other, model, expected = _model_and_other(Path(directory), index)
             with distorch.stream(model, file_faults.plan(model, "disk"), ledger=Ledger()):
                 assert torch.equal(forward(model), expected)
                 end = chooser.randint(1, path.stat().st_size)
@@ -105,11 +113,7 @@ def replace_trials(how: str, trials: int) -> Counter:
     outcomes = Counter()
     with tempfile.TemporaryDirectory() as directory:
         for index in range(trials):
-            kind = file_faults.KINDS[index % 2]
-            path = file_faults.write_aged(kind, Path(directory) / f"model-{index}")
-            other = file_faults.write_aged(kind, Path(directory) / f"other-{index}", seed=1 + index)
-            model = file_faults.load(kind, path)
-            expected = forward(model)
+            path, other, model, expected = _model_and_other(Path(directory), index)
             with distorch.stream(model, file_faults.plan(model, "disk"), ledger=Ledger()):
                 assert torch.equal(forward(model), expected)
                 file_faults.replace_by_rename(path, other) if how == "rename" else path.unlink()
