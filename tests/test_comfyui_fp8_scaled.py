@@ -8,6 +8,8 @@ before: "Attempted to access the data pointer on an invalid python storage"). Ei
 core's, bit for bit. Runs once per ComfyUI install (the session `server` fixture, tests/conftest.py).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from comfyui_harness import core_unet, distorch_unet, sampling_prompt
@@ -25,20 +27,26 @@ def run_ok(server, prompt):
     return result
 
 
-@pytest.fixture(scope="module")
-def fp8_scaled(server) -> str:
-    """The tiny Wan's block matrices as fp8 with a per-tensor scale, written as Comfy-Org's fp8_scaled files are."""
-    folder = server.base / "models" / "diffusion_models"
+def write_fp8_scaled(source: Path, target: Path, converted) -> None:
+    """`source` with each matrix `converted(name)` selects as float8 and a per-tensor `scale_weight`, plus the
+    `scaled_fp8` marker: the layout Comfy-Org's fp8_scaled files have."""
     tensors = {}
-    for name, tensor in load_file(str(folder / "tiny_wan21.safetensors")).items():
-        if name.startswith("blocks.") and name.endswith(".weight") and tensor.ndim == 2:
+    for name, tensor in load_file(str(source)).items():
+        if converted(name) and name.endswith(".weight") and tensor.ndim == 2:
             scale = tensor.float().abs().max() / 448.0
             tensors[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
             tensors[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
         else:
             tensors[name] = tensor
     tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    save_file(tensors, str(folder / FILE))
+    save_file(tensors, str(target))
+
+
+@pytest.fixture(scope="module")
+def fp8_scaled(server) -> str:
+    """The tiny Wan's block matrices as fp8 with a per-tensor scale, written as Comfy-Org's fp8_scaled files are."""
+    folder = server.base / "models" / "diffusion_models"
+    write_fp8_scaled(folder / "tiny_wan21.safetensors", folder / FILE, lambda name: name.startswith("blocks."))
     return FILE
 
 
@@ -63,16 +71,8 @@ def test_an_fp8_scaled_text_encoder_encodes_as_cores(server):
     """The example Wan workflows load `umt5_xxl_fp8_e4m3fn_scaled` into the DisTorch CLIP loader: an fp8-scaled
     text encoder (here CLIP-L's layers) encodes as core's `CLIPLoader` does on every core."""
     folder = server.base / "models" / "text_encoders"
-    tensors = {}
-    for name, tensor in load_file(str(folder / "random_clip_l.safetensors")).items():
-        if ".layers." in name and name.endswith(".weight") and tensor.ndim == 2:
-            scale = tensor.float().abs().max() / 448.0
-            tensors[name] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-            tensors[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
-        else:
-            tensors[name] = tensor
-    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    save_file(tensors, str(folder / "clip_l_fp8_scaled.safetensors"))
+    write_fp8_scaled(folder / "random_clip_l.safetensors", folder / "clip_l_fp8_scaled.safetensors",
+                     lambda name: ".layers." in name)
 
     def encode(loader: dict, name: str) -> dict:
         run_ok(server, {"1": loader,
