@@ -215,12 +215,7 @@ class Plan:
     @property
     def compute_bytes(self) -> int:
         """Planned weight memory on the compute device: resident weights, the streaming slots, the decode buffer."""
-        return self.resident_bytes + self.slot_total
-
-    @property
-    def slot_total(self) -> int:
-        """Compute-device bytes streaming takes: the slots and the decode buffer (none when nothing streams)."""
-        return self.prefetch * self.slot_bytes + self.decode_bytes
+        return self.resident_bytes + self.prefetch * self.slot_bytes + self.decode_bytes
 
     @property
     def pinned_bytes(self) -> int:

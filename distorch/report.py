@@ -60,48 +60,43 @@ def plan_totals(plan) -> PlanTotals:
     by_tier = {tier: 0 for tier in TIER_ORDER}
     for block in plan.blocks:
         by_tier[_tier(block)] = by_tier.get(_tier(block), 0) + _held(block)
-    streamed = _stored_streamed(plan)
+    streamed = plan.streamed_stored_bytes
     slots = plan.prefetch * plan.slot_bytes
-    decode = getattr(plan, "decode_bytes", 0)
     on_cpu = plan.compute_device == "cpu"
     return PlanTotals(
         model_bytes=plan.resident_bytes + streamed,
-        compute_bytes=plan.resident_bytes + slots + decode,
+        compute_bytes=plan.compute_bytes,
         slots_bytes=slots,
         moved_off_bytes=streamed,
-        vram_freed_bytes=0 if on_cpu else streamed - slots - decode,
+        vram_freed_bytes=0 if on_cpu else streamed - slots - plan.decode_bytes,
         ram_bytes=by_tier["pinned_ram"] + by_tier["pageable_ram"],
         pinned_bytes=by_tier["pinned_ram"],
         pageable_bytes=by_tier["pageable_ram"],
         donor_bytes=by_tier["donor_gpu"],
         disk_bytes=by_tier["disk"],
         per_pass_bytes=plan.streamed_bytes,
-        decode_bytes=decode,
-        saved_bytes=streamed - plan.streamed_bytes,
+        decode_bytes=plan.decode_bytes,
+        saved_bytes=plan.saved_bytes,
     )
 
 
 def _held(block) -> int:
-    """Bytes a block takes where it is stored: as it streams when streamed (a plan from an older pack: as stored)."""
-    return getattr(block, "stream_nbytes", block.nbytes) if block.streamed else block.nbytes
-
-
-def _stored_streamed(plan) -> int:
-    return sum(b.nbytes for b in plan.blocks if b.streamed)
+    """Bytes a block takes where it is stored: as it streams when streamed."""
+    return block.stream_nbytes if block.streamed else block.nbytes
 
 
 def stream_format_note(plan) -> str:
     """One line on the stream format when it makes streamed blocks smaller ("" otherwise)."""
-    fmt = getattr(plan, "stream_format", "stored")
+    fmt = plan.stream_format
     if fmt == "stored" or not plan.streamed:
         return ""
-    decoding = [b for b in plan.blocks if getattr(b, "decodes", False)]
+    decoding = [b for b in plan.blocks if b.decodes]
     stored = sum(b.nbytes for b in decoding)
     note = (f"stream format {fmt}: {len(decoding)} streamed blocks held and copied as "
             f"{format_gb(sum(b.stream_nbytes for b in decoding))} instead of {format_gb(stored)} "
             f"(saves {format_gb(stored - sum(b.stream_nbytes for b in decoding))}), decoded on {plan.compute_device} "
             f"into a {format_gb(plan.decode_bytes)} buffer")
-    as_stored = sum(1 for b in plan.blocks if b.streamed and not getattr(b, "decodes", False))
+    as_stored = sum(1 for b in plan.blocks if b.streamed and not b.decodes)
     if as_stored:
         note += f"; {as_stored} streamed as stored (the disk tier, or nothing {fmt} encodes)"
     return note
@@ -160,10 +155,10 @@ def format_report(plan) -> str:
 
 def _decision_lines(plan) -> list[str]:
     """How the amount was decided: automatic or fixed, against which budget, with how many slots and why."""
-    budget = getattr(plan, "budget", None)
+    budget = plan.budget
     if budget is None:
         return []
-    auto = getattr(plan, "mode", "fixed") == "auto"
+    auto = plan.mode == "auto"
     if budget.limited:
         mode = "automatic, fitted to" if auto else "fixed amount, checked against"
         text = f"  placement: {mode} the run's budget of {format_gb(budget.weight_bytes)} on {plan.compute_device}"
@@ -179,16 +174,16 @@ def _decision_lines(plan) -> list[str]:
         details.append(f"{format_gb(budget.extra_bytes)} of non-weight extras kept on {plan.compute_device}")
     if details:
         lines.append(f"    {'; '.join(details)}")
-    if plan.streamed and getattr(plan, "prefetch_reason", ""):
+    if plan.streamed and plan.prefetch_reason:
         lines.append(f"  prefetch: {plan.prefetch_reason}")
-    if plan.streamed and getattr(plan, "streamed_reason", ""):
+    if plan.streamed and plan.streamed_reason:
         lines.append(f"  streamed blocks: {plan.streamed_reason}")
     return lines
 
 
 def _schedule_lines(plan) -> list[str]:
     """The cost model's view of one pass: copy time against compute, and which blocks wait for their copies."""
-    estimate = getattr(plan, "schedule", None)
+    estimate = plan.schedule
     if estimate is None:
         return []
     text = f"  predicted per pass: copies {estimate.copy_s * 1000:.0f} ms"
@@ -205,7 +200,7 @@ def _reason_lines(plan) -> list[str]:
     """Why the blocks got their tiers: one line per (tier, reason), with the block count (resident blocks only when
     a run's budget decided them)."""
     counts: dict[tuple[str, str], int] = {}
-    budgeted = getattr(plan, "budget", None) is not None
+    budgeted = plan.budget is not None
     for block in plan.blocks:
         if (block.streamed or budgeted) and block.reason:
             key = (block.tier.value, block.reason)
@@ -264,7 +259,7 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         "model": plan.model_name,
         "label": label or plan.model_name,
         "compute_device": plan.compute_device,
-        "stream_format": getattr(plan, "stream_format", "stored"),
+        "stream_format": plan.stream_format,
         "stream_note": stream_format_note(plan),
         "prefetch": plan.prefetch,
         "slot_bytes": plan.slot_bytes,
@@ -274,18 +269,18 @@ def plan_to_dict(plan, label: str | None = None) -> dict:
         # `bytes` as stored; `stream_bytes` as held and copied (smaller when `format` is not "stored").
         "blocks": [{"name": b.name, "bytes": b.nbytes, "tier": _tier(b), "device": b.device,
                     "reason": getattr(b, "reason", ""), "stream_bytes": _held(b),
-                    "format": plan.stream_format if getattr(b, "decodes", False) else "stored"}
+                    "format": plan.stream_format if b.decodes else "stored"}
                    for b in plan.blocks],
         "tiers": [{"tier": r.tier, "device": r.device, "role": r.role, "blocks": r.blocks, "bytes": r.nbytes}
                   for r in tier_rows(plan)],
         "totals": asdict(plan_totals(plan)),
         "warnings": list(plan.warnings),
         # How the amount was decided: "fixed" or "auto", the run's budget, the predicted pass and the slots' why.
-        "mode": getattr(plan, "mode", "fixed"),
-        "budget": plan.budget.as_dict() if getattr(plan, "budget", None) is not None else None,
-        "schedule": plan.schedule.as_dict() if getattr(plan, "schedule", None) is not None else None,
-        "prefetch_reason": getattr(plan, "prefetch_reason", ""),
-        "streamed_reason": getattr(plan, "streamed_reason", ""),
+        "mode": plan.mode,
+        "budget": plan.budget.as_dict() if plan.budget is not None else None,
+        "schedule": plan.schedule.as_dict() if plan.schedule is not None else None,
+        "prefetch_reason": plan.prefetch_reason,
+        "streamed_reason": plan.streamed_reason,
         # The ledger's view when the plan was made: what the other DisTorch models hold, what core pinned.
         "ledger": {"others": [_holding_text(h) for h in getattr(plan, "others", ())],
                    "pinned_elsewhere": int(getattr(plan, "pinned_elsewhere", 0)),
